@@ -1,0 +1,5 @@
+"""`python -m portq.client` is the `portq` command."""
+
+from portq.client.cli import main
+
+main()

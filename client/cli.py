@@ -1,0 +1,78 @@
+"""`portq`: the command line. One error boundary (`main`): a PortqError becomes `[error] ...` on stderr
+and exit code 1 (2 for bad settings or options); nothing else prints tracebacks at users.
+
+Exit codes: 0 success; 1 a job failed or an operation failed; 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from portq.tasks.errors import ConfigError, PortqError
+from portq.tasks.settings import Settings
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="portq",
+    help="Convert PyTorch models to ONNX, TorchScript, ExportedProgram and AOTInductor on a job queue, "
+         "with parity and latency evidence for every artifact.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output is for files and scripts: wide enough that tables do not fold every cell.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def error(message: str) -> None:
+    """The one way errors reach the user: `[error] ...` on stderr, never parsed as markup."""
+    err.print(f"[bold red]\\[error][/] {escape(message)}")
+
+BrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", envvar="PORTQ_BROKER_URL", show_envvar=True,
+                 help="Redis URL of the queue (redis://host:6379/0, rediss:// for TLS). Unset: run jobs locally."),
+]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="PORTQ_STORE", show_envvar=True,
+                 help="Shared storage for models, artifacts and reports: a directory or an fsspec URL. "
+                      "[default: ./portq-store]"),
+]
+
+
+def resolve(broker: str | None = None, store: str | None = None, **flags: object) -> Settings:
+    return Settings.resolve(broker_url=broker, store=store, **flags)
+
+
+def main() -> None:
+    from portq.client import inspect, operate, submit  # noqa: F401  (command registration)
+
+    try:
+        rc = app(standalone_mode=False)
+    except ConfigError as e:
+        error(e.message)
+        sys.exit(2)
+    except PortqError as e:
+        error(e.message)
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted; queued jobs keep running on the workers (`portq status BATCH`)")
+        sys.exit(130)
+    except Exception as e:
+        # click's usage errors (Typer vendors its own click, so match on behaviour, not on the class)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+

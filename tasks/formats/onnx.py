@@ -1,0 +1,145 @@
+"""ONNX: exported by torch.onnx (dynamo, then the TorchScript-based exporter, then TorchScript -> ExportedProgram),
+run in onnxruntime on the target device.
+
+Routes, in the order tried:
+  dynamo       torch.onnx.export(dynamo=True) on the module or ExportedProgram
+  torchscript  torch.onnx.export(dynamo=False), the TorchScript-based exporter (takes ScriptModules)
+  ts2ep        a TorchScript archive converted to an ExportedProgram, then the dynamo exporter
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from portq.tasks.contract import Format, Target
+from portq.tasks.errors import DeviceUnavailableError
+from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, RouteNotApplicable
+from portq.tasks.runners import NamedArrays
+
+#: Opset used when --opset is not given (every route honours it; the report records what the file holds).
+DEFAULT_OPSET = 18
+FILENAME = "model.onnx"
+_META_INPUTS = "portq.input_names"
+
+
+def _dynamic_axes(req: ExportRequest) -> dict[str, dict[int, str]] | None:
+    axes = {req.input_names[i]: dict(dims) for i, dims in req.dynamic.items() if dims}
+    return axes or None
+
+
+def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = _META_INPUTS, json.dumps(req.input_names)
+    # Loaded without external data, the proto keeps its references to any external tensor files.
+    onnx.save(model, str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return ExportResult(path=path, route=route, opset=opset)
+
+
+def _dynamo(req: ExportRequest) -> ExportResult:
+    import torch
+
+    if req.model.kind == "torchscript":
+        raise RouteNotApplicable("the dynamo exporter does not take TorchScript modules")
+    target = req.model.program if req.model.program is not None else req.model.module
+    path = req.out_dir / FILENAME
+    torch.onnx.export(
+        target, req.args, str(path), dynamo=True, opset_version=req.opset or DEFAULT_OPSET,
+        input_names=req.input_names, output_names=req.output_names, dynamic_axes=_dynamic_axes(req),
+        external_data=False, verbose=False, report=False,
+    )
+    return _finish(req, path, "dynamo")
+
+
+def _torchscript(req: ExportRequest) -> ExportResult:
+    import torch
+
+    module = req.model.script if req.model.script is not None else req.model.module
+    path = req.out_dir / FILENAME
+    torch.onnx.export(
+        module, req.args, str(path), dynamo=False, opset_version=req.opset or DEFAULT_OPSET,
+        input_names=req.input_names, output_names=req.output_names, dynamic_axes=_dynamic_axes(req),
+        do_constant_folding=True, verbose=False,
+    )
+    return _finish(req, path, "torchscript")
+
+
+def _ts2ep(req: ExportRequest) -> ExportResult:
+    import torch
+
+    if req.model.script is None:
+        raise RouteNotApplicable("only TorchScript sources are converted to an ExportedProgram first")
+    from torch._export.converter import TS2EPConverter
+
+    program = TS2EPConverter(req.model.script, req.args).convert()
+    path = req.out_dir / FILENAME
+    torch.onnx.export(
+        program, req.args, str(path), dynamo=True, opset_version=req.opset or DEFAULT_OPSET,
+        input_names=req.input_names, output_names=req.output_names, external_data=False, verbose=False,
+    )
+    return _finish(req, path, "ts2ep")
+
+
+class OrtRunner:
+    """An onnxruntime session pinned to the target device; never silently on the CPU for a cuda target."""
+
+    def __init__(self, path: Path, device: str):
+        import onnxruntime as ort
+
+        self.device = device
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeviceUnavailableError(
+                    "onnxruntime on this worker has no CUDAExecutionProvider, so the ONNX artifact cannot run on the "
+                    "cuda target; portq refuses to report CPU numbers as GPU numbers",
+                    step="session:onnx", hint="install onnxruntime-gpu on gpu workers",
+                )
+            providers: list[Any] = ["CUDAExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        used = self.session.get_providers()
+        if device.startswith("cuda") and (not used or used[0] != "CUDAExecutionProvider"):
+            raise DeviceUnavailableError(f"onnxruntime fell back to {used} for a cuda target", step="session:onnx")
+        self.providers = used
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.input_names = json.loads(meta[_META_INPUTS]) if _META_INPUTS in meta else graph_inputs
+        self.graph_inputs = set(graph_inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def prepare(self, sample: list[np.ndarray]) -> dict[str, np.ndarray]:
+        if len(sample) != len(self.input_names):
+            raise ValueError(f"artifact takes {len(self.input_names)} inputs, sample has {len(sample)}")
+        # The exporter drops inputs the graph does not use; feed only the ones it kept.
+        return {n: np.ascontiguousarray(a) for n, a in zip(self.input_names, sample) if n in self.graph_inputs}
+
+    def run(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, prepared)
+
+    def outputs(self, raw: list[np.ndarray]) -> NamedArrays:
+        return [(n, np.asarray(a)) for n, a in zip(self.output_names, raw)]
+
+
+def _unsupported(target: Target) -> str | None:
+    return None
+
+
+FORMATS.add(
+    Format.onnx.value,
+    FormatHandler(
+        format=Format.onnx,
+        filename=FILENAME,
+        routes=[("dynamo", _dynamo), ("torchscript", _torchscript), ("ts2ep", _ts2ep)],
+        open_runner=OrtRunner,
+        unsupported=_unsupported,
+    ),
+)

@@ -1,0 +1,108 @@
+"""Settings, resolved once in one validated place: flag > environment > default.
+
+The CLI resolves them from its flags; the worker from its environment. Connections are built from a
+`Settings` and passed on explicitly; nothing here is a global.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from portq.tasks.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_STORE = "portq-store"
+
+#: environment variable -> Settings field
+ENV = {
+    "PORTQ_BROKER_URL": "broker_url",
+    "PORTQ_STORE": "store",
+    "PORTQ_TASK_TIME_LIMIT": "task_time_limit",
+    "PORTQ_VISIBILITY_TIMEOUT": "visibility_timeout",
+    "PORTQ_MAX_RETRIES": "max_retries",
+    "PORTQ_MAX_TASKS_PER_CHILD": "max_tasks_per_child",
+    "PORTQ_MAX_MODEL_BYTES": "max_model_bytes",
+    "PORTQ_ISOLATE": "isolate",
+}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset runs jobs locally")
+    store: str = Field(DEFAULT_STORE, description="a directory, or an fsspec URL")
+    task_time_limit: int = Field(3600, ge=10, description="hard limit per job, seconds")
+    visibility_timeout: int = Field(7200, ge=20, description="Redis redelivers a job unacked for this long")
+    max_retries: int = Field(2, ge=0, description="redeliveries after a lost worker or transient failure")
+    max_tasks_per_child: int = Field(50, ge=1, description="recycle a worker process after this many jobs")
+    max_model_bytes: int = Field(8 * 1024**3, ge=1, description="largest model file accepted")
+    isolate: bool = Field(True, description="run risky steps (export, compile, sessions) in a child process")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_is_redis(cls, v: str | None) -> str | None:
+        if v is None or v.strip() in ("", "embedded", "local"):
+            return None
+        scheme = urlsplit(v).scheme
+        if scheme not in ("redis", "rediss", "redis+socket"):
+            raise ValueError(f"broker URL must be redis:// or rediss:// (got scheme {scheme!r})")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("store must not be empty")
+        if "://" not in v:
+            return str(Path(v).expanduser().resolve())
+        return v
+
+    @model_validator(mode="after")
+    def _limits_hold(self) -> Settings:
+        # A job still running when the visibility timeout expires is delivered a second time.
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"task_time_limit ({self.task_time_limit}s) must stay below visibility_timeout "
+                f"({self.visibility_timeout}s), or Redis redelivers jobs that are still running"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def broker_display(self) -> str:
+        return redact_url(self.broker_url) if self.broker_url else "embedded (no broker)"
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
+        """Flags that are not None win over the environment, which wins over defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, field in ENV.items():
+            if env.get(var) not in (None, ""):
+                values[field] = env[var]
+        values.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(problems, step="settings", hint="check PORTQ_* variables and flags") from None
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (and user), fit to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,95 @@
+"""The CLI in embedded mode (no broker): exit codes and outputs, through the real entry point."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+from portq.tasks.schema_files import SCHEMA_DIR
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture
+def env(store_dir):
+    return {"PORTQ_STORE": str(store_dir)}
+
+
+def test_submit_runs_here_and_reports(example_models, env):
+    paths = [str(p) for p in example_models.values()]
+    res = run_cli("submit", *paths, "--batch", "demo", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "batch demo"
+    assert "running 3 job(s) here" in res.stderr
+    for model in example_models:
+        assert re.search(rf"{model}\s+│\s+cpu\s+│\s+succeeded\s+│\s+onnx\s+│\s+succeeded\s+│\s+pass", res.stdout)
+
+    rep = run_cli("report", "demo", "--json", env=env)
+    assert rep.returncode == 0
+    doc = json.loads(rep.stdout)
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v1.json").read_text()))
+    assert doc["batch"] == "demo" and doc["counts"]["succeeded"] == 3
+    for job in doc["jobs"]:
+        (art,) = job["artifacts"]
+        assert art["format"] == "onnx" and art["parity"]["passed"] is True
+        assert art["latency"]["p50_ms"] > 0 and art["latency"]["source_p50_ms"] > 0
+
+    st = run_cli("status", "demo", env=env)
+    assert st.returncode == 0 and "succeeded 3" in st.stdout
+
+
+def test_failed_job_gives_exit_1_and_others_complete(example_models, tmp_path, env):
+    (tmp_path / "broken.pt").write_text("hello")
+    res = run_cli("submit", str(tmp_path / "broken.pt"), str(tmp_path / "nope.pt"), str(tmp_path),
+                  str(example_models["mlp"]), "--batch", "mixed", env=env)
+    assert res.returncode == 1
+    assert f"[error] [step submit, file {tmp_path / 'nope.pt'}] file does not exist" in res.stderr
+    assert f"[error] [step submit, file {tmp_path}] is a directory" in res.stderr
+    doc = json.loads(run_cli("report", "mixed", "--json", env=env).stdout)
+    by_model = {j["model"]: j for j in doc["jobs"]}
+    assert by_model["mlp"]["status"] == "succeeded"
+    assert by_model["broken"]["status"] == "failed"
+    assert "not a PyTorch model file" in by_model["broken"]["error"] and "broken.pt" in by_model["broken"]["error"]
+    assert run_cli("status", "mixed", env=env).returncode == 1
+
+
+def test_input_spec_and_tolerance_flags(tmp_path, env):
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Flatten(), torch.nn.Linear(32, 2))
+    torch.jit.save(torch.jit.trace(m, torch.randint(0, 50, (2, 4))), tmp_path / "emb.pt")
+    res = run_cli("submit", str(tmp_path / "emb.pt"), "--input", "ids:int64[2,4]{0,50}", "--atol", "1e-5",
+                  "--batch", "spec", env=env)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(run_cli("report", "spec", "--json", env=env).stdout)
+    parity = doc["jobs"][0]["artifacts"][0]["parity"]
+    assert parity["atol"] == 1e-5 and parity["passed"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "ids:int64[2,4]"], "need a value range"),
+    (["--format", "gif"], "Invalid value for '--format'"),
+    (["--target", "tpu"], "Invalid value for '--target'"),
+])
+def test_bad_options_exit_2(example_models, env, args, message):
+    res = run_cli("submit", str(example_models["mlp"]), *args, env=env)
+    assert res.returncode == 2 and message in res.stderr
+
+
+def test_unknown_batch(env):
+    res = run_cli("report", "nosuch", env=env)
+    assert res.returncode == 1 and "no batch 'nosuch'" in res.stderr
+
+
+def test_unreachable_broker_is_a_clear_error(example_models, env):
+    res = run_cli("submit", str(example_models["mlp"]), env={**env, "PORTQ_BROKER_URL": "redis://:pw@127.0.0.1:1/0"})
+    assert res.returncode == 2
+    assert "cannot reach the broker at redis://***@127.0.0.1:1/0" in res.stderr and ":pw@" not in res.stderr
+
+
+def test_report_markdown_file(example_models, env, tmp_path):
+    run_cli("submit", str(example_models["mlp"]), "--batch", "md", env=env)
+    res = run_cli("report", "md", "--format", "md", "--output", str(tmp_path / "r.md"), env=env)
+    assert res.returncode == 0
+    text = (tmp_path / "r.md").read_text()
+    assert text.startswith("# portq batch md") and "| mlp | cpu | succeeded | onnx | succeeded | pass |" in text
