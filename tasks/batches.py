@@ -68,6 +68,6 @@ def batch_report(store: Store, batch: str) -> BatchReport:
             job_id=r.job_id, model=r.model, source=r.source, target=r.target, status=r.status,
             error=r.error, cached=r.cached,
             report=store.url(f"{r.result}/report.json") if report else None,
-            artifacts=report.artifacts if report else [],
+            artifacts=report.artifacts if report else [], best=report.best if report else None,
         ))
     return BatchReport(batch=batch, store=store.root, counts=counts(records), jobs=jobs)

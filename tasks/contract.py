@@ -153,21 +153,76 @@ class InputSpec(_Strict):
         return cls(name=m["name"], dtype=dtype, shape=shape, dynamic=dynamic, low=low, high=high)
 
 
-class Tolerance(_Strict):
-    """Parity passes where every element has abs error <= atol OR rel error <= rtol (fails if it exceeds both)."""
+class ToleranceMode(str, Enum):
+    """How parity judges an output: per element, or on a statistic of the errors (see portq.tasks.tolerances)."""
 
-    atol: float = Field(1e-4, ge=0)
-    rtol: float = Field(1e-3, ge=0)
+    elementwise = "elementwise"
+    max = "max"
+    mean = "mean"
+    median = "median"
+    quantile = "quantile"
+
+
+class Precision(str, Enum):
+    """The numeric precision an artifact computes in; picks the default tolerance (portq.tasks.tolerances)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+class OutputTolerance(_Strict):
+    """A per-output override; a field left out falls back to the job's, then to the precision's default."""
+
+    mode: ToleranceMode | None = None
+    atol: float | None = Field(None, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    quantile: float | None = Field(None, gt=0, le=1)
+
+
+class Tolerance(_Strict):
+    """Parity tolerances. Unset fields take the precision's default (fp32: elementwise, atol 1e-4, rtol 1e-3).
+
+    Elementwise: an element fails when it exceeds both atol and rtol. Statistic modes: the output fails when
+    the statistic of the absolute error exceeds atol and that of the relative error exceeds rtol.
+    """
+
+    atol: float | None = Field(None, ge=0, description="absolute tolerance; unset: the precision's default")
+    rtol: float | None = Field(None, ge=0, description="relative tolerance; unset: the precision's default")
+    mode: ToleranceMode | None = Field(None, description="elementwise, or a statistic; unset: precision default")
+    quantile: float | None = Field(None, gt=0, le=1, description="q for mode quantile (default 0.99)")
+    precision: Precision | None = Field(None, description="unset: the artifact's, else inferred from the model")
+    outputs: dict[str, OutputTolerance] = Field(
+        default_factory=dict, description="per-output overrides, keyed by output name or fnmatch pattern")
 
 
 class ParityOptions(_Strict):
     random_samples: int = Field(2, ge=0, le=64, description="seeded random draws added to the user's samples")
     seed: int = 0
+    localise: bool = Field(True, description="when parity fails, find the first operator whose values diverge")
 
 
 class LatencyOptions(_Strict):
+    """Warm-up, then timed windows until the last `windows` window medians agree within `stability`."""
+
     warmup: int = Field(5, ge=0)
-    runs: int = Field(30, ge=1)
+    runs: int = Field(30, ge=1, description="timed runs at least, split evenly into `windows` windows")
+    windows: int = Field(3, ge=2, description="the last this many windows' medians must agree")
+    stability: float = Field(0.10, gt=0, description="(max - min) / min of those medians must not exceed this")
+    max_windows: int = Field(12, ge=2, description="give up (report unstable) after this many windows")
+    min_window_ms: float = Field(20.0, ge=0, description="a window runs at least this long (fast models)")
+    max_seconds: float = Field(30.0, gt=0, description="time budget per measurement; then report unstable")
+    batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to sweep when the batch dim "
+                                   "is dynamic; empty: 1, the sample's and 8")
+    sweep: bool = Field(True, description="sweep batch sizes when the batch dim is dynamic")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive")
+        return sorted(set(v))
 
 
 class SourceRef(_Strict):
@@ -245,7 +300,29 @@ class _Report(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Histogram(_Report):
+    """Counts of values in bins [edges[i], edges[i+1]); `zeros` counts exact zeros kept off a log axis."""
+
+    scale: Literal["linear", "log10"] = "linear"
+    edges: list[float] = Field(default_factory=list)
+    counts: list[int] = Field(default_factory=list)
+    zeros: int = 0
+
+
+class AppliedTolerance(_Report):
+    """The tolerance an output was held to, resolved from overrides, job options and precision defaults."""
+
+    mode: ToleranceMode
+    atol: float
+    rtol: float
+    quantile: float | None = None
+    origin: str = ""
+
+
 class OutputParity(_Report):
+    """Parity of one output over all samples. Errors are |artifact - source|; relative errors divide by
+    |source| and are taken over elements whose source value is finite and non-zero."""
+
     name: str
     shape: list[int]
     dtype: str
@@ -253,6 +330,49 @@ class OutputParity(_Report):
     max_rel_err: float
     mean_abs_err: float
     passed: bool
+    elements: int = 0
+    failing_elements: int = Field(0, description="elements exceeding both atol and rtol (elementwise view)")
+    mean_rel_err: float = 0.0
+    median_abs_err: float = 0.0
+    median_rel_err: float = 0.0
+    p99_abs_err: float = 0.0
+    p99_rel_err: float = 0.0
+    cosine_similarity: float | None = Field(None, description="over all finite elements; 1.0 for two zero vectors")
+    nan_source: int = 0
+    inf_source: int = 0
+    nan_artifact: int = 0
+    inf_artifact: int = 0
+    nonfinite_mismatches: int = Field(0, description="NaN/Inf on one side not matched on the other (always fails)")
+    top1_agreement: float | None = Field(None, description="classifier-like outputs: share of rows whose argmax "
+                                         "over the last axis agrees")
+    topk: int | None = None
+    topk_agreement: float | None = Field(None, description="share of rows whose top-k index sets are equal")
+    tolerance: AppliedTolerance | None = None
+    statistic_abs: float | None = Field(None, description="statistic modes: the statistic of the absolute error")
+    statistic_rel: float | None = Field(None, description="statistic modes: the statistic of the relative error")
+    min_atol: float | None = Field(None, description="smallest atol that passes with this rtol (null: none does)")
+    min_rtol: float | None = Field(None, description="smallest rtol that passes with this atol (null: none does)")
+    first_failing_sample: int | None = None
+    problems: list[str] = Field(default_factory=list)
+    abs_err_histogram: Histogram | None = None
+
+
+class Divergence(_Report):
+    """Where the artifact's intermediate values first leave the source model's, in execution order."""
+
+    node: str = Field(description="the artifact's node (ONNX node name, or FX node)")
+    op_type: str
+    source_node: str | None = Field(None, description="the source graph's node (torch.fx) it implements")
+    target: str | None = Field(None, description="the torch operator, e.g. aten.linear.default")
+    module: str | None = Field(None, description="the source submodule it came from, e.g. encoder.layers.0.attn")
+    module_class: str | None = None
+    value: str = Field(description="the compared value (tensor name)")
+    shape: list[int] = Field(default_factory=list)
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+    sample: int = 0
+    compared: int = Field(0, description="intermediate values compared before and at this one")
 
 
 class ParityReport(_Report):
@@ -265,6 +385,55 @@ class ParityReport(_Report):
     max_abs_err: float
     max_rel_err: float
     outputs: list[OutputParity]
+    mode: ToleranceMode = ToleranceMode.elementwise
+    precision: Precision = Precision.fp32
+    user_samples: int = 0
+    random_samples: int = 0
+    sample_shapes: list[list[list[int]]] = Field(default_factory=list, description="per sample, per input")
+    first_divergence: Divergence | None = None
+    localisation: str | None = Field(None, description="how the divergence was searched, or why it was not")
+
+
+class Timing(_Report):
+    """Timed runs of one model at one batch size, after warm-up."""
+
+    batch_size: int | None = None
+    warmup: int = 0
+    runs: int
+    windows: int
+    window_runs: int
+    window_medians_ms: list[float] = Field(default_factory=list)
+    stable: bool
+    spread: float = Field(description="(max - min) / min of the last windows' medians")
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    throughput_per_s: float = Field(description="items (batch rows) per second at the mean latency")
+    first_run_ms: float | None = None
+    histogram: Histogram | None = None
+
+
+class SweepPoint(_Report):
+    batch_size: int
+    artifact: Timing
+    source: Timing
+    speedup: float = Field(description="source p50 / artifact p50")
+
+
+class Memory(_Report):
+    """Peak memory while loading, warming up and timing (process RSS; CUDA where the device is a GPU)."""
+
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_delta_mb: float = Field(description="peak minus before: what this model added to the process")
+    method: str = Field(description="VmHWM (kernel high-water mark, reset per measurement) or sampled")
+    cuda_peak_mb: float | None = Field(None, description="torch's peak allocated CUDA memory")
+    cuda_used_mb: float | None = Field(None, description="device memory in use after warm-up minus before")
 
 
 class LatencyReport(_Report):
@@ -280,6 +449,16 @@ class LatencyReport(_Report):
     source_p99_ms: float
     source_mean_ms: float
     speedup: float = Field(description="source p50 / artifact p50")
+    stable: bool = True
+    criterion: str = ""
+    artifact: Timing | None = None
+    source: Timing | None = None
+    sweep: list[SweepPoint] = Field(default_factory=list)
+    load_ms: float | None = Field(None, description="opening the artifact (runtime session / load)")
+    memory: Memory | None = None
+    source_memory: Memory | None = None
+    providers: list[str] | None = Field(None, description="onnxruntime execution providers in use")
+    notes: list[str] = Field(default_factory=list)
 
 
 class ArtifactReport(_Report):
@@ -292,6 +471,7 @@ class ArtifactReport(_Report):
     size_bytes: int | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
+    best: bool = Field(False, description="the fastest artifact of its job that passed parity")
 
 
 class Failure(_Report):
@@ -319,6 +499,8 @@ class JobReport(_Report):
     artifacts: list[ArtifactReport] = Field(default_factory=list)
     inputs: list[dict[str, Any]] = Field(default_factory=list)
     toolchain: dict[str, str] = Field(default_factory=dict)
+    best: Format | None = Field(None, description="the fastest format that passed parity (p50 at the sample)")
+    environment: dict[str, Any] = Field(default_factory=dict, description="where latency was measured")
     worker: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -351,6 +533,7 @@ class BatchJob(_Report):
     cached: bool = False
     report: str | None = Field(None, description="URL of the job's report.json")
     artifacts: list[ArtifactReport] = Field(default_factory=list)
+    best: Format | None = Field(None, description="the fastest format that passed parity")
 
 
 class BatchReport(_Report):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from portq.tasks.contract import (
     JobReport,
     JobSpec,
     JobStatus,
-    LatencyReport,
     StepStatus,
     utcnow,
 )
@@ -51,6 +50,13 @@ class SourceEvidence:
     input_names: list[str]
     output_names: list[str]
     dynamic: dict[int, dict[int, str]]
+    # Plain data only (numpy arrays, floats, dataclasses, dicts): evidence may cross a process boundary.
+    precision: str = "fp32"  # inferred from the source's parameters
+    user_samples: int = 0  # how many of `samples` are the user's own (the rest are seeded random draws)
+    batch_size: int | None = None  # the size of the dynamic `batch` dim in samples[0], if there is one
+    sweep: dict[int, Any] = field(default_factory=dict)  # batch size -> (inputs, source LatencyStats)
+    memory: Any = None  # contract.Memory while timing the source
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobReport:
@@ -124,11 +130,9 @@ def _artifact_problem(a: ArtifactReport) -> str:
     if a.status is StepStatus.failed:
         return f"{a.format.value}: {a.error}"
     assert a.parity is not None
-    worst = max(a.parity.outputs, key=lambda o: o.max_abs_err, default=None)
-    where = ""
-    if worst:
-        where = f" (output {worst.name}: max abs err {worst.max_abs_err:.3g}, max rel err {worst.max_rel_err:.3g})"
-    return (f"{a.format.value}: parity failed at atol {a.parity.atol:g} / rtol {a.parity.rtol:g}{where}")
+    from portq.tasks.parity import failure_summary
+
+    return f"{a.format.value}: {failure_summary(a.parity)}"
 
 
 def _relocate(a: ArtifactReport, store: Store, old: str, new: str) -> ArtifactReport:
@@ -149,9 +153,11 @@ def _finish(store: Store, record: JobRecord, report: JobReport, result: str, *, 
 
 
 def _write_reports(workdir: Path, report: JobReport) -> None:
+    from portq.tasks.html_report import job_html
     from portq.tasks.reporting import job_markdown
 
     (workdir / "report.md").write_text(job_markdown(report))
+    (workdir / "report.html").write_text(job_html(report))
     (workdir / REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
 
 
@@ -176,16 +182,25 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
     apply_dynamic(sig, spec.dynamic)
     report.inputs = sig.describe()
     evidence = _run_source(spec, model, sig, device, display)
+    report.environment = evidence.environment
     for fmt in spec.formats:
         report.artifacts.append(_run_format(fmt, spec, model, evidence, workdir, store, final))
+    from portq.tasks.reporting import mark_best
+
+    report.best = mark_best(report.artifacts)
 
 
 def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) -> SourceEvidence:
-    from portq.tasks.inputs import parity_samples
-    from portq.tasks.latency import measure
+    import numpy as np
+    from portq.tasks.fingerprint import environment
+    from portq.tasks.inputs import parity_samples, random_sample
+    from portq.tasks.latency import measure_with, sweep_sizes
+    from portq.tasks.memory import MemoryProbe
     from portq.tasks.runners import TorchRunner, call
+    from portq.tasks.tolerances import infer_precision
 
     samples = parity_samples(sig, spec.parity.random_samples, spec.parity.seed)
+    probe = MemoryProbe(device).start()
     runner = TorchRunner(model.module, device)
     reference = []
     for i, sample in enumerate(samples):
@@ -197,16 +212,33 @@ def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) 
             raise InputError(f"the model rejected {which} ({shapes}): {type(e).__name__}: {first_line(e)}",
                              step="inputs", file=display,
                              hint="check the sidecar .npz or --input specs against the model's forward()") from e
-    latency = measure(runner, samples[0], warmup=spec.latency.warmup, runs=spec.latency.runs)
+    env = environment(device)
+    batch_axes = [(i, axis) for i, s in enumerate(sig.specs) for axis, name in s.dynamic.items() if name == "batch"]
+    batch = int(samples[0][batch_axes[0][0]].shape[batch_axes[0][1]]) if batch_axes else None
+    latency = measure_with(runner, samples[0], spec.latency, batch_size=batch)
+    probe.warm()
+    sweep: dict[int, Any] = {}
+    rng = np.random.default_rng(spec.parity.seed + 7919)  # its own stream: parity draws stay as they were
+    for size in sweep_sizes(spec.latency, batch):
+        inputs = samples[0] if size == batch else random_sample(sig, rng, {"batch": size})
+        try:
+            stats = latency if size == batch else measure_with(runner, inputs, spec.latency, batch_size=size)
+        except Exception:  # a model that only takes its example batch size: no sweep point, not a failure
+            continue
+        sweep[size] = (inputs, stats)
+    memory = probe.stop()
     dynamic = {i: dict(s.dynamic) for i, s in enumerate(sig.specs) if s.dynamic}
     return SourceEvidence(device=device, samples=samples, reference=reference, latency=latency,
-                          input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic)
+                          input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
+                          precision=infer_precision(model.module).value, user_samples=len(sig.samples),
+                          batch_size=batch, sweep=sweep, memory=memory, environment=env)
 
 
 def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, workdir: Path, store: Store,
                 final: str) -> ArtifactReport:
     from portq.tasks.formats import FORMATS, ExportRequest
-    from portq.tasks.latency import measure
+    from portq.tasks.latency import build_report, measure_with
+    from portq.tasks.memory import MemoryProbe
     from portq.tasks.parity import compare
     from portq.tasks.runners import call, to_tensors
 
@@ -225,19 +257,37 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
         artifact.path = store.url(f"{final}/{result.path.name}")
         artifact.size_bytes = result.path.stat().st_size
         step = f"session:{fmt.value}"
+        probe = MemoryProbe(ev.device).start()
+        start = time.perf_counter()
         runner = handler.open_runner(result.path, ev.device)
+        load_ms = (time.perf_counter() - start) * 1e3
         step = f"parity:{fmt.value}"
         actual = [call(runner, s) for s in ev.samples]
-        artifact.parity = compare(ev.reference, actual, spec.tolerance, seed=spec.parity.seed, device=ev.device)
+        precision = spec.tolerance.precision or (handler.precision if handler.precision != "fp32" else ev.precision)
+        artifact.parity = compare(ev.reference, actual, spec.tolerance, seed=spec.parity.seed, device=ev.device,
+                                  precision=precision, user_samples=ev.user_samples,
+                                  sample_shapes=[[list(a.shape) for a in s] for s in ev.samples])
         step = f"latency:{fmt.value}"
-        stats = measure(runner, ev.samples[0], warmup=spec.latency.warmup, runs=spec.latency.runs)
-        src = ev.latency
-        artifact.latency = LatencyReport(
-            device=ev.device, warmup=stats.warmup, runs=stats.runs, p50_ms=stats.p50_ms,
-            p90_ms=stats.percentile(90), p99_ms=stats.percentile(99), mean_ms=stats.mean_ms,
-            source_p50_ms=src.p50_ms, source_p90_ms=src.percentile(90), source_p99_ms=src.percentile(99),
-            source_mean_ms=src.mean_ms, speedup=src.p50_ms / stats.p50_ms if stats.p50_ms > 0 else 0.0,
-        )
+        stats = measure_with(runner, ev.samples[0], spec.latency, batch_size=ev.batch_size)
+        probe.warm()
+        sweep, notes = [], []
+        for size, (inputs, source_stats) in sorted(ev.sweep.items()):
+            try:
+                point = stats if size == ev.batch_size else measure_with(runner, inputs, spec.latency,
+                                                                         batch_size=size)
+            except Exception as e:
+                notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
+                continue
+            sweep.append((size, point, source_stats))
+        artifact.latency = build_report(
+            device=ev.device, opts=spec.latency, artifact=stats, source=ev.latency, sweep=sweep, load_ms=load_ms,
+            memory=probe.stop(), source_memory=ev.memory, providers=getattr(runner, "providers", None), notes=notes)
+        if not artifact.parity.passed and spec.parity.localise:
+            step = f"localise:{fmt.value}"
+            from portq.tasks.divergence import localise
+
+            found = localise(fmt, model, result.path, runner, ev, artifact.parity, spec.tolerance)
+            artifact.parity.first_divergence, artifact.parity.localisation = found
         artifact.status = StepStatus.succeeded
     except PortqError as e:
         artifact.error = e.at(step=step, file=spec.source.name).message

@@ -1,0 +1,248 @@
+"""Self-contained HTML reports: one page per job (report.html) and a batch summary page.
+
+Plots are inline SVG drawn here (latency distribution per artifact, absolute-error histogram per output);
+no scripts, fonts or stylesheets are fetched, so a page opens the same offline, from a CI artifact or an
+object store. Every value from a report is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from portq.tasks.contract import ArtifactReport, BatchReport, Histogram, JobReport
+from portq.tasks.reporting import (
+    ARTIFACT_COLUMNS,
+    SUMMARY_COLUMNS,
+    TIMING_COLUMNS,
+    _fmt,
+    _timing_row,
+    artifact_row,
+    environment_line,
+    summary_rows,
+)
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2328;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #dde1e4;padding-bottom:4px}
+h3{font-size:15px}table{border-collapse:collapse;margin:8px 0 14px;font-size:13px}
+th,td{border:1px solid #dde1e4;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f5f7}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#18794e;font-weight:600}
+.fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.muted{color:#5f6b73}
+.plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0}figcaption{font-size:12px;color:#5f6b73}
+code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+"""
+
+COLORS = ("#2f6fde", "#e0832a", "#18794e", "#a23fbf")
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cell(text: str) -> str:
+    cls = {"pass": "pass", "FAIL": "fail", "failed": "fail", "succeeded": "pass", "best": "pass"}.get(text)
+    numeric = text[:1].isdigit() and not text.endswith("windows)")
+    attrs = f' class="{cls}"' if cls else ' class="num"' if numeric else ""
+    return f"<td{attrs}>{_e(text)}</td>"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[int] | None = None) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="best"' if best_rows and i in best_rows else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(c) for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_label: str, width: int = 420,
+             height: int = 200, color: str = COLORS[0]) -> str:
+    """A categorical bar chart (one bar per label)."""
+    left, right, top, bottom = 40, 10, 22, 46
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = max(counts, default=0) or 1
+    n = max(len(counts), 1)
+    bar_w = plot_w / n
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">0</text>']
+    for i, (label, c) in enumerate(zip(labels, counts)):
+        h = plot_h * c / peak
+        x = left + i * bar_w
+        parts.append(f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bar_w - 2, 1):.1f}" '
+                     f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {c}</title></rect>')
+        if n <= 20 or i % 2 == 0:
+            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 12}" font-size="9" '
+                         f'text-anchor="middle">{_e(label)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_label: str, width: int = 520,
+                   height: int = 220) -> str:
+    """Linear-axis histograms drawn over one shared x range (translucent, one colour per series)."""
+    left, right, top, bottom = 40, 10, 22, 56
+    plot_w, plot_h = width - left - right, height - top - bottom
+    edges = [e for _, h in series for e in h.edges]
+    lo, hi = (min(edges), max(edges)) if edges else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    peak = max((c for _, h in series for c in h.counts), default=0) or 1
+
+    def x(v: float) -> float:
+        return left + plot_w * (v - lo) / (hi - lo)
+
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak}</text>']
+    for k, tick in enumerate((lo, (lo + hi) / 2, hi)):
+        anchor = ("start", "middle", "end")[k]
+        parts.append(f'<text x="{x(tick):.1f}" y="{top + plot_h + 12}" font-size="10" text-anchor="{anchor}">'
+                     f'{_fmt(tick)}</text>')
+    for i, (name, h) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        for j, c in enumerate(h.counts):
+            a, b = h.edges[j], h.edges[j + 1] if j + 1 < len(h.edges) else h.edges[j]
+            x0, x1 = x(a), max(x(b), x(a) + 2)
+            bh = plot_h * c / peak
+            parts.append(f'<rect x="{x0:.1f}" y="{top + plot_h - bh:.1f}" width="{x1 - x0:.1f}" height="{bh:.1f}" '
+                         f'fill="{color}" fill-opacity="0.55"><title>{_e(name)} {_fmt(a)}-{_fmt(b)}: {c}'
+                         f'</title></rect>')
+        parts.append(f'<rect x="{left + 150 * i}" y="{height - 16}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{left + 150 * i + 14}" y="{height - 7}" font-size="11">{_e(name)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 26}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+def error_histogram_svg(name: str, h: Histogram) -> str:
+    labels = ["0"] + [f"{e:.0e}" for e in h.edges[:-1]]
+    return svg_bars(labels, [h.zeros, *h.counts], title=f"|error| of {name}",
+                    x_label="absolute error (decade bins; 0 = exact)")
+
+
+# ------------------------------------------------------------------------------------------------- pages
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _artifact_html(a: ArtifactReport) -> list[str]:
+    out = [f"<h2>{_e(a.format.value)}{' — best pick' if a.best else ''}</h2>"]
+    if a.error:
+        out.append(f"<p class=\"fail\">{_e(a.error)}</p>")
+    p = a.parity
+    if p is not None:
+        verdict = '<span class="pass">passed</span>' if p.passed else '<span class="fail">FAILED</span>'
+        out.append(f"<h3>parity {verdict}</h3><p class=\"muted\">{p.samples} samples ({p.user_samples} yours, "
+                   f"{p.random_samples} random, seed {p.seed}) on {_e(p.device)}; precision {p.precision.value}; "
+                   f"default check {p.mode.value} atol {p.atol:g} / rtol {p.rtol:g}; input shapes "
+                   f"{_e(p.sample_shapes)}</p>")
+        rows = [[o.name, str(o.shape), "pass" if o.passed else "FAIL",
+                 o.tolerance.origin if o.tolerance else "-", _fmt(o.max_abs_err), _fmt(o.mean_abs_err),
+                 _fmt(o.median_abs_err), _fmt(o.p99_abs_err), _fmt(o.max_rel_err), _fmt(o.mean_rel_err),
+                 _fmt(o.median_rel_err), _fmt(o.p99_rel_err),
+                 "-" if o.cosine_similarity is None else f"{o.cosine_similarity:.6f}",
+                 "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
+                 "-" if o.topk_agreement is None else f"top-{o.topk} {o.topk_agreement:.1%}",
+                 f"{o.nan_source}/{o.inf_source}", f"{o.nan_artifact}/{o.inf_artifact}",
+                 _fmt(o.min_atol), _fmt(o.min_rtol)] for o in p.outputs]
+        out.append(table(["output", "shape", "parity", "tolerance", "max abs", "mean abs", "median abs", "p99 abs",
+                          "max rel", "mean rel", "median rel", "p99 rel", "cosine", "top-1", "top-k",
+                          "NaN/Inf source", "NaN/Inf artifact", "min atol", "min rtol"], rows))
+        d = p.first_divergence
+        if d is not None:
+            module = f", module <code>{_e(d.module)}</code> ({_e(d.module_class or '')})" if d.module else ""
+            out.append(f"<p class=\"fail\">First divergence: node <code>{_e(d.node)}</code> ({_e(d.op_type)}; "
+                       f"fx node <code>{_e(d.source_node)}</code> {_e(d.target or '')}{module}): max abs err "
+                       f"{d.max_abs_err:.3g}, max rel err {d.max_rel_err:.3g}, on sample {d.sample}.</p>")
+        if p.localisation:
+            out.append(f"<p class=\"muted\">Localisation: {_e(p.localisation)}</p>")
+        plots = [error_histogram_svg(o.name, o.abs_err_histogram) for o in p.outputs if o.abs_err_histogram]
+        if plots:
+            out.append("<div class=\"plots\">" + "".join(f"<figure>{s}</figure>" for s in plots) + "</div>")
+    lat = a.latency
+    if lat is not None:
+        out.append(f"<h3>latency on {_e(lat.device)}: speedup {lat.speedup:.2f}x"
+                   f"{'' if lat.stable else ' <span class=fail>(unstable)</span>'}</h3>")
+        if lat.artifact and lat.source:
+            out.append(table(TIMING_COLUMNS, [_timing_row("artifact", lat.artifact),
+                                              _timing_row("source (PyTorch)", lat.source)]))
+            hists = [(n, t.histogram) for n, t in (("artifact", lat.artifact), ("source", lat.source))
+                     if t.histogram]
+            if hists:
+                out.append(svg_histograms(hists, title=f"latency distribution ({a.format.value} vs source)",
+                                          x_label="ms per run"))
+        if lat.sweep:
+            out.append(table(["batch", "artifact p50 ms", "source p50 ms", "speedup", "artifact items/s",
+                              "source items/s"],
+                             [[str(s.batch_size), _fmt(s.artifact.p50_ms), _fmt(s.source.p50_ms),
+                               f"{s.speedup:.2f}x", f"{s.artifact.throughput_per_s:.1f}",
+                               f"{s.source.throughput_per_s:.1f}"] for s in lat.sweep]))
+        facts = []
+        if lat.load_ms is not None:
+            facts.append(f"load {lat.load_ms:.1f} ms")
+        if lat.memory:
+            facts.append(f"peak RSS {lat.memory.rss_peak_mb:.0f} MB (+{lat.memory.rss_delta_mb:.0f} MB, "
+                         f"{lat.memory.method})")
+            if lat.memory.cuda_peak_mb is not None:
+                facts.append(f"CUDA peak {lat.memory.cuda_peak_mb:.0f} MB")
+        if lat.providers:
+            facts.append("execution providers: " + ", ".join(lat.providers))
+        facts += [lat.criterion, *lat.notes]
+        out.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in facts if f) + "</ul>")
+    return out
+
+
+def job_html(r: JobReport) -> str:
+    """report.html for one job."""
+    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>",
+            f"<p>source <code>{_e(r.source)}</code>, batch <code>{_e(r.batch)}</code>, status "
+            f"<span class=\"{'pass' if r.status.value == 'succeeded' else 'fail'}\">{_e(r.status.value)}</span>"
+            + (" (cached)" if r.cached else "") + "</p>"]
+    if r.best:
+        body.append(f"<p>Best pick: <strong>{_e(r.best.value)}</strong> (the fastest artifact that passed "
+                    "parity)</p>")
+    if r.error:
+        body.append(f"<p class=\"fail\">{_e(r.error)}</p>")
+    best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
+    body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
+    for a in r.artifacts:
+        body += _artifact_html(a)
+    if r.environment:
+        body.append(f"<h2>environment</h2><p>{_e(environment_line(r.environment))}</p>")
+    if r.toolchain:
+        body.append("<p class=\"muted\">toolchain: " + _e(", ".join(f"{k} {v}" for k, v in r.toolchain.items()))
+                    + "</p>")
+    return _page(f"portq {r.model}", body)
+
+
+def batch_html(b: BatchReport) -> str:
+    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted."""
+    rows = summary_rows(b)
+    best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
+    counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
+    body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts)}; store <code>{_e(b.store)}</code></p>",
+            table(SUMMARY_COLUMNS, rows, best_rows)]
+    speedups = [(f"{j.model}/{a.format.value}", a.latency.speedup) for j in b.jobs for a in j.artifacts
+                if a.latency is not None]
+    if speedups:
+        body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
+                             title="speedup over the source, x100 (100 = as fast)", x_label="model / format",
+                             width=max(420, 60 * len(speedups))))
+    links = [f"<li><a href=\"{_e(j.report[:-len('.json')] + '.html')}\">{_e(j.model)} ({_e(j.target.value)})</a></li>"
+             for j in b.jobs if j.report and j.report.endswith(".json")]
+    if links:
+        body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
+    return _page(f"portq batch {b.batch}", body)
