@@ -19,6 +19,7 @@ class ReportFormat(str, Enum):
     table = "table"
     json = "json"
     md = "md"
+    html = "html"
 
 
 @app.command()
@@ -40,12 +41,13 @@ def report(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "
                                                          "(schema: batch-report.v1.json).")] = False,
-    fmt: Annotated[ReportFormat, typer.Option("--format", help="table (terminal), json or md.")]
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="table (terminal), json, md (Markdown summary) "
+                                                               "or html (self-contained summary page).")]
     = ReportFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Results per job and artifact: parity, latency, speedup, errors."""
+    """Results per job and artifact: parity, p50 latency, speedup, the best pick, errors."""
     st = Store(resolve(store=store).store)
     rep = batches.batch_report(st, batch)
     if as_json:
@@ -53,9 +55,13 @@ def report(
     if fmt is ReportFormat.table and output is None:
         out.print(summary_table(rep))
         return
-    text = (json.dumps(rep.model_dump(mode="json"), indent=2) + "\n" if fmt is ReportFormat.json
-            else batch_markdown(rep) if fmt is ReportFormat.md else None)
-    if text is None:  # table to a file: Markdown is the table
+    if fmt is ReportFormat.json:
+        text = json.dumps(rep.model_dump(mode="json"), indent=2) + "\n"
+    elif fmt is ReportFormat.html:
+        from portq.tasks.html_report import batch_html
+
+        text = batch_html(rep)
+    else:  # md, or a table written to a file: Markdown is the table
         text = batch_markdown(rep)
     if output is None:
         # plain write: Rich would wrap and style a document meant for machines

@@ -10,7 +10,7 @@ import typer
 from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve
 from portq.client.render import summary_table
 from portq.tasks import batches
-from portq.tasks.contract import Format, InputSpec, JobRecord, Target
+from portq.tasks.contract import Format, InputSpec, JobRecord, Precision, Target, ToleranceMode
 from portq.tasks.errors import ConfigError
 from portq.tasks.store import Store
 from portq.tasks.submission import prepare
@@ -24,6 +24,41 @@ def _parse_inputs(specs: list[str]) -> list[InputSpec]:
         except ValueError as e:
             raise ConfigError(str(e), step="submit") from None
     return parsed
+
+
+def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """`--output-tol 'NAME:atol=1e-3,rtol=1e-2,mode=max'` (NAME may be an fnmatch pattern) -> overrides."""
+    keys = {"atol": float, "rtol": float, "quantile": float, "mode": str}
+    overrides: dict[str, dict[str, Any]] = {}
+    for text in specs:
+        name, sep, rest = text.partition(":")
+        fields: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = part.partition("=")
+            key = key.strip()
+            if not eq or key not in keys:
+                raise ConfigError(f"--output-tol {text!r}: {part!r} is not KEY=VALUE with KEY one of "
+                                  f"{', '.join(keys)}", step="submit")
+            try:
+                fields[key] = keys[key](value.strip())
+            except ValueError:
+                raise ConfigError(f"--output-tol {text!r}: {key} needs a number, not {value!r}",
+                                  step="submit") from None
+        if not sep or not name.strip() or not fields:
+            raise ConfigError(f"--output-tol {text!r} is not of the form NAME:atol=..,rtol=..,mode=..,quantile=..",
+                              step="submit")
+        overrides[name.strip()] = fields
+    return overrides
+
+
+def _batch_sizes(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {text!r} is not a comma-separated list of integers, e.g. 1,8,32",
+                          step="submit") from None
 
 
 def _json_object(text: str | None, flag: str) -> dict[str, Any]:
@@ -56,11 +91,31 @@ def submit(
     = None,
     dynamic: Annotated[list[str] | None, typer.Option("--dynamic", help="Export this dim as dynamic, e.g. "
                                                                             "'batch'; repeatable.")] = None,
-    atol: Annotated[float | None, typer.Option(help="Parity: absolute tolerance. [default: 1e-4]")] = None,
-    rtol: Annotated[float | None, typer.Option(help="Parity: relative tolerance. [default: 1e-3]")] = None,
+    atol: Annotated[float | None, typer.Option(help="Parity: absolute tolerance. [default: 1e-4 for fp32]")]
+    = None,
+    rtol: Annotated[float | None, typer.Option(help="Parity: relative tolerance. [default: 1e-3 for fp32]")]
+    = None,
+    tolerance_mode: Annotated[ToleranceMode | None, typer.Option(
+        help="Parity check: elementwise (an element fails when it exceeds atol and rtol), or the max, mean, "
+             "median or quantile of the errors. [default: the precision's, see README]")] = None,
+    quantile: Annotated[float | None, typer.Option(help="q for --tolerance-mode quantile. [default: 0.99]")]
+    = None,
+    precision: Annotated[Precision | None, typer.Option(help="Precision whose default tolerances apply. "
+                                                             "[default: inferred from the model's weights]")]
+    = None,
+    output_tol: Annotated[list[str] | None, typer.Option("--output-tol", help="Per-output tolerance "
+                          "'NAME:atol=1e-3,rtol=1e-2,mode=max' (NAME may be a pattern such as 'output.*'); "
+                          "repeatable.")] = None,
+    localise: Annotated[bool, typer.Option("--localise/--no-localise", help="When parity fails, find the first "
+                                                                            "operator that diverges.")] = True,
     opset: Annotated[int | None, typer.Option(help="ONNX opset. [default: 18]")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random parity inputs.")] = 0,
-    runs: Annotated[int | None, typer.Option(help="Timed latency runs per model and artifact.")] = None,
+    runs: Annotated[int | None, typer.Option(help="Latency: timed runs at least, per model and artifact. "
+                                                  "[default: 30]")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Latency: warm-up runs before timing. [default: 5]")] = None,
+    batch_sizes: Annotated[str | None, typer.Option(help="Latency: batch sizes to sweep when the batch dim is "
+                                                         "dynamic, e.g. 1,8,32. [default: 1, the sample's, 8]")]
+    = None,
     arch: Annotated[str | None, typer.Option(help="Model code for state dicts: package.module:Class.")] = None,
     arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --arch.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling of torch.save files "
@@ -76,13 +131,19 @@ def submit(
         "target": target, "formats": formats or [Format.onnx], "inputs": _parse_inputs(inputs or []),
         "dynamic": dynamic or [], "opset": opset, "arch": arch,
         "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"),
-        "trust_pickle": trust_pickle, "force": force, "parity": {"seed": seed},
+        "trust_pickle": trust_pickle, "force": force, "parity": {"seed": seed, "localise": localise},
     }
-    tol = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
+    tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
+                                             ("quantile", quantile), ("precision", precision)) if v is not None}
+    if output_tol:
+        tol["outputs"] = _output_tolerances(output_tol)
     if tol:
         options["tolerance"] = tol
-    if runs is not None:
-        options["latency"] = {"runs": runs}
+    latency = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
+    if batch_sizes:
+        latency["batch_sizes"] = _batch_sizes(batch_sizes)
+    if latency:
+        options["latency"] = latency
     st = Store(settings.store)
     try:
         sub = prepare(models, st, batch=batch, options=options, max_bytes=settings.max_model_bytes)
