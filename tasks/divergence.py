@@ -13,9 +13,11 @@ search:
 4. walk the fx graph in execution order and compare each matched tensor with the job's tolerance (the same
    rules as output parity); the first that fails is `first_divergence`.
 
-pt2 artifacts (ExportedPrograms) are compared fx node against fx node in the same way. Artifacts that keep
-no intermediate names (TorchScript, AOTInductor, ONNX from the TorchScript-based exporter) are not
-localised; the report's `localisation` says so. Localisation is a diagnosis: it never fails the job.
+ONNX from the TorchScript-based exporter keeps no fx names: its tensors are matched to the source's fx
+values by value instead, and the first source operator whose inputs match but whose output (and users)
+do not is named, with the ONNX node that consumes those inputs. pt2 artifacts (ExportedPrograms) are
+compared fx node against fx node. TorchScript and AOTInductor artifacts expose no intermediate values and
+are not localised; the report's `localisation` says so. Localisation is a diagnosis: it never fails the job.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def localise(
             return _localise_onnx(model, artifact_path, runner, ev, parity, tol)
         if fmt is Format.pt2:
             return _localise_pt2(model, artifact_path, ev, parity, tol)
-        return None, (f"not localised: {fmt.value} artifacts keep no named intermediate values "
-                      "(localisation covers onnx from the dynamo exporter, and pt2)")
+        return None, (f"not localised: {fmt.value} artifacts expose no intermediate values "
+                      "(localisation covers onnx and pt2)")
     except Exception as e:  # a diagnosis that fails must not fail the artifact
         return None, f"localisation failed: {type(e).__name__}: {first_line(e)}"
 
@@ -212,8 +214,7 @@ def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityR
     proto = onnx.load(str(path), load_external_data=False)
     candidates = onnx_candidates(proto)
     if not candidates:
-        return None, ("not localised: the ONNX file carries no torch.fx node metadata (it was made by the "
-                      "TorchScript-based exporter, which keeps none)")
+        return _localise_onnx_by_values(model, path, proto, runner, ev, parity, tol)
     from portq.tasks.formats.onnx import DEFAULT_OPSET
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
@@ -292,3 +293,107 @@ def _first_failing(pairs: list[tuple[str, Candidate, np.ndarray, np.ndarray | No
     return None, (f"no intermediate value of the {kind} artifact exceeds the tolerance ({compared} compared on "
                   f"sample {sample}): the error accumulates gradually rather than at one operator")
 
+
+
+# ------------------------------------------------------------------ onnx without metadata: match by value
+
+
+def source_program(model: Any, ev: Any) -> Any:
+    """An ExportedProgram that computes what the source computes (TorchScript is converted first)."""
+    import torch
+    from portq.tasks.runners import to_tensors
+
+    args = to_tensors(ev.samples[0], ev.device)
+    if model.program is not None:
+        return model.program
+    if model.script is not None:
+        from torch._export.converter import TS2EPConverter
+
+        return TS2EPConverter(model.script, args).convert()
+    return torch.export.export(model.module, args)
+
+
+def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
+    """The elementwise parity rule on one pair of tensors (NaN matches NaN, Inf the same Inf)."""
+    from portq.tasks.parity import elementwise_errors
+
+    if ref.shape != act.shape:
+        return False
+    if ref.size == 0:
+        return True
+    abs_err, rel_err, mismatched = elementwise_errors(act, ref)
+    return not bool((((abs_err > atol) & (rel_err > rtol)) | mismatched).any())
+
+
+def _scope_module(onnx_node_name: str) -> str | None:
+    """'/net/net.2/Gemm' (TorchScript-based exporter scopes) -> 'net.2'."""
+    parts = [p for p in onnx_node_name.split("/") if p]
+    return parts[-2] if len(parts) >= 2 else None
+
+
+def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev: Any, parity: ParityReport,
+                             tol: Tolerance) -> tuple[Divergence | None, str]:
+    """ONNX without fx metadata (the TorchScript-based exporter): match the artifact's tensors to the source's
+    fx values by value, then name the first source operator whose inputs are matched but whose output is
+    not, and whose users are not matched either (so a step the artifact merely fused away is not blamed).
+    """
+    from portq.tasks.parity import compare
+    from portq.tasks.tolerances import resolve
+
+    program = source_program(model, ev)
+    index = failing_sample(parity)
+    try:
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    except Exception:
+        index = 0
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    onnx_order = [o for n in proto.graph.node for o in n.output if o]
+    feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
+    providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
+    actual = _onnx_intermediates(path, onnx_order, feed, providers)
+    job = resolve(tol.model_copy(update={"outputs": {}}), parity.precision, "")
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name in onnx_order:
+        if name in actual:
+            by_shape.setdefault(tuple(actual[name].shape), []).append(name)
+    matched: dict[str, str] = {}
+    for fx in order:
+        for name in by_shape.get(tuple(values[fx].shape), []):
+            if _close(values[fx], actual[name], job.atol, job.rtol):
+                matched[fx] = name
+                break
+    fx_nodes = {n.name: n for n in program.graph.nodes}
+    used = set(matched.values())
+    graph_inputs = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    for fx in order:
+        node = fx_nodes[fx]
+        if fx in matched:
+            continue
+        computed_inputs = [a.name for a in node.all_input_nodes if a.name in values]
+        if any(i not in matched for i in computed_inputs):
+            continue  # downstream of an earlier mismatch, not its origin
+        if any(u.name in matched for u in node.users):
+            continue  # a step the artifact fused away: its result reappears downstream
+        feeds = {matched[i] for i in computed_inputs} or graph_inputs
+        shape = tuple(values[fx].shape)
+        hit = next(((n, o) for n in proto.graph.node if feeds & set(n.input)
+                    for o in n.output if o in actual and o not in used and tuple(actual[o].shape) == shape), None)
+        module, module_class = _module_of(node)
+        if hit is None:
+            return None, (f"compared the artifact's tensors with the source's fx values on sample {index}: fx node "
+                          f"{fx} ({_target_name(node)}) is the first whose value the artifact never computes, but "
+                          "no ONNX node could be tied to it")
+        onnx_node, value = hit
+        rep = compare([[(value, values[fx])]], [[(value, actual[value])]],
+                      tol.model_copy(update={"outputs": {}}), seed=0, device="", precision=parity.precision)
+        out = rep.outputs[0]
+        return Divergence(node=onnx_node.name or value, op_type=onnx_node.op_type, source_node=fx,
+                          target=_target_name(node), module=module or _scope_module(onnx_node.name),
+                          module_class=module_class if module else None, value=value, shape=list(shape),
+                          max_abs_err=out.max_abs_err, max_rel_err=out.max_rel_err, mean_abs_err=out.mean_abs_err,
+                          sample=index, compared=len(matched) + 1), (
+            f"the ONNX file carries no fx metadata (TorchScript-based exporter): matched {len(matched)} of its "
+            f"tensors to the source's fx values by value on sample {index}; named the first source operator "
+            "whose inputs match and whose output does not")
+    return None, (f"no origin found: {len(matched)} of {len(order)} source values matched the artifact's tensors "
+                  f"on sample {index}")

@@ -131,25 +131,32 @@ def test_candidates_come_from_the_exporters_metadata(tmp_path):
     assert found["softmax"].module is None and found["gelu"].module_class.endswith("GELU")
 
 
-def test_onnx_without_metadata_says_why(tmp_path, monkeypatch):
-    m = Net().eval()
-    x = torch.randn(3, 8)
-    torch.jit.save(torch.jit.trace(m, x), str(tmp_path / "net.pt"))
-    np.savez(tmp_path / "net.npz", x=x.numpy())
-    handler = FORMATS.get("onnx")
-    monkeypatch.setitem(FORMATS._items, "onnx", _perturbing(handler, _bump_initializer_any(0.5)))
-    report = run_job_and_check_failed(tmp_path / "net.pt", tmp_path)
-    parity = report.artifacts[0].parity
-    assert report.artifacts[0].route == "torchscript"  # a TorchScript source takes the TorchScript exporter
-    assert parity.first_divergence is None and "TorchScript-based exporter" in parity.localisation
-
-
-def _bump_initializer_any(delta):
+def _bump_second_gemm_weight(delta):
     def mutate(path):
         model = onnx.load(str(path))
-        init = max(model.graph.initializer, key=lambda i: len(i.dims))
+        gemm = [n for n in model.graph.node if n.op_type == "Gemm"][1]
+        (init,) = [i for i in model.graph.initializer if i.name == gemm.input[1]]
         array = onnx.numpy_helper.to_array(init).copy()
         array.reshape(-1)[0] += np.float32(delta)
         init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), init.name))
         onnx.save(model, str(path))
     return mutate
+
+
+def test_onnx_without_metadata_is_localised_by_value(tmp_path, monkeypatch):
+    """A TorchScript source takes the TorchScript-based exporter, whose ONNX keeps no fx names."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 8)
+    torch.jit.save(torch.jit.trace(Net().eval(), x), str(tmp_path / "net.pt"))
+    np.savez(tmp_path / "net.npz", x=x.numpy())
+    monkeypatch.setitem(FORMATS._items, "onnx", _perturbing(FORMATS.get("onnx"), _bump_second_gemm_weight(0.5)))
+    report = run_job_and_check_failed(tmp_path / "net.pt", tmp_path)
+    (art,) = report.artifacts
+    assert art.route == "torchscript"
+    proto = onnx.load(art.path)
+    second_gemm = [n for n in proto.graph.node if n.op_type == "Gemm"][1]
+    d = art.parity.first_divergence
+    assert d is not None, art.parity.localisation
+    assert (d.node, d.op_type, d.source_node) == (second_gemm.name, "Gemm", "linear_1")
+    assert d.target == "aten.linear.default" and "no fx metadata" in art.parity.localisation
+    assert d.max_abs_err > 0.01
