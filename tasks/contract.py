@@ -301,12 +301,14 @@ class _Report(BaseModel):
 
 
 class Histogram(_Report):
-    """Counts of values in bins [edges[i], edges[i+1]); `zeros` counts exact zeros kept off a log axis."""
+    """Counts of values in bins [edges[i], edges[i+1]); `zeros` counts exact zeros kept off a log axis and
+    `above` the values past the last edge (latency: the slowest 1%, so outliers do not flatten the plot)."""
 
     scale: Literal["linear", "log10"] = "linear"
     edges: list[float] = Field(default_factory=list)
     counts: list[int] = Field(default_factory=list)
     zeros: int = 0
+    above: int = 0
 
 
 class AppliedTolerance(_Report):

@@ -62,7 +62,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[i
 def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_label: str, width: int = 420,
              height: int = 200, color: str = COLORS[0]) -> str:
     """A categorical bar chart (one bar per label)."""
-    left, right, top, bottom = 40, 10, 22, 46
+    left, right, top, bottom = 40, 10, 22, 58
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = max(counts, default=0) or 1
     n = max(len(counts), 1)
@@ -76,9 +76,9 @@ def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_labe
         x = left + i * bar_w
         parts.append(f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bar_w - 2, 1):.1f}" '
                      f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {c}</title></rect>')
-        if n <= 20 or i % 2 == 0:
-            parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h + 12}" font-size="9" '
-                         f'text-anchor="middle">{_e(label)}</text>')
+        lx, ly = x + bar_w / 2, top + plot_h + 8
+        parts.append(f'<text x="{lx:.1f}" y="{ly}" font-size="9" text-anchor="end" '
+                     f'transform="rotate(-45 {lx:.1f} {ly})">{_e(label)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
                  f'{_e(x_label)}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -94,29 +94,33 @@ def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_lab
     lo, hi = (min(edges), max(edges)) if edges else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
-    peak = max((c for _, h in series for c in h.counts), default=0) or 1
+    # shares, not counts: a fast artifact runs many more times than its source in the same windows
+    totals = [max(sum(h.counts) + h.above, 1) for _, h in series]
+    peak = max((c / t for (_, h), t in zip(series, totals) for c in h.counts), default=0) or 1
 
     def x(v: float) -> float:
         return left + plot_w * (v - lo) / (hi - lo)
 
     parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
-             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak}</text>']
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:.0%}</text>']
     for k, tick in enumerate((lo, (lo + hi) / 2, hi)):
         anchor = ("start", "middle", "end")[k]
         parts.append(f'<text x="{x(tick):.1f}" y="{top + plot_h + 12}" font-size="10" text-anchor="{anchor}">'
                      f'{_fmt(tick)}</text>')
-    for i, (name, h) in enumerate(series):
+    for i, ((name, h), total) in enumerate(zip(series, totals)):
         color = COLORS[i % len(COLORS)]
         for j, c in enumerate(h.counts):
             a, b = h.edges[j], h.edges[j + 1] if j + 1 < len(h.edges) else h.edges[j]
             x0, x1 = x(a), max(x(b), x(a) + 2)
-            bh = plot_h * c / peak
+            bh = plot_h * c / total / peak
             parts.append(f'<rect x="{x0:.1f}" y="{top + plot_h - bh:.1f}" width="{x1 - x0:.1f}" height="{bh:.1f}" '
-                         f'fill="{color}" fill-opacity="0.55"><title>{_e(name)} {_fmt(a)}-{_fmt(b)}: {c}'
+                         f'fill="{color}" fill-opacity="0.55"><title>{_e(name)} {_fmt(a)}-{_fmt(b)} ms: {c} runs'
                          f'</title></rect>')
-        parts.append(f'<rect x="{left + 150 * i}" y="{height - 16}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{left + 150 * i + 14}" y="{height - 7}" font-size="11">{_e(name)}</text>')
+        tail = f" (+{h.above} slower)" if h.above else ""
+        parts.append(f'<rect x="{left + 200 * i}" y="{height - 16}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{left + 200 * i + 14}" y="{height - 7}" font-size="11">{_e(name)}, {total} runs'
+                     f'{_e(tail)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 26}" font-size="11" text-anchor="middle">'
                  f'{_e(x_label)}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -179,11 +183,12 @@ def _artifact_html(a: ArtifactReport) -> list[str]:
         if lat.artifact and lat.source:
             out.append(table(TIMING_COLUMNS, [_timing_row("artifact", lat.artifact),
                                               _timing_row("source (PyTorch)", lat.source)]))
-            hists = [(n, t.histogram) for n, t in (("artifact", lat.artifact), ("source", lat.source))
+            plots = [svg_histograms([(n, t.histogram)], title=f"latency of {n} (share of runs, up to its p99)",
+                                    x_label="ms per run", width=420)
+                     for n, t in ((f"{a.format.value} artifact", lat.artifact), ("source", lat.source))
                      if t.histogram]
-            if hists:
-                out.append(svg_histograms(hists, title=f"latency distribution ({a.format.value} vs source)",
-                                          x_label="ms per run"))
+            if plots:
+                out.append("<div class=\"plots\">" + "".join(f"<figure>{svg}</figure>" for svg in plots) + "</div>")
         if lat.sweep:
             out.append(table(["batch", "artifact p50 ms", "source p50 ms", "speedup", "artifact items/s",
                               "source items/s"],

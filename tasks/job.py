@@ -237,7 +237,7 @@ def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) 
 def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, workdir: Path, store: Store,
                 final: str) -> ArtifactReport:
     from portq.tasks.formats import FORMATS, ExportRequest
-    from portq.tasks.latency import build_report, measure_with
+    from portq.tasks.latency import build_report, interference_notes, measure_with
     from portq.tasks.memory import MemoryProbe
     from portq.tasks.parity import compare
     from portq.tasks.runners import call, to_tensors
@@ -279,6 +279,10 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
                 notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
                 continue
             sweep.append((size, point, source_stats))
+        notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
+        if fmt is Format.onnx and ev.device.startswith("cuda"):
+            notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
+                         "the source's inputs are already on the GPU")
         artifact.latency = build_report(
             device=ev.device, opts=spec.latency, artifact=stats, source=ev.latency, sweep=sweep, load_ms=load_ms,
             memory=probe.stop(), source_memory=ev.memory, providers=getattr(runner, "providers", None), notes=notes)

@@ -2,7 +2,8 @@
 
 The criterion (`LatencyOptions`): after `warmup` untimed runs (the first one's time is kept as
 `first_run_ms`), runs are timed in windows of equal size: `runs / windows` runs, or more so that a window
-lasts at least `min_window_ms` (counted in one more untimed calibration window). The measurement is **stable** once the
+lasts at least `min_window_ms` (counted in one more untimed calibration window; a window that still
+comes out under half that long is discarded as warm-up, and the windows grow). The measurement is **stable** once the
 medians of the last `windows` windows lie within `stability` of each other ((max - min) / min <= 0.10 by
 default) and at least `runs` runs were timed; the statistics are then taken over those last windows. A
 measurement that is still unstable after `max_windows` windows or `max_seconds` stops, is reported with
@@ -94,11 +95,16 @@ def criterion(opts: LatencyOptions) -> str:
 
 
 def latency_histogram(samples_ms: list[float], bins: int = HISTOGRAM_BINS) -> Histogram:
-    lo, hi = min(samples_ms), max(samples_ms)
+    """Linear bins from the fastest run to the p99; slower runs are counted in `above`."""
+    lo, hi = min(samples_ms), float(np.percentile(samples_ms, 99))
+    if hi <= lo:
+        hi = max(samples_ms)
     if hi <= lo:
         return Histogram(scale="linear", edges=[lo, lo], counts=[len(samples_ms)])
-    counts, edges = np.histogram(samples_ms, bins=bins, range=(lo, hi))
-    return Histogram(scale="linear", edges=[float(e) for e in edges], counts=[int(c) for c in counts])
+    inside = [t for t in samples_ms if t <= hi]
+    counts, edges = np.histogram(inside, bins=bins, range=(lo, hi))
+    return Histogram(scale="linear", edges=[float(e) for e in edges], counts=[int(c) for c in counts],
+                     above=len(samples_ms) - len(inside))
 
 
 def measure(
@@ -141,7 +147,15 @@ def measure(
     stable = False
     start = clock()
     while True:
+        window_start = clock()
         window = [timed() for _ in range(per_window)]
+        elapsed_ms = (clock() - window_start) / 1e6
+        if (min_window_ms > 0 and 0 < elapsed_ms < min_window_ms / 2 and per_window < MAX_WINDOW_RUNS
+                and (clock() - start) / 1e9 < max_seconds / 2):
+            # the calibration ran while the model was still warming up: grow the windows and start over
+            per_window = min(math.ceil(per_window * min_window_ms / elapsed_ms), MAX_WINDOW_RUNS)
+            done, medians = [], []
+            continue
         done.append(window)
         medians.append(float(np.median(window)))
         total = sum(len(w) for w in done)
@@ -200,6 +214,27 @@ def build_report(
                for b, a, s in (sweep or [])],
         load_ms=load_ms, memory=memory, source_memory=source_memory, providers=providers, notes=notes or [],
     )
+
+
+#: A median this many times the fastest run says the runs were disturbed (preemption, throttling, other jobs).
+DISTURBED_RATIO = 5.0
+
+
+def interference_notes(measurements: dict[str, LatencyStats], environment: dict[str, Any]) -> list[str]:
+    """Warnings a reader needs before trusting the numbers: a busy machine, or runs far slower than the fastest."""
+    notes = []
+    cpus = (environment.get("cpu") or {}).get("affinity") or (environment.get("cpu") or {}).get("logical_cores")
+    load = environment.get("load_average_1m")
+    if load is not None and cpus and load > cpus:
+        notes.append(f"the machine was busy when the source was timed (load average {load:g} on {cpus} CPUs): "
+                     "latencies may be inflated and speedups distorted")
+    for name, stats in measurements.items():
+        fastest = min(stats.samples_ms)
+        if fastest > 0 and stats.p50_ms > DISTURBED_RATIO * fastest:
+            notes.append(f"{name}: the median run ({stats.p50_ms:.3g} ms) is {stats.p50_ms / fastest:.0f}x the "
+                         f"fastest ({fastest:.3g} ms): runs were disturbed (other load, throttling, thread "
+                         "oversubscription)")
+    return notes
 
 
 def sweep_sizes(opts: LatencyOptions, sample_batch: int | None) -> list[int]:

@@ -62,8 +62,8 @@ def test_job_html_has_the_plots(batch):
     doc = json.loads(run_cli("report", "rep", "--json", env=batch).stdout)
     html_path = doc["jobs"][0]["report"].replace("report.json", "report.html")
     page = open(html_path).read()
-    assert "latency distribution" in page and "|error| of output" in page
-    assert page.count("<svg") >= 4  # per artifact: a latency plot and an error histogram
+    assert "latency of onnx artifact" in page and "latency of source" in page and "|error| of output" in page
+    assert page.count("<svg") >= 6  # per artifact: two latency plots and an error histogram
 
 
 @pytest.mark.parametrize("flag, message", [

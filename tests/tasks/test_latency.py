@@ -6,7 +6,14 @@ import statistics
 import numpy as np
 import pytest
 from portq.tasks.contract import LatencyOptions
-from portq.tasks.latency import build_report, latency_histogram, measure, spread, sweep_sizes
+from portq.tasks.latency import (
+    build_report,
+    interference_notes,
+    latency_histogram,
+    measure,
+    spread,
+    sweep_sizes,
+)
 
 
 class ScriptedRunner:
@@ -91,8 +98,9 @@ def test_percentiles_throughput_and_histogram_against_independent_computations()
     assert t.throughput_per_s == pytest.approx(8 * 1000 / statistics.fmean(stats.samples_ms))
     assert t.min_ms == pytest.approx(min(times), abs=1e-6) and t.max_ms == pytest.approx(max(times), abs=1e-6)
     h = latency_histogram(stats.samples_ms)
-    assert sum(h.counts) == 37 and len(h.edges) == len(h.counts) + 1
-    width = (max(stats.samples_ms) - min(stats.samples_ms)) / 20
+    assert sum(h.counts) + h.above == 37 and len(h.edges) == len(h.counts) + 1
+    assert h.edges[-1] == pytest.approx(cuts[98]) and h.above == sum(1 for x in stats.samples_ms if x > cuts[98])
+    width = (cuts[98] - min(stats.samples_ms)) / 20
     first_bin = sum(1 for x in stats.samples_ms if x < min(stats.samples_ms) + width)
     assert h.counts[0] == first_bin
 
@@ -111,3 +119,22 @@ def test_sweep_sizes():
     assert sweep_sizes(LatencyOptions(), 4) == [1, 4, 8]
     assert sweep_sizes(LatencyOptions(batch_sizes=[16, 2, 2]), 4) == [2, 16]
     assert sweep_sizes(LatencyOptions(sweep=False), 4) == []
+
+
+def test_windows_that_come_out_too_short_are_discarded_and_grow():
+    # calibration sees slow warm-up runs (5 ms): 2 runs fill 10 ms; then the model runs at 0.5 ms
+    r = ScriptedRunner([5.0] * 3 + [0.5] * 500)
+    stats = measure(r, [], warmup=1, runs=2, windows=2, min_window_ms=10, clock=r.clock)
+    assert stats.window_runs >= 20 and stats.stable
+    assert stats.samples_ms == pytest.approx([0.5] * len(stats.samples_ms))
+
+
+def test_interference_is_called_out():
+    calm = measure(r := ScriptedRunner([1] + [2.0] * 6), [], warmup=1, runs=6, windows=3, clock=r.clock)
+    disturbed = measure(r := ScriptedRunner([1] + [0.05] + [40.0] * 5), [], warmup=1, runs=6, windows=3,
+                        stability=1000, clock=r.clock)
+    env = {"cpu": {"logical_cores": 2, "affinity": 2}, "load_average_1m": 2.5}
+    notes = interference_notes({"artifact": calm, "source": disturbed}, env)
+    assert len(notes) == 2 and "load average 2.5 on 2 CPUs" in notes[0] and notes[1].startswith("source: ")
+    assert "800x the fastest" in notes[1]
+    assert interference_notes({"artifact": calm}, {"cpu": {"logical_cores": 2}, "load_average_1m": 0.5}) == []
