@@ -191,10 +191,9 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
 
 
 def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) -> SourceEvidence:
-    import numpy as np
     from portq.tasks.fingerprint import environment
-    from portq.tasks.inputs import parity_samples, random_sample
-    from portq.tasks.latency import measure_with, sweep_sizes
+    from portq.tasks.inputs import parity_samples
+    from portq.tasks.latency import time_source
     from portq.tasks.memory import MemoryProbe
     from portq.tasks.runners import TorchRunner, call
     from portq.tasks.tolerances import infer_precision
@@ -213,19 +212,8 @@ def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) 
                              step="inputs", file=display,
                              hint="check the sidecar .npz or --input specs against the model's forward()") from e
     env = environment(device)
-    batch_axes = [(i, axis) for i, s in enumerate(sig.specs) for axis, name in s.dynamic.items() if name == "batch"]
-    batch = int(samples[0][batch_axes[0][0]].shape[batch_axes[0][1]]) if batch_axes else None
-    latency = measure_with(runner, samples[0], spec.latency, batch_size=batch)
+    batch, latency, sweep = time_source(runner, sig, samples, spec.latency, seed=spec.parity.seed)
     probe.warm()
-    sweep: dict[int, Any] = {}
-    rng = np.random.default_rng(spec.parity.seed + 7919)  # its own stream: parity draws stay as they were
-    for size in sweep_sizes(spec.latency, batch):
-        inputs = samples[0] if size == batch else random_sample(sig, rng, {"batch": size})
-        try:
-            stats = latency if size == batch else measure_with(runner, inputs, spec.latency, batch_size=size)
-        except Exception:  # a model that only takes its example batch size: no sweep point, not a failure
-            continue
-        sweep[size] = (inputs, stats)
     memory = probe.stop()
     dynamic = {i: dict(s.dynamic) for i, s in enumerate(sig.specs) if s.dynamic}
     return SourceEvidence(device=device, samples=samples, reference=reference, latency=latency,
@@ -237,7 +225,7 @@ def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) 
 def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, workdir: Path, store: Store,
                 final: str) -> ArtifactReport:
     from portq.tasks.formats import FORMATS, ExportRequest
-    from portq.tasks.latency import build_report, interference_notes, measure_with
+    from portq.tasks.latency import time_artifact
     from portq.tasks.memory import MemoryProbe
     from portq.tasks.parity import compare
     from portq.tasks.runners import call, to_tensors
@@ -268,24 +256,8 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
                                   precision=precision, user_samples=ev.user_samples,
                                   sample_shapes=[[list(a.shape) for a in s] for s in ev.samples])
         step = f"latency:{fmt.value}"
-        stats = measure_with(runner, ev.samples[0], spec.latency, batch_size=ev.batch_size)
-        probe.warm()
-        sweep, notes = [], []
-        for size, (inputs, source_stats) in sorted(ev.sweep.items()):
-            try:
-                point = stats if size == ev.batch_size else measure_with(runner, inputs, spec.latency,
-                                                                         batch_size=size)
-            except Exception as e:
-                notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
-                continue
-            sweep.append((size, point, source_stats))
-        notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
-        if fmt is Format.onnx and ev.device.startswith("cuda"):
-            notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
-                         "the source's inputs are already on the GPU")
-        artifact.latency = build_report(
-            device=ev.device, opts=spec.latency, artifact=stats, source=ev.latency, sweep=sweep, load_ms=load_ms,
-            memory=probe.stop(), source_memory=ev.memory, providers=getattr(runner, "providers", None), notes=notes)
+        artifact.latency = time_artifact(runner, ev, spec.latency, probe=probe, load_ms=load_ms,
+                                         host_copies=fmt is Format.onnx)
         if not artifact.parity.passed and spec.parity.localise:
             step = f"localise:{fmt.value}"
             from portq.tasks.divergence import localise

@@ -247,3 +247,53 @@ def sweep_sizes(opts: LatencyOptions, sample_batch: int | None) -> list[int]:
 
 def _json_float(x: float) -> float:
     return x if math.isfinite(x) else float(np.finfo(np.float64).max)
+
+
+# ------------------------------------------------------------------------------------ the job's two halves
+
+
+def time_source(
+    runner: Runner, sig: Any, samples: list[list[np.ndarray]], opts: LatencyOptions, *, seed: int
+) -> tuple[int | None, LatencyStats, dict[int, tuple[list[np.ndarray], LatencyStats]]]:
+    """Time the source on the first sample, then at each sweep batch size when the `batch` dim is dynamic.
+
+    Returns (the sample's batch size or None, the headline measurement, {batch size: (inputs, measurement)}).
+    The sweep inputs are drawn from their own seeded stream, so the parity draws stay as they were.
+    """
+    from portq.tasks.inputs import random_sample
+
+    axes = [(i, axis) for i, s in enumerate(sig.specs) for axis, name in s.dynamic.items() if name == "batch"]
+    batch = int(samples[0][axes[0][0]].shape[axes[0][1]]) if axes else None
+    headline = measure_with(runner, samples[0], opts, batch_size=batch)
+    sweep: dict[int, tuple[list[np.ndarray], LatencyStats]] = {}
+    rng = np.random.default_rng(seed + 7919)
+    for size in sweep_sizes(opts, batch):
+        inputs = samples[0] if size == batch else random_sample(sig, rng, {"batch": size})
+        try:
+            stats = headline if size == batch else measure_with(runner, inputs, opts, batch_size=size)
+        except Exception:  # a model that only takes its example batch size: no sweep point, not a failure
+            continue
+        sweep[size] = (inputs, stats)
+    return batch, headline, sweep
+
+
+def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
+                  host_copies: bool = False) -> LatencyReport:
+    """Time an artifact exactly as the source was timed (`ev`: the job's SourceEvidence) and report both."""
+    stats = measure_with(runner, ev.samples[0], opts, batch_size=ev.batch_size)
+    probe.warm()
+    sweep, notes = [], []
+    for size, (inputs, source_stats) in sorted(ev.sweep.items()):
+        try:
+            point = stats if size == ev.batch_size else measure_with(runner, inputs, opts, batch_size=size)
+        except Exception as e:  # an artifact specialised to one batch size: say so, keep the rest
+            notes.append(f"batch size {size}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        sweep.append((size, point, source_stats))
+    notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
+    if host_copies and ev.device.startswith("cuda"):
+        notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
+                     "the source's inputs are already on the GPU")
+    return build_report(device=ev.device, opts=opts, artifact=stats, source=ev.latency, sweep=sweep,
+                        load_ms=load_ms, memory=probe.stop(), source_memory=ev.memory,
+                        providers=getattr(runner, "providers", None), notes=notes)
