@@ -282,6 +282,14 @@ class LatencyReport(_Report):
     speedup: float = Field(description="source p50 / artifact p50")
 
 
+class RouteAttemptReport(_Report):
+    """One try of one export route: None for error means it produced the artifact."""
+
+    route: str
+    error: str | None = None
+    seconds: float
+
+
 class ArtifactReport(_Report):
     format: Format
     status: StepStatus
@@ -289,6 +297,8 @@ class ArtifactReport(_Report):
     error: str | None = None
     route: str | None = None
     opset: int | None = None
+    attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
+    reproduce: str | None = Field(None, description="URL of a script that redoes the conversion and parity check")
     size_bytes: int | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
