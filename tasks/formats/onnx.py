@@ -33,12 +33,33 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    _name_dynamic_dims(model, req)
     entry = model.metadata_props.add()
     entry.key, entry.value = _META_INPUTS, json.dumps(req.input_names)
     # Loaded without external data, the proto keeps its references to any external tensor files.
     onnx.save(model, str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return ExportResult(path=path, route=route, opset=opset)
+
+
+def _name_dynamic_dims(model: Any, req: ExportRequest) -> None:
+    """Give dynamic dims the user's names (`batch`, `seq`) where the exporter made up its own (`s67`)."""
+    graph_inputs = {i.name: i for i in model.graph.input}
+    rename: dict[str, str] = {}
+    for index, axes in req.dynamic.items():
+        value = graph_inputs.get(req.input_names[index]) if index < len(req.input_names) else None
+        if value is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                rename.setdefault(dims[axis].dim_param, name)
+    if not rename:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 class OrtRunner:
