@@ -162,13 +162,7 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 
 
 def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str) -> None:
-    from portq.tasks.inputs import (
-        InputSignature,
-        apply_dynamic,
-        check_dynamic_support,
-        load_npz,
-        resolve_signature,
-    )
+    from portq.tasks.inputs import InputSignature, apply_dynamic, check_dynamic_support, load_npz, resolve_signature
     from portq.tasks.loading import LoadRequest, load_model
     from portq.tasks.runners import torch_device
 

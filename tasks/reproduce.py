@@ -24,7 +24,8 @@ def script_name(fmt: str) -> str:
 def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
     """All parity samples, as s<sample>_<input> arrays (written once per job, shared by the scripts)."""
     path = directory / INPUTS_FILE
-    np.savez(path, **{f"s{i}_{j}": a for i, sample in enumerate(samples) for j, a in enumerate(sample)})
+    arrays = {f"s{i}_{j}": a for i, sample in enumerate(samples) for j, a in enumerate(sample)}
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds as bool
     return path
 
 

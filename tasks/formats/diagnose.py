@@ -64,8 +64,8 @@ def blocker(e: BaseException) -> Blocker:
     m = _UNSUPPORTED_FX.search(text)
     if m:
         ops = [o.strip(" '\"") for o in m[1].split(",") if o.strip()]
-        op = _canonical(ops[0]) if ops else None
-        return Blocker(f"unsupported operator {op or m[1]}", op)
+        first_op = _canonical(ops[0]) if ops else None
+        return Blocker(f"unsupported operator {first_op or m[1]}", first_op)
     m = _CONSTRAINT.search(text)
     if m:
         detail = _SPECIALIZED.search(text[m.end():])
@@ -86,8 +86,8 @@ def blocker(e: BaseException) -> Blocker:
         return Blocker(f"unsupported operator {m[1]}", m[1])
     cause = _summary(text)
     if cause:
-        op = _ANY_OP.search(cause)
-        return Blocker(_clip(cause), _canonical(op[1]) if op else None)
+        named = _ANY_OP.search(cause)
+        return Blocker(_clip(cause), _canonical(named[1]) if named else None)
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return Blocker(f"{type(e).__name__}: {_clip(first)}")
 

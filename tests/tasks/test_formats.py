@@ -209,3 +209,37 @@ def test_opset_request_is_honoured(tmp_path: Path) -> None:
     result = FORMATS.get("onnx").export(req)
     assert result.opset == 17
     assert any(o.version == 17 for o in onnx.load(str(result.path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+@pytest.mark.parametrize("text, reason, operator", [
+    ("Exporting the operator 'prim::DictConstruct' to ONNX opset version 18 is not supported",
+     "unsupported operator prim::DictConstruct (no ONNX symbolic at opset 18)", "prim::DictConstruct"),
+    ("Failed to convert the exported program to an ONNX model.\n## Exception summary\n\n<class 'torch.onnx._internal."
+     "exporter._errors.DispatchError'>: No ONNX function found for <OpOverload(op='aten._native_multi_head_attention',"
+     " overload='default')>. Failure message: No decompositions registered",
+     "unsupported operator aten::_native_multi_head_attention (no ONNX function or decomposition for "
+     "aten._native_multi_head_attention.default)", "aten::_native_multi_head_attention"),
+    ("Constraints violated (batch)! For more information, run with TORCH_LOGS=\"+dynamic\".\n  - You marked batch as "
+     "dynamic but your code specialized it to be a constant (2). If you're using mark_dynamic, either remove it",
+     "guard failed for dynamic dim batch: You marked batch as dynamic but your code specialized it to be a constant "
+     "(2)", None),
+    ("Could not guard on data-dependent expression Eq(u0, 1) (unhinted: Eq(u0, 1)).",
+     "guard failed: the code branches on data-dependent value Eq(u0, 1)", None),
+])
+def test_exporter_errors_are_read_down_to_the_operator_or_guard(text, reason, operator):
+    from portq.tasks.formats.diagnose import blocker
+
+    found = blocker(RuntimeError("\x1b[96m" + text + "\x1b[0m"))
+    assert (found.reason, found.operator) == (reason, operator)
+
+
+def test_the_cause_behind_a_wrapper_is_found():
+    from portq.tasks.formats.diagnose import blocker
+
+    try:
+        try:
+            raise ValueError("Exporting the operator 'aten::diff' to ONNX opset version 17 is not supported")
+        except ValueError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as outer:
+        assert blocker(outer).operator == "aten::diff"
