@@ -463,6 +463,14 @@ class LatencyReport(_Report):
     notes: list[str] = Field(default_factory=list)
 
 
+class RouteAttemptReport(_Report):
+    """One try of one export route: None for error means it produced the artifact."""
+
+    route: str
+    error: str | None = None
+    seconds: float
+
+
 class ArtifactReport(_Report):
     format: Format
     status: StepStatus
@@ -470,6 +478,8 @@ class ArtifactReport(_Report):
     error: str | None = None
     route: str | None = None
     opset: int | None = None
+    attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
+    reproduce: str | None = Field(None, description="URL of a script that redoes the conversion and parity check")
     size_bytes: int | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None

@@ -161,14 +161,66 @@ def apply_dynamic(sig: InputSignature, dynamic: list[str]) -> None:
                              hint="name dims in --input specs, e.g. 'ids:int64[batch=2,seq=16]{0,100}'")
 
 
+def check_dynamic_support(program: object, sig: InputSignature, display: str) -> None:
+    """A saved ExportedProgram keeps the dims it was exported with: a dim it fixed cannot be made dynamic here.
+
+    (Its graph may bake that size into reshapes, and the program itself refuses other sizes, so there would be
+    no reference to check other sizes against.)
+    """
+    if program is None:
+        return
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}  # type: ignore[attr-defined]
+    user_inputs = list(program.graph_signature.user_inputs)  # type: ignore[attr-defined]
+    for i, spec in enumerate(sig.specs):
+        if i >= len(user_inputs) or user_inputs[i] not in placeholders:
+            continue
+        value = placeholders[user_inputs[i]].meta.get("val")
+        shape = getattr(value, "shape", None)
+        for axis, name in spec.dynamic.items():
+            if shape is not None and axis < len(shape) and isinstance(shape[axis], int):
+                raise InputError(
+                    f"--dynamic {name}: the ExportedProgram was exported with input {spec.name!r} axis {axis} "
+                    f"fixed at {shape[axis]}, so it cannot run (or be checked) at other sizes", step="inputs",
+                    file=display, hint=f"export it again with torch.export.Dim('{name}') for that axis in "
+                                       f"dynamic_shapes, or drop --dynamic {name}")
+
+
+def dynamic_dims(sig: InputSignature) -> dict[str, int]:
+    """Each dynamic dim's name and its size in the signature."""
+    return {name: s.shape[axis] for s in sig.specs for axis, name in s.dynamic.items()}
+
+
 def parity_samples(sig: InputSignature, random_draws: int, seed: int) -> list[Sample]:
-    """The user's samples, then seeded random draws; with dynamic dims, half the draws use other sizes."""
+    """The user's samples, then seeded random draws; with dynamic dims, half the draws use other sizes.
+
+    With dynamic dims there is always at least one draw at other sizes, so parity checks two sizes at least.
+    """
     rng = np.random.default_rng(seed)
     samples = [list(s) for s in sig.samples]
-    dims = {name: s.shape[axis] for s in sig.specs for axis, name in s.dynamic.items()}
-    for i in range(random_draws):
-        override = {name: size + 1 + i for name, size in dims.items()} if dims and i % 2 == 1 else None
+    dims = dynamic_dims(sig)
+    draws = max(random_draws, 1) if dims else random_draws
+    for i in range(draws):
+        other_sizes = bool(dims) and (i % 2 == 1 or draws == 1)
+        override = {name: size + 1 + i for name, size in dims.items()} if other_sizes else None
         samples.append(random_sample(sig, rng, override))
     if not samples:
         samples.append(random_sample(sig, rng))
     return samples
+
+
+def export_sample_index(sig: InputSignature, samples: list[Sample]) -> int | None:
+    """Which sample the exporters should trace with: one where every dynamic dim has size 2 or more.
+
+    torch.export specializes sizes 0 and 1 (a dim of size 1 would come out static), so with dynamic dims a
+    size-1 example is no example. None when no sample qualifies (draw one with `export_sample`).
+    """
+    for i, sample in enumerate(samples):
+        if all(sample[j].shape[axis] >= 2 for j, s in enumerate(sig.specs) for axis in s.dynamic):
+            return i
+    return None
+
+
+def export_sample(sig: InputSignature, seed: int) -> Sample:
+    """A random draw with every dynamic dim at size 2 or more."""
+    override = {name: max(size, 2) for name, size in dynamic_dims(sig).items()}
+    return random_sample(sig, np.random.default_rng(seed + 1), override)

@@ -57,6 +57,7 @@ class SourceEvidence:
     sweep: dict[int, Any] = field(default_factory=dict)  # batch size -> (inputs, source LatencyStats)
     memory: Any = None  # contract.Memory while timing the source
     environment: dict[str, Any] = field(default_factory=dict)
+    export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)
 
 
 def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobReport:
@@ -138,6 +139,8 @@ def _artifact_problem(a: ArtifactReport) -> str:
 def _relocate(a: ArtifactReport, store: Store, old: str, new: str) -> ArtifactReport:
     if a.path and a.path.startswith(store.url(old)):
         a.path = store.url(new) + a.path[len(store.url(old)):]
+    if a.reproduce and a.reproduce.startswith(store.url(old)):
+        a.reproduce = store.url(new) + a.reproduce[len(store.url(old)):]
     return a
 
 
@@ -165,7 +168,7 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 
 
 def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str) -> None:
-    from portq.tasks.inputs import InputSignature, apply_dynamic, load_npz, resolve_signature
+    from portq.tasks.inputs import InputSignature, apply_dynamic, check_dynamic_support, load_npz, resolve_signature
     from portq.tasks.loading import LoadRequest, load_model
     from portq.tasks.runners import torch_device
 
@@ -180,6 +183,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
             npz = load_npz(sample_path, spec.sample.name)
     sig: InputSignature = resolve_signature(spec.inputs, npz, model.example_inputs, model.input_names, display)
     apply_dynamic(sig, spec.dynamic)
+    check_dynamic_support(model.program, sig, display)
     report.inputs = sig.describe()
     evidence = _run_source(spec, model, sig, device, display)
     report.environment = evidence.environment
@@ -192,13 +196,17 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
 
 def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) -> SourceEvidence:
     from portq.tasks.fingerprint import environment
-    from portq.tasks.inputs import parity_samples
+    from portq.tasks.inputs import export_sample, export_sample_index, parity_samples
     from portq.tasks.latency import time_source
     from portq.tasks.memory import MemoryProbe
     from portq.tasks.runners import TorchRunner, call
     from portq.tasks.tolerances import infer_precision
 
     samples = parity_samples(sig, spec.parity.random_samples, spec.parity.seed)
+    export_index = export_sample_index(sig, samples)
+    if export_index is None:  # every sample has a dynamic dim of size 1: export (and check) one more
+        samples.append(export_sample(sig, spec.parity.seed))
+        export_index = len(samples) - 1
     probe = MemoryProbe(device).start()
     runner = TorchRunner(model.module, device)
     reference = []
@@ -219,15 +227,17 @@ def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) 
     return SourceEvidence(device=device, samples=samples, reference=reference, latency=latency,
                           input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
                           precision=infer_precision(model.module).value, user_samples=len(sig.samples),
-                          batch_size=batch, sweep=sweep, memory=memory, environment=env)
+                          batch_size=batch, sweep=sweep, memory=memory, environment=env,
+                          export_index=export_index)
 
 
 def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, workdir: Path, store: Store,
                 final: str) -> ArtifactReport:
-    from portq.tasks.formats import FORMATS, ExportRequest
+    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports
     from portq.tasks.latency import time_artifact
     from portq.tasks.memory import MemoryProbe
     from portq.tasks.parity import compare
+    from portq.tasks.reproduce import write_for_artifact
     from portq.tasks.runners import call, to_tensors
 
     handler = FORMATS.get(fmt.value)
@@ -237,11 +247,18 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
     step = f"export:{fmt.value}"
     artifact = ArtifactReport(format=fmt, status=StepStatus.failed)
     try:
-        req = ExportRequest(model=model, args=to_tensors(ev.samples[0], ev.device), input_names=ev.input_names,
+        req = ExportRequest(model=model, args=to_tensors(ev.samples[ev.export_index], ev.device),
+                            input_names=ev.input_names,
                             output_names=ev.output_names, dynamic=ev.dynamic, out_dir=workdir, device=ev.device,
                             opset=spec.opset, display=spec.source.name)
-        result = handler.export(req)
+        try:
+            result = handler.export(req)
+        finally:
+            artifact.attempts = attempt_reports(req)
         artifact.route, artifact.opset = result.route, result.opset
+        precision = spec.tolerance.precision or (handler.precision if handler.precision != "fp32" else ev.precision)
+        script = write_for_artifact(handler, result, req, spec, model, ev, store, precision)
+        artifact.reproduce = store.url(f"{final}/{script.name}")
         artifact.path = store.url(f"{final}/{result.path.name}")
         artifact.size_bytes = result.path.stat().st_size
         step = f"session:{fmt.value}"
@@ -251,7 +268,6 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
         load_ms = (time.perf_counter() - start) * 1e3
         step = f"parity:{fmt.value}"
         actual = [call(runner, s) for s in ev.samples]
-        precision = spec.tolerance.precision or (handler.precision if handler.precision != "fp32" else ev.precision)
         artifact.parity = compare(ev.reference, actual, spec.tolerance, seed=spec.parity.seed, device=ev.device,
                                   precision=precision, user_samples=ev.user_samples,
                                   sample_shapes=[[list(a.shape) for a in s] for s in ev.samples])

@@ -7,6 +7,7 @@ ExportedProgram archives are loaded by torch's own (non-pickle-executing) reader
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,11 +111,56 @@ def _load_torchscript(req: LoadRequest) -> LoadedModel:
     return LoadedModel(kind="torchscript", module=script, script=script, input_names=names)
 
 
-@LOADERS.register("exported_program")
-def _load_exported_program(req: LoadRequest) -> LoadedModel:
+#: packages whose output classes (pytree nodes, e.g. transformers' ModelOutput) a .pt2 may name; portq
+#: imports one of these when a program needs it. Other packages are never imported on a file's say-so.
+PYTREE_PACKAGES = ("transformers", "diffusers", "timm", "torchvision", "torchaudio", "peft", "sentence_transformers")
+_UNREGISTERED_PYTREE = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+
+
+def _load_program(req: LoadRequest) -> Any:
+    """torch.export.load, importing a known package first when the program's outputs use its classes."""
+    import importlib.util
+    import logging
+
     import torch
 
-    program = torch.export.load(str(req.path))
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(logging.Formatter().format(record))  # with the traceback it carries
+
+    for _ in range(3):  # a program may name classes from more than one package
+        handler = Collect()
+        logger = logging.getLogger("torch.export")
+        logger.addHandler(handler)
+        try:
+            return torch.export.load(str(req.path))
+        except Exception as e:
+            found = _UNREGISTERED_PYTREE.search("\n".join([*handler.messages, str(e)]))
+            if not found:
+                raise
+            type_name = found[1]
+            package = type_name.split(".")[0]
+            if package not in PYTREE_PACKAGES or importlib.util.find_spec(package) is None:
+                raise ModelLoadError(
+                    f"the program's inputs or outputs use {type_name}, a class torch.export cannot rebuild "
+                    f"without its package", step="load", file=req.display,
+                    hint=(f"install {package} on the worker" if package in PYTREE_PACKAGES else
+                          "export the model with plain tuple/dict outputs (e.g. a wrapper that returns a dict)"),
+                ) from None
+            __import__(package)  # registers its pytree nodes; then try again
+            importlib.import_module(type_name.rsplit(".", 1)[0])
+        finally:
+            logger.removeHandler(handler)
+    raise ModelLoadError("the program names too many unregistered output classes", step="load", file=req.display)
+
+
+@LOADERS.register("exported_program")
+def _load_exported_program(req: LoadRequest) -> LoadedModel:
+    program = _load_program(req)
     example = None
     if program.example_inputs is not None:
         args, kwargs = program.example_inputs

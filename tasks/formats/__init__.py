@@ -4,6 +4,16 @@ Importing this package registers every format; none of the modules imports torch
 """
 
 from portq.tasks.formats import aoti, exported_program, onnx, torchscript  # noqa: F401  (registration)
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, RouteNotApplicable
+from portq.tasks.formats.base import (
+    FORMATS,
+    ExportRequest,
+    ExportResult,
+    FormatHandler,
+    Route,
+    RouteNotApplicable,
+    RoutesExhausted,
+    attempt_reports,
+)
 
-__all__ = ["FORMATS", "ExportRequest", "ExportResult", "FormatHandler", "RouteNotApplicable"]
+__all__ = ["FORMATS", "ExportRequest", "ExportResult", "FormatHandler", "Route", "RouteNotApplicable",
+           "RoutesExhausted", "attempt_reports"]

@@ -11,20 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from portq.tasks.contract import Format, Target
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler
-from portq.tasks.formats.exported_program import exported_program
+from portq.tasks.formats import recipes
+from portq.tasks.formats.base import FORMATS, FormatHandler, Route
 from portq.tasks.runners import TorchRunner
 
 FILENAME = "model.aoti.pt2"
-
-
-def _compile(req: ExportRequest) -> ExportResult:
-    import torch
-
-    program, how = exported_program(req)
-    path = req.out_dir / FILENAME
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    return ExportResult(path=path, route=f"{how}+inductor")
 
 
 class AotiModule:
@@ -52,7 +43,7 @@ FORMATS.add(
     FormatHandler(
         format=Format.aoti,
         filename=FILENAME,
-        routes=[("inductor", _compile)],
+        routes=[Route("inductor", recipes.aoti_inductor)],
         open_runner=open_runner,
         unsupported=_unsupported,
     ),

@@ -1,21 +1,44 @@
-"""What a format step is: export routes tried in order, and a way to run the artifact.
+"""What a format step is: export routes tried in order (the fallback ladder), and a way to run the artifact.
 
-A format registers a `FormatHandler` in `FORMATS`. Export tries the handler's routes in order (the
-fallback ladder) and records every attempt; when all fail, the error names each route and its cause.
+A format registers a `FormatHandler` in `FORMATS`. Export tries the handler's routes in order and records
+every attempt (route, error, seconds); when all fail, the error names the file, the format, each route
+and the first unsupported operator or failed guard. Each route is a recipe from
+`portq.tasks.formats.recipes`, which the artifact's reproduce script runs the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portq.tasks.contract import Format, Target
-from portq.tasks.errors import ConversionError, PortqError, first_line
+from portq.tasks.contract import Format, RouteAttemptReport, Target
+from portq.tasks.errors import ConversionError, PortqError
+from portq.tasks.formats.diagnose import Blocker, blocker
+from portq.tasks.formats.recipes import NotApplicable
 from portq.tasks.loading import LoadedModel
 from portq.tasks.registry import Registry
 from portq.tasks.runners import Runner
+
+#: a route that does not apply to this kind of source model (skipped, not counted as a failure)
+RouteNotApplicable = NotApplicable
+
+Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], None]
+
+
+@dataclass
+class RouteAttempt:
+    route: str
+    error: str | None = None
+    seconds: float = 0.0
+    applicable: bool = True
+    operator: str | None = None
 
 
 @dataclass
@@ -29,13 +52,13 @@ class ExportRequest:
     device: str
     opset: int | None = None
     display: str = ""
+    attempts: list[RouteAttempt] = field(default_factory=list)  # filled in by FormatHandler.export
 
-
-@dataclass
-class RouteAttempt:
-    route: str
-    error: str | None = None
-    seconds: float = 0.0
+    def opts(self) -> dict[str, Any]:
+        """What every recipe reads besides the source and the example inputs (JSON-able)."""
+        return {"input_names": list(self.input_names), "output_names": list(self.output_names),
+                "dynamic": {i: dict(axes) for i, axes in self.dynamic.items()}, "opset": self.opset,
+                "device": self.device}
 
 
 @dataclass
@@ -47,50 +70,135 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-class RouteNotApplicable(Exception):
-    """A route that does not apply to this kind of source model (skipped, not counted as a failure)."""
+@dataclass(frozen=True)
+class Route:
+    """One way to produce a format: a name (as reports show it) and its recipe."""
+
+    name: str
+    recipe: Recipe
 
 
-Route = Callable[[ExportRequest], ExportResult]
+def _plain_result(req: ExportRequest, path: Path, route: str) -> ExportResult:
+    return ExportResult(path=path, route=route)
 
 
 @dataclass
 class FormatHandler:
     format: Format
     filename: str
-    routes: list[tuple[str, Route]]
+    routes: list[Route]
     open_runner: Callable[[Path, str], Runner]
     # Returns why this format cannot serve a target here (None when it can).
     unsupported: Callable[[Target], str | None] = lambda target: None
     precision: str = "fp32"
+    # Turns a written file into the result (ONNX reads back its opset and stamps input names).
+    finish: Callable[[ExportRequest, Path, str], ExportResult] = _plain_result
 
-    def export(self, req: ExportRequest) -> ExportResult:
-        import time
+    def route(self, name: str) -> Route:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        known = ", ".join(r.name for r in self.routes)
+        raise KeyError(f"{self.format.value} has no route {name!r}; known: {known}")
 
-        attempts: list[RouteAttempt] = []
-        for name, route in self.routes:
+    def export(self, req: ExportRequest, only: list[str] | None = None) -> ExportResult:
+        """Try the routes in order (or just `only`), keep the first that writes an artifact."""
+        attempts: list[RouteAttempt] = req.attempts
+        attempts.clear()
+        blockers: list[Blocker] = []
+        path = req.out_dir / self.filename
+        for route in [self.route(n) for n in only] if only else self.routes:
             start = time.perf_counter()
             try:
-                result = route(req)
-            except RouteNotApplicable as e:
-                attempts.append(RouteAttempt(name, f"not applicable: {e}", time.perf_counter() - start))
-                continue
-            except PortqError as e:
-                attempts.append(RouteAttempt(name, e.cause, time.perf_counter() - start))
+                with native_output_to_log(f"{self.format.value} route {route.name}"):
+                    route.recipe(req.model, req.args, str(path), req.opts())
+                result = self.finish(req, path, route.name)
+            except NotApplicable as e:
+                attempts.append(RouteAttempt(route.name, f"not applicable: {e}", time.perf_counter() - start,
+                                             applicable=False))
                 continue
             except Exception as e:  # exporters raise anything; each failure is a data point, not a crash
-                attempts.append(RouteAttempt(name, f"{type(e).__name__}: {first_line(e)}", time.perf_counter() - start))
+                found = Blocker(e.cause) if isinstance(e, PortqError) else blocker(e)
+                blockers.append(found)
+                attempts.append(RouteAttempt(route.name, found.reason, time.perf_counter() - start,
+                                             operator=found.operator))
+                _log_failure(self.format.value, route.name, e)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)  # a half-written file must not pass for an artifact
                 continue
-            attempts.append(RouteAttempt(name, None, time.perf_counter() - start))
+            attempts.append(RouteAttempt(route.name, None, time.perf_counter() - start))
             result.attempts = attempts
             return result
-        tried = "; ".join(f"{a.route}: {a.error}" for a in attempts) or "no route applies"
-        raise ConversionError(
-            f"could not convert {req.display or 'the model'} to {self.format.value}: every route failed ({tried})",
-            step=f"export:{self.format.value}",
-            file=req.display,
-            hint="the first unsupported operator is named above; rewrite it, or pick another --format",
-        )
+        raise RoutesExhausted(self.format, req.display, attempts, blockers)
+
+
+class RoutesExhausted(ConversionError):
+    """Every route failed: one sentence naming the file, the format, each route and what stopped it."""
+
+    def __init__(self, fmt: Format, display: str, attempts: list[RouteAttempt], blockers: list[Blocker]):
+        self.attempts = attempts
+        tried = [a for a in attempts if a.applicable]
+        what = display or "the model"
+        if not tried:
+            cause = f"no {fmt.value} route applies to {what} (" + "; ".join(
+                f"{a.route}: {a.error}" for a in attempts) + ")"
+            super().__init__(cause, step=f"export:{fmt.value}", file=display)
+            return
+        routes = "; ".join(f"{a.route}: {a.error}" for a in tried)
+        cause = f"could not convert {what} to {fmt.value}: tried {len(tried)} route(s) ({routes})"
+        operator = next((b.operator for b in blockers if b.operator), None)
+        if operator:
+            hint = (f"{operator} is the first operator no route could convert: rewrite that part of the model "
+                    f"with other ops, or pick another --format")
+        else:
+            hint = next((b.hint for b in blockers if b.hint), None) or "the job log has each route's full error"
+        super().__init__(cause, step=f"export:{fmt.value}", file=display, hint=hint)
+
+
+def _log_failure(fmt: str, route: str, e: BaseException) -> None:
+    # stdout is the job log while a job runs (portq.tasks.capture); the report keeps only the short reason
+    import traceback
+
+    print(f"[portq] {fmt} route {route} failed:\n{''.join(traceback.format_exception(e, limit=4))}")
+
+
+@contextlib.contextmanager
+def native_output_to_log(label: str) -> Iterator[None]:
+    """Send what C++ code writes to file descriptors 1 and 2 (exporters dump whole graphs there) to the job log.
+
+    The bytes are read back and printed through Python's sys.stdout, which the job's capture collects.
+    """
+    try:
+        out_fd, err_fd = sys.__stdout__.fileno(), sys.__stderr__.fileno()  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):  # no real descriptors (embedded in something else)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        for stream in (sys.__stdout__, sys.__stderr__):
+            with contextlib.suppress(Exception):
+                stream.flush()  # type: ignore[union-attr]
+        saved = os.dup(out_fd), os.dup(err_fd)
+        os.dup2(sink.fileno(), out_fd)
+        os.dup2(sink.fileno(), err_fd)
+        try:
+            yield
+        finally:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    stream.flush()  # type: ignore[union-attr]
+            os.dup2(saved[0], out_fd)
+            os.dup2(saved[1], err_fd)
+            os.close(saved[0])
+            os.close(saved[1])
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            if text.strip():
+                print(f"[portq] native output during {label}:\n{text}")
+
+
+def attempt_reports(req: ExportRequest) -> list[RouteAttemptReport]:
+    """The request's route attempts as the report records them."""
+    return [RouteAttemptReport(route=a.route, error=a.error, seconds=round(a.seconds, 3)) for a in req.attempts]
 
 
 FORMATS: Registry[FormatHandler] = Registry("format")

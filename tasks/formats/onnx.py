@@ -1,10 +1,13 @@
-"""ONNX: exported by torch.onnx (dynamo, then the TorchScript-based exporter, then TorchScript -> ExportedProgram),
-run in onnxruntime on the target device.
+"""ONNX: exported by torch.onnx through a ladder of routes, run in onnxruntime on the target device.
 
-Routes, in the order tried:
-  dynamo       torch.onnx.export(dynamo=True) on the module or ExportedProgram
-  torchscript  torch.onnx.export(dynamo=False), the TorchScript-based exporter (takes ScriptModules)
-  ts2ep        a TorchScript archive converted to an ExportedProgram, then the dynamo exporter
+Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
+  dynamo             torch.onnx.export(dynamo=True) on the nn.Module or ExportedProgram
+  dynamo_decomposed  the ExportedProgram decomposed first (fused fast-path kernels rewritten), then dynamo
+  torchscript        torch.onnx.export(dynamo=False), the TorchScript-based exporter: on a ScriptModule, an
+                     nn.Module or the program's module
+  ts2ep              a TorchScript archive converted to an ExportedProgram (TS2EPConverter), then dynamo
+  ts2ep_decomposed   the same, decomposed first
+For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
 """
 
 from __future__ import annotations
@@ -16,24 +19,21 @@ from typing import Any
 import numpy as np
 from portq.tasks.contract import Format, Target
 from portq.tasks.errors import DeviceUnavailableError
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, RouteNotApplicable
+from portq.tasks.formats import recipes
+from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
 from portq.tasks.runners import NamedArrays
 
 #: Opset used when --opset is not given (every route honours it; the report records what the file holds).
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = recipes.DEFAULT_OPSET
 FILENAME = "model.onnx"
 _META_INPUTS = "portq.input_names"
-
-
-def _dynamic_axes(req: ExportRequest) -> dict[str, dict[int, str]] | None:
-    axes = {req.input_names[i]: dict(dims) for i, dims in req.dynamic.items() if dims}
-    return axes or None
 
 
 def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    _name_dynamic_dims(model, req)
     entry = model.metadata_props.add()
     entry.key, entry.value = _META_INPUTS, json.dumps(req.input_names)
     # Loaded without external data, the proto keeps its references to any external tensor files.
@@ -42,48 +42,24 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     return ExportResult(path=path, route=route, opset=opset)
 
 
-def _dynamo(req: ExportRequest) -> ExportResult:
-    import torch
-
-    if req.model.kind == "torchscript":
-        raise RouteNotApplicable("the dynamo exporter does not take TorchScript modules")
-    target = req.model.program if req.model.program is not None else req.model.module
-    path = req.out_dir / FILENAME
-    torch.onnx.export(
-        target, req.args, str(path), dynamo=True, opset_version=req.opset or DEFAULT_OPSET,
-        input_names=req.input_names, output_names=req.output_names, dynamic_axes=_dynamic_axes(req),
-        external_data=False, verbose=False, report=False,
-    )
-    return _finish(req, path, "dynamo")
-
-
-def _torchscript(req: ExportRequest) -> ExportResult:
-    import torch
-
-    module = req.model.script if req.model.script is not None else req.model.module
-    path = req.out_dir / FILENAME
-    torch.onnx.export(
-        module, req.args, str(path), dynamo=False, opset_version=req.opset or DEFAULT_OPSET,
-        input_names=req.input_names, output_names=req.output_names, dynamic_axes=_dynamic_axes(req),
-        do_constant_folding=True, verbose=False,
-    )
-    return _finish(req, path, "torchscript")
-
-
-def _ts2ep(req: ExportRequest) -> ExportResult:
-    import torch
-
-    if req.model.script is None:
-        raise RouteNotApplicable("only TorchScript sources are converted to an ExportedProgram first")
-    from torch._export.converter import TS2EPConverter
-
-    program = TS2EPConverter(req.model.script, req.args).convert()
-    path = req.out_dir / FILENAME
-    torch.onnx.export(
-        program, req.args, str(path), dynamo=True, opset_version=req.opset or DEFAULT_OPSET,
-        input_names=req.input_names, output_names=req.output_names, external_data=False, verbose=False,
-    )
-    return _finish(req, path, "ts2ep")
+def _name_dynamic_dims(model: Any, req: ExportRequest) -> None:
+    """Give dynamic dims the user's names (`batch`, `seq`) where the exporter made up its own (`s67`)."""
+    graph_inputs = {i.name: i for i in model.graph.input}
+    rename: dict[str, str] = {}
+    for index, axes in req.dynamic.items():
+        value = graph_inputs.get(req.input_names[index]) if index < len(req.input_names) else None
+        if value is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                rename.setdefault(dims[axis].dim_param, name)
+    if not rename:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 class OrtRunner:
@@ -138,8 +114,15 @@ FORMATS.add(
     FormatHandler(
         format=Format.onnx,
         filename=FILENAME,
-        routes=[("dynamo", _dynamo), ("torchscript", _torchscript), ("ts2ep", _ts2ep)],
+        routes=[
+            Route("dynamo", recipes.onnx_dynamo),
+            Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
+            Route("torchscript", recipes.onnx_torchscript),
+            Route("ts2ep", recipes.onnx_ts2ep),
+            Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed),
+        ],
         open_runner=OrtRunner,
         unsupported=_unsupported,
+        finish=_finish,
     ),
 )

@@ -36,14 +36,14 @@ def program_file(tmp_path_factory):
 
 
 def _perturbing(handler, mutate):
-    """The same format handler, with every route's artifact passed through `mutate` before it is checked."""
-    def wrap(route):
-        def perturbed(req):
-            result = route(req)
-            mutate(result.path)
-            return result
-        return perturbed
-    return dataclasses.replace(handler, routes=[(name, wrap(route)) for name, route in handler.routes])
+    """The same format handler, with the written artifact passed through `mutate` before it is checked."""
+    finish = handler.finish
+
+    def perturbed(req, path, route):
+        mutate(path)
+        return finish(req, path, route)
+
+    return dataclasses.replace(handler, finish=perturbed)
 
 
 def _bump_initializer(name, delta):

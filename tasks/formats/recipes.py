@@ -1,0 +1,261 @@
+"""The conversion recipes behind every route, in plain torch: portq runs them, and each artifact's
+reproduce script carries a copy of this file's source and runs them the same way.
+
+So this module stands alone: it imports only torch, numpy and onnxruntime (inside functions), never
+portq (lines marked `portq-only` are dropped from the copy). Every route has the same signature,
+`route(source, args, path, opts)`, where `source` has `.module` (eager callable), `.script`
+(ScriptModule or None) and `.program` (ExportedProgram or None); `args` are the example inputs as
+tensors; `opts` holds input_names, output_names, dynamic ({input index: {axis: dim name}}) and opset.
+A route that does not apply to the source raises `NotApplicable`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from portq.tasks.formats.unfuse import unfused_table  # portq-only
+
+#: opset used when none is given
+DEFAULT_OPSET = 18
+
+
+class NotApplicable(Exception):
+    """The route does not apply to this kind of source (skipped, not a failure)."""
+
+
+def _dynamic(opts: dict[str, Any]) -> dict[int, dict[int, str]]:
+    # JSON (the reproduce scripts' settings) turns int keys into strings
+    return {int(i): {int(a): str(n) for a, n in axes.items()} for i, axes in (opts.get("dynamic") or {}).items()
+            if axes}
+
+
+def dynamic_shapes(args: tuple[Any, ...], opts: dict[str, Any]) -> tuple[Any, ...] | None:
+    """torch.export dynamic_shapes: one named Dim per dim name, shared by every input that uses it."""
+    import torch
+
+    dynamic = _dynamic(opts)
+    if not dynamic:
+        return None
+    dims: dict[str, Any] = {}
+    spec = []
+    for i in range(len(args)):
+        axes = dynamic.get(i, {})
+        spec.append({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()} or None)
+    return tuple(spec)
+
+
+def dynamic_axes(opts: dict[str, Any]) -> dict[str, dict[int, str]] | None:
+    """The TorchScript-based exporter's dynamic_axes: {input name: {axis: dim name}}."""
+    names = opts["input_names"]
+    return {names[i]: axes for i, axes in _dynamic(opts).items()} or None
+
+
+def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], decompose: bool = False) -> Any:
+    """An ExportedProgram of the source with the requested dynamic dims.
+
+    A program is used as saved (its dims are as dynamic as it was exported with; on a cuda target its module
+    is exported again on the device); a TorchScript module goes through TorchScript -> ExportedProgram
+    conversion; an nn.Module through torch.export. With `decompose`, fused fast-path kernels and other
+    non-core ops are rewritten into core ATen ops (`unfuse.unfused_table`).
+    """
+    import torch
+
+    shapes = dynamic_shapes(args, opts)
+    if source.program is not None:
+        program = source.program
+        if str(opts.get("device", "cpu")).startswith("cuda"):
+            program = torch.export.export(source.module, args, dynamic_shapes=shapes)
+    elif source.script is not None:
+        from torch._export.converter import TS2EPConverter
+
+        program = TS2EPConverter(source.script, args).convert()
+        if shapes is not None:  # the converter traces at the example's sizes; export again with dynamic dims
+            program = torch.export.export(program.module(), args, dynamic_shapes=shapes)
+    else:
+        program = torch.export.export(source.module, args, dynamic_shapes=shapes)
+    if decompose:
+        program = program.run_decompositions(unfused_table())
+    return program
+
+
+# ------------------------------------------------------------------------------------------------ ONNX
+
+def _onnx_export(target: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any], **kw: Any) -> None:
+    import torch
+
+    torch.onnx.export(target, args, path, opset_version=opts.get("opset") or DEFAULT_OPSET,
+                      input_names=opts["input_names"], output_names=opts["output_names"], verbose=False, **kw)
+
+
+def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """torch.onnx's dynamo exporter on the nn.Module (or the ExportedProgram)."""
+    if source.script is not None:
+        raise NotApplicable("the dynamo exporter does not take TorchScript modules")
+    if source.program is not None:
+        _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True, external_data=False)
+    else:
+        _onnx_export(source.module, args, path, opts, dynamo=True, external_data=False,
+                     dynamic_shapes=dynamic_shapes(args, opts))
+
+
+def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """The program decomposed first (fused kernels included), then the dynamo exporter."""
+    if source.script is not None:
+        raise NotApplicable("TorchScript sources take the ts2ep routes")
+    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
+                 external_data=False)
+
+
+def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """torch.onnx's TorchScript-based exporter (dynamo=False) on the ScriptModule, nn.Module or program's module."""
+    target = source.script if source.script is not None else source.module
+    _onnx_export(target, args, path, opts, dynamo=False, dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
+
+
+def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """A TorchScript archive converted to an ExportedProgram (TS2EPConverter), then the dynamo exporter."""
+    if source.script is None:
+        raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
+    _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True, external_data=False)
+
+
+def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """TorchScript -> ExportedProgram, decomposed (fused kernels rewritten into plain ops), then dynamo."""
+    if source.script is None:
+        raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
+    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
+                 external_data=False)
+
+
+# ----------------------------------------------------------------------------------------- TorchScript
+
+def torchscript_passthrough(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """The source archive itself, saved again."""
+    import torch
+
+    if source.script is None:
+        raise NotApplicable("the source is not a TorchScript archive")
+    torch.jit.save(source.script, path)
+
+
+def resized_args(args: tuple[Any, ...], opts: dict[str, Any], extra: int = 1) -> tuple[Any, ...]:
+    """The example inputs with every dynamic dim `extra` longer (rows repeated from the start)."""
+    import torch
+
+    out = list(args)
+    for i, axes in _dynamic(opts).items():
+        for axis in axes:
+            t = out[i]
+            out[i] = torch.cat([t, t.narrow(axis, 0, min(extra, t.shape[axis]))], dim=axis)
+    return tuple(out)
+
+
+def torchscript_trace(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """torch.jit.trace of the nn.Module (or the program's module), dict and nested outputs allowed.
+
+    With dynamic dims, the module is traced at two sizes: a trace that records a size as a constant (its
+    code differs between the sizes) would compute garbage, or crash, at other sizes, so it is refused.
+    """
+    import torch
+
+    if source.script is not None:
+        raise NotApplicable("the source is already TorchScript")
+
+    def trace(example: tuple[Any, ...]) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return torch.jit.trace(source.module, example, strict=False, check_trace=False)
+
+    traced = trace(args)
+    if _dynamic(opts):
+        other = resized_args(args, opts)
+        if trace(other).code != traced.code:
+            dims = sorted({n for axes in _dynamic(opts).values() for n in axes.values()})
+            raise RuntimeError(
+                f"torch.jit.trace records the size of dynamic dim {', '.join(dims)} as a constant (the traced "
+                f"code differs between sizes), so the TorchScript would be wrong at other sizes")
+    torch.jit.save(traced, path)
+
+
+def torchscript_script(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """torch.jit.script of the Python nn.Module."""
+    import torch
+
+    if source.script is not None or source.program is not None:
+        raise NotApplicable("only Python nn.Modules can be scripted")
+    torch.jit.save(torch.jit.script(source.module), path)
+
+
+# ------------------------------------------------------------------------------------ ExportedProgram, AOTI
+
+def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """The program as saved, torch.export of the module, or TorchScript -> ExportedProgram; torch.export.save."""
+    import torch
+
+    torch.export.save(exported_program(source, args, opts), path)
+
+
+def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """The ExportedProgram compiled by AOTInductor into a package for the target device."""
+    import torch
+
+    torch._inductor.aoti_compile_and_package(exported_program(source, args, opts), package_path=path)
+
+
+# ------------------------------------------------------------------------------------------- checking
+
+def load_artifact(fmt: str, path: str, device: str) -> Any:
+    """A callable on torch tensors (onnx: a function over numpy arrays) for an artifact of `fmt`."""
+    import torch
+
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(path, providers=providers)
+        kept = {i.name for i in session.get_inputs()}
+
+        def run(*arrays: np.ndarray, names: list[str]) -> list[np.ndarray]:
+            return session.run(None, {n: a for n, a in zip(names, arrays) if n in kept})
+
+        return run
+    if fmt == "torchscript":
+        return torch.jit.load(path, map_location=device).eval()
+    if fmt == "pt2":
+        return torch.export.load(path).module()
+    if fmt == "aoti":
+        return torch._inductor.aoti_load_package(path)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def flatten(obj: Any, prefix: str = "output") -> list[tuple[str, np.ndarray]]:
+    """Nested tuples/lists/dicts of tensors -> [(output.0, array), (output.logits, array), ...]."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return [(prefix, (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy())]
+    if isinstance(obj, dict) or hasattr(obj, "to_tuple"):
+        return [kv for k, v in dict(obj.items()).items() for kv in flatten(v, f"{prefix}.{k}")]
+    if isinstance(obj, (tuple, list)):
+        return [kv for i, v in enumerate(obj) for kv in flatten(v, f"{prefix}.{i}")]
+    if obj is None:
+        return []
+    return [(prefix, np.asarray(obj))]
+
+
+def worst_errors(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> tuple[float, float, bool]:
+    """(max abs err, max rel err, passed): an element fails when it exceeds atol AND rtol (NaN matches NaN)."""
+    if reference.shape != actual.shape:
+        return float("inf"), float("inf"), False
+    r, a = reference.astype(np.float64), actual.astype(np.float64)
+    finite = np.isfinite(r) & np.isfinite(a)
+    same_nonfinite = ~finite & ((np.isnan(r) & np.isnan(a)) | (r == a))
+    abs_err = np.where(finite, np.abs(a - r), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_err = np.where(finite & (r != 0), abs_err / np.abs(np.where(r != 0, r, 1.0)),
+                           np.where(abs_err > 0, np.inf, 0.0))
+    failing = ((abs_err > atol) & (rel_err > rtol)) | (~finite & ~same_nonfinite)
+    finite_rel = rel_err[np.isfinite(rel_err)]
+    return (float(abs_err.max()) if abs_err.size else 0.0,
+            float(finite_rel.max()) if finite_rel.size else 0.0, not bool(failing.any()))
