@@ -53,8 +53,11 @@ class SourceEvidence:
     dynamic: dict[int, dict[int, str]]
 
 
-def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobReport:
-    """Run (or reuse) one job and record its outcome. Idempotent: a finished job is not run twice."""
+def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation: Any = None) -> JobReport:
+    """Run (or reuse) one job and record its outcome. Idempotent: a finished job is not run twice.
+
+    `isolation` (a `portq.tasks.isolation.Isolation`) runs each format step; the default runs them here.
+    """
     worker = worker or worker_name()
     try:
         record = batches.read_record(store, spec.batch_id, spec.job_id)
@@ -81,18 +84,19 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobRep
                                              "model": spec.model})
 
     record.status, record.attempts, record.error = JobStatus.running, record.attempts + 1, None
+    record.worker = worker
     batches.write_record(store, record)
 
     report = JobReport(job_id=spec.job_id, job_key=key, batch=spec.batch_id, model=spec.model,
                        source=spec.source.name, target=spec.target, status=JobStatus.running, toolchain=tools,
-                       worker=worker, started_at=utcnow())
+                       worker=worker, started_at=utcnow(), trust_pickle=spec.trust_pickle)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"portq-{spec.job_id}-") as tmp:
         workdir = Path(tmp)
         final = cache if not spec.force else f"{cache}-{spec.job_id}"
         try:
             with captured(workdir / LOG_FILE):
-                _convert(spec, store, workdir, report, final)
+                _convert(spec, store, workdir, report, final, isolation)
         except TransientError:
             raise
         except PortqError as e:
@@ -158,7 +162,8 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 # ---------------------------------------------------------------------------------------------- the work
 
 
-def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str) -> None:
+def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str,
+             isolation: Any = None) -> None:
     from portq.tasks.inputs import InputSignature, apply_dynamic, load_npz, resolve_signature
     from portq.tasks.loading import LoadRequest, load_model
     from portq.tasks.runners import torch_device
@@ -176,8 +181,13 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
     apply_dynamic(sig, spec.dynamic)
     report.inputs = sig.describe()
     evidence = _run_source(spec, model, sig, device, display)
+    if isolation is None:
+        from portq.tasks.isolation import InProcess
+
+        isolation = InProcess()
     for fmt in spec.formats:
-        report.artifacts.append(_run_format(fmt, spec, model, evidence, workdir, store, final))
+        # wrapped at the call site: the isolation may run the step in a child process (a crash costs one format)
+        report.artifacts.append(isolation.run_format(_run_format, fmt, spec, model, evidence, workdir, store, final))
 
 
 def _run_source(spec: JobSpec, model: Any, sig: Any, device: str, display: str) -> SourceEvidence:
