@@ -120,6 +120,7 @@ class ChildProcess:
                                  str(log_path)))
         phase = f"export:{fmt.value}"
         start = time.monotonic()
+        _allow_children(proc)
         proc.start()
         send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
         killed: str | None = None
@@ -177,6 +178,24 @@ def forkserver() -> Any:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
+
+
+def _allow_children(proc: Any) -> None:
+    """Let a Celery prefork child start the step's process.
+
+    Celery's pool children are marked daemonic, and multiprocessing refuses children to daemons so that
+    they leave no orphans; a step's process dies with its forkserver, which dies with this process
+    (`_die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
+    which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
+    """
+    from multiprocessing.process import AuthenticationString
+
+    for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
+        if config.get("daemon"):
+            config["daemon"] = False
+        key = config.get("authkey")
+        if not isinstance(key, AuthenticationString):
+            config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
 
 
 def _death(exitcode: int | None) -> str:

@@ -71,6 +71,19 @@ class HogOnExport(_Base):
         return self.linear(x)
 
 
+class SlowExport(_Base):
+    """Takes `seconds` while torch.export traces it (a conversion that is still running when we strike)."""
+
+    def __init__(self, seconds: float = 3) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _exporting():
+            time.sleep(self.seconds)
+        return self.linear(x)
+
+
 class Sleeper(_Base):
     """Every forward call sleeps: the source model's own run outlasts any short job time limit."""
 
