@@ -178,8 +178,30 @@ class JobRequest(Request):
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
+def guarded_strategy(task: Task, app: Celery, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's message handler for this task, made to refuse a malformed body instead of dying on it.
+
+    A JSON message whose body is not Celery's `[args, kwargs, embed]` makes the stock handler raise a
+    ValueError that stops the whole worker ("Unrecoverable error"); anyone who can reach the broker
+    could stop every worker that way. Here it becomes an invalid message: logged, rejected, dropped.
+    """
+    from celery.exceptions import InvalidTaskError
+    from celery.worker.strategy import default
+
+    handler = default(task, app, consumer, **kwargs)
+
+    def handle(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
+        try:
+            return handler(message, body, ack, reject, callbacks, **kw)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise InvalidTaskError(f"malformed {task.name} message: {type(e).__name__}: {e}") from e
+
+    return handle
+
+
 class JobTask(Task):
     Request = JobRequest
+    Strategy = "portq.worker.jobs:guarded_strategy"
     throws = (JobFailed,)  # an expected outcome: logged in one line, without a traceback
 
 
