@@ -32,6 +32,7 @@ def producer(settings: Settings):  # type: ignore[no-untyped-def]
         broker_connection_retry_on_startup=False,
         broker_connection_timeout=5,
         task_ignore_result=True,
+        task_send_sent_event=True,  # Flower counts a job as queued from this event
     )
     return app
 

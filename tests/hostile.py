@@ -129,3 +129,15 @@ def write_malicious_pickle(path: Path, marker: Path) -> Path:
     """A torch.save file whose unpickling runs `touch marker`."""
     torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, path)
     return path
+
+
+class Doubler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def write_pickled_module(path: Path) -> Path:
+    """A whole module saved with torch.save(model): loading it needs full unpickling (--trust-pickle)."""
+    torch.save(Doubler(), path)
+    np.savez(path.with_suffix(".npz"), x=np.ones((2, 3), dtype=np.float32))
+    return path

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, *extra: str):
+    def __init__(self, directory: Path, *extra: str, tls: bool = False):
         if not shutil.which("redis-server"):
             if os.environ.get("PORTQ_REQUIRE_REDIS"):
                 pytest.fail("redis-server is not installed; these tests start Redis servers of their own")
@@ -29,6 +29,7 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.extra = extra
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0, auth: str = "") -> str:
@@ -36,8 +37,9 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         # appendonly + fsync on every write: what a restart must not lose is on disk before Redis answers
+        ports = ("--port", "0", "--tls-port", str(self.port)) if self.tls else ("--port", str(self.port))
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            ["redis-server", *ports, "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.extra],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 20

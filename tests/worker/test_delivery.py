@@ -69,6 +69,11 @@ def successes(*logs):
     return Counter(re.findall(r"job (j[0-9a-f]+) \([^)]*\): succeeded", text))
 
 
+def logged(workers, n):
+    """Wait until the workers have logged n successes (a record is written just before its log line)."""
+    wait_for(lambda: sum(successes(*workers).values()) >= n, 30, f"{n} successes in the worker logs")
+
+
 def assert_results_whole(store_dir, recs):
     """One complete result folder per job, nothing else under results/."""
     results = store_dir / "results"
@@ -96,6 +101,7 @@ def test_kill_9_a_worker_mid_batch_every_job_succeeds_once(tmp_path, queue_db, s
         os.killpg(a.proc.pid, signal.SIGKILL)  # the worker, its pool process and the step's process, all at once
         a.proc.wait(10)
         recs = wait_for(lambda: all_finished(store_dir, "k9", 6), 180, "every job to finish")
+        logged([a, b], 6)
     finally:
         b.stop()
         a.stop()
@@ -128,6 +134,7 @@ def test_restart_redis_mid_batch_nothing_is_lost(tmp_path, store_dir):
         out, errs = waiter.communicate(timeout=240)
         assert waiter.returncode == 0, errs + worker.output()
         recs = all_finished(store_dir, "rr", 6)
+        logged([worker], 6)
         status = run_cli("status", "rr", env=env)
     finally:
         if waiter and waiter.poll() is None:
@@ -188,6 +195,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_queue_for_others(tmp_pa
         assert sum(r.status is JobStatus.queued for r in done.values()) == 2  # untouched, still on the queue
         b = WorkerProcess(queue_db, store_dir, "cpu", tmp_path / "b.log", env=FAST).wait_ready()
         recs = wait_for(lambda: all_finished(store_dir, "warm", 3), 120, "the rest to finish on B")
+        logged([a, b], 3)
     finally:
         a.stop()
         if b:
