@@ -118,6 +118,24 @@ def retry(
 
 
 @app.command()
+def wait(
+    batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 3).")] = 0,
+    store: StoreOpt = None,
+) -> None:
+    """Follow a batch until every job finished, then print its summary; exit 1 if a job failed.
+
+    It reads the store only, so it picks up a batch from any client, after any restart, broker up or down.
+    """
+    from portq.client.submit import finish, follow
+
+    st = Store(resolve(store=store).store)
+    batches.require_batch(st, batch)
+    follow(st, batch, timeout=timeout)
+    raise typer.Exit(finish(st, batch))
+
+
+@app.command()
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the replies as one JSON document.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers' replies.")] = 2.0,
@@ -134,7 +152,7 @@ def workers(
     rows = [_worker_row(name, reply) for name, reply in replies.items()]
     if as_json:
         typer.echo(json.dumps({"broker": settings.broker_display, "workers": rows}, indent=2))
-    else:
+    elif rows:
         table = Table(title=f"workers on {settings.broker_display}", title_justify="left")
         for col in ("worker", "queues", "processes", "running", "reserved", "done"):
             table.add_column(col, overflow="fold")

@@ -188,7 +188,7 @@ def _allow_children(proc: Any) -> None:
     (`_die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
     which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
     """
-    from multiprocessing.process import AuthenticationString
+    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
 
     for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
         if config.get("daemon"):

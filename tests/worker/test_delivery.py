@@ -129,10 +129,14 @@ def test_restart_redis_mid_batch_nothing_is_lost(tmp_path, store_dir):
         wait_for(lambda: sum(r.status is JobStatus.succeeded for r in records(store_dir, "rr")) >= 2, 120,
                  "two jobs done")
         server.kill()  # mid-batch: one job running, the others queued
+        waiter.kill()  # ... and the client goes too
+        waiter.wait(10)
         time.sleep(3)
         server.start()
-        out, errs = waiter.communicate(timeout=240)
-        assert waiter.returncode == 0, errs + worker.output()
+        # a new client picks the batch up where the old one left it
+        follow = run_cli("wait", "rr", "--timeout", "240", env=env, timeout=300)
+        assert follow.returncode == 0, follow.stderr + worker.output()
+        assert "rr" in follow.stdout
         recs = all_finished(store_dir, "rr", 6)
         logged([worker], 6)
         status = run_cli("status", "rr", env=env)
