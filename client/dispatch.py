@@ -1,31 +1,38 @@
 """Getting jobs run: onto the Redis queue for workers, or right here (the embedded default, no broker).
 
 The queue path sends by task name with JSON bodies, so the client never imports the worker's code.
-The embedded path calls the very same `run_job` the worker calls.
+The embedded path calls the very same `run_job` the worker calls, with the same step isolation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from portq.tasks.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus
+from portq.tasks import delivery
+from portq.tasks.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
 from portq.tasks.errors import ConfigError, TransientError, first_line
 from portq.tasks.settings import Settings
 from portq.tasks.store import Store
 
+#: how hard one publish tries through a broker hiccup before the job is recorded as not queued
+PUBLISH_RETRY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
+
 
 def producer(settings: Settings):  # type: ignore[no-untyped-def]
-    """A Celery app used only to publish: JSON bodies, the same visibility timeout as the workers."""
+    """A Celery app used only to publish and to talk to workers: JSON bodies, the workers' visibility timeout."""
     from celery import Celery
 
     app = Celery("portq-client", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
+        result_accept_content=["json"],
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=False,
         broker_connection_timeout=5,
         task_ignore_result=True,
+        task_send_sent_event=True,  # Flower counts a job as queued from this event
     )
     return app
 
@@ -39,22 +46,41 @@ def check_broker(app, settings: Settings) -> None:  # type: ignore[no-untyped-de
                           hint="start Redis, or unset PORTQ_BROKER_URL to run jobs locally") from None
 
 
-def enqueue(specs: list[JobSpec], settings: Settings) -> None:
+def enqueue(specs: list[JobSpec], settings: Settings, store: Store | None = None, *, resubmit: bool = False) -> None:
+    """Publish one message per job. A job that cannot be published is dead-lettered (so `portq retry` finds it).
+
+    The first submission's Celery task id is the job id; a resubmission gets a fresh one, so a worker
+    that still remembers the old id as revoked (`portq cancel`) does not drop it.
+    """
     app = producer(settings)
     check_broker(app, settings)
-    with app.producer_or_acquire() as prod:
-        for spec in specs:
-            app.send_task(CONVERT_TASK, kwargs={"spec": spec.model_dump(mode="json")}, queue=spec.queue,
-                          task_id=spec.job_id, producer=prod)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as prod:
+            for spec in specs:
+                task_id = f"{spec.job_id}.{new_id()[:6]}" if resubmit else spec.job_id
+                app.send_task(CONVERT_TASK, kwargs={"spec": spec.model_dump(mode="json")}, queue=spec.queue,
+                              task_id=task_id, producer=prod, retry=True, retry_policy=PUBLISH_RETRY)
+                sent += 1
+    except Exception as e:
+        cause = f"could not be queued: the broker at {settings.broker_display} failed ({first_line(e)})"
+        if store is not None:
+            for spec in specs[sent:]:
+                delivery.dead_letter(store, spec, None, cause)
+        raise TransientError(f"queued {sent} of {len(specs)} job(s); the rest {cause}", step="submit",
+                             hint="they are recorded as failed; `portq retry BATCH` resubmits them") from None
 
 
-def run_here(specs: list[JobSpec], store: Store, on_done: Callable[[JobReport], None] | None = None) -> None:
+def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = None,
+             on_done: Callable[[JobReport], None] | None = None) -> None:
     """The embedded default: the same task code, in this process, one job after another."""
+    from portq.tasks.isolation import isolation_for
     from portq.tasks.job import run_job
 
+    settings = settings or Settings.resolve(env={})
     for spec in specs:
         try:
-            report = run_job(spec, store, worker="embedded")
+            report = run_job(spec, store, worker="embedded", isolation=isolation_for(settings))
         except TransientError as e:
             from portq.tasks import batches
 
@@ -65,3 +91,23 @@ def run_here(specs: list[JobSpec], store: Store, on_done: Callable[[JobReport], 
             continue
         if on_done:
             on_done(report)
+
+
+def inspect_workers(settings: Settings, timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+    """Ask every worker on the broker (Celery's remote control): queues, processes, running and reserved jobs."""
+    app = producer(settings)
+    check_broker(app, settings)
+    insp = app.control.inspect(timeout=timeout)
+    replies = {"queues": insp.active_queues() or {}, "active": insp.active() or {}, "reserved": insp.reserved() or {},
+               "stats": insp.stats() or {}}
+    names = sorted(set().union(*(r.keys() for r in replies.values())))
+    return {name: {key: reply.get(name) for key, reply in replies.items()} for name in names}
+
+
+def revoke(settings: Settings, task_ids: list[str], *, terminate: bool = False) -> None:
+    """Tell every worker to drop these task ids (and, with `terminate`, kill the process running one)."""
+    if not task_ids:
+        return
+    app = producer(settings)
+    check_broker(app, settings)
+    app.control.revoke(task_ids, terminate=terminate, signal="SIGKILL")

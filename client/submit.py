@@ -146,7 +146,8 @@ def submit(
         options["latency"] = latency
     st = Store(settings.store)
     try:
-        sub = prepare(models, st, batch=batch, options=options, max_bytes=settings.max_model_bytes)
+        sub = prepare(models, st, batch=batch, options=options, max_bytes=settings.max_model_bytes,
+                      max_sample_bytes=settings.max_sample_bytes)
     except ValueError as e:  # pydantic validation of the options
         raise ConfigError(str(e), step="submit") from None
     out.print(f"batch {sub.batch}")
@@ -154,12 +155,12 @@ def submit(
         error(rec.error or "")
     if settings.embedded:
         err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.root}")
-        _run_embedded(sub.specs, st)
+        _run_embedded(sub.specs, st, settings)
         wait = True
     else:
         from portq.client.dispatch import enqueue
 
-        enqueue(sub.specs, settings)
+        enqueue(sub.specs, settings, st)
         err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
     if not wait:
         return
@@ -168,13 +169,13 @@ def submit(
     raise typer.Exit(finish(st, sub.batch))
 
 
-def _run_embedded(specs: list[Any], st: Store) -> None:
+def _run_embedded(specs: list[Any], st: Store, settings: Any) -> None:
     from portq.client.dispatch import run_here
     from rich.progress import Progress
 
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("converting", total=len(specs))
-        run_here(specs, st, on_done=lambda report: progress.advance(task))
+        run_here(specs, st, settings, on_done=lambda report: progress.advance(task))
 
 
 def follow(st: Store, batch: str, timeout: float = 0, poll: float = 0.5) -> list[JobRecord]:

@@ -517,6 +517,7 @@ class JobReport(_Report):
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None
+    trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
 
 
 class JobRecord(_Report):
@@ -532,6 +533,9 @@ class JobRecord(_Report):
     result: str | None = Field(None, description="store key of the job's result folder")
     cached: bool = False
     attempts: int = 0
+    worker: str | None = Field(None, description="the worker that ran (or runs) the latest attempt")
+    dead_letter: str | None = Field(None, description="store key of the job's dead-letter record: it ended "
+                                                      "without a report, and `portq retry` can resubmit it")
     updated_at: str = Field(default_factory=utcnow)
 
 

@@ -60,8 +60,11 @@ class SourceEvidence:
     export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)
 
 
-def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobReport:
-    """Run (or reuse) one job and record its outcome. Idempotent: a finished job is not run twice."""
+def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation: Any = None) -> JobReport:
+    """Run (or reuse) one job and record its outcome. Idempotent: a finished job is not run twice.
+
+    `isolation` (a `portq.tasks.isolation.Isolation`) runs each format step; the default runs them here.
+    """
     worker = worker or worker_name()
     try:
         record = batches.read_record(store, spec.batch_id, spec.job_id)
@@ -88,18 +91,19 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None) -> JobRep
                                              "model": spec.model})
 
     record.status, record.attempts, record.error = JobStatus.running, record.attempts + 1, None
+    record.worker = worker
     batches.write_record(store, record)
 
     report = JobReport(job_id=spec.job_id, job_key=key, batch=spec.batch_id, model=spec.model,
                        source=spec.source.name, target=spec.target, status=JobStatus.running, toolchain=tools,
-                       worker=worker, started_at=utcnow())
+                       worker=worker, started_at=utcnow(), trust_pickle=spec.trust_pickle)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"portq-{spec.job_id}-") as tmp:
         workdir = Path(tmp)
         final = cache if not spec.force else f"{cache}-{spec.job_id}"
         try:
             with captured(workdir / LOG_FILE):
-                _convert(spec, store, workdir, report, final)
+                _convert(spec, store, workdir, report, final, isolation)
         except TransientError:
             raise
         except PortqError as e:
@@ -167,7 +171,8 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 # ---------------------------------------------------------------------------------------------- the work
 
 
-def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str) -> None:
+def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, final: str,
+             isolation: Any = None) -> None:
     from portq.tasks.inputs import InputSignature, apply_dynamic, check_dynamic_support, load_npz, resolve_signature
     from portq.tasks.loading import LoadRequest, load_model
     from portq.tasks.runners import torch_device
@@ -187,8 +192,13 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
     report.inputs = sig.describe()
     evidence = _run_source(spec, model, sig, device, display)
     report.environment = evidence.environment
+    if isolation is None:
+        from portq.tasks.isolation import InProcess
+
+        isolation = InProcess()
     for fmt in spec.formats:
-        report.artifacts.append(_run_format(fmt, spec, model, evidence, workdir, store, final))
+        # wrapped at the call site: the isolation may run the step in a child process (a crash costs one format)
+        report.artifacts.append(isolation.run_format(_run_format, fmt, spec, model, evidence, workdir, store, final))
     from portq.tasks.reporting import mark_best
 
     report.best = mark_best(report.artifacts)

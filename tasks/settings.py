@@ -26,7 +26,10 @@ ENV = {
     "PORTQ_MAX_RETRIES": "max_retries",
     "PORTQ_MAX_TASKS_PER_CHILD": "max_tasks_per_child",
     "PORTQ_MAX_MODEL_BYTES": "max_model_bytes",
+    "PORTQ_MAX_SAMPLE_BYTES": "max_sample_bytes",
     "PORTQ_ISOLATE": "isolate",
+    "PORTQ_STEP_TIME_LIMIT": "step_time_limit",
+    "PORTQ_STEP_MEMORY_LIMIT": "step_memory_limit",
 }
 
 
@@ -35,12 +38,16 @@ class Settings(BaseModel):
 
     broker_url: str | None = Field(None, description="redis:// or rediss:// URL; unset runs jobs locally")
     store: str = Field(DEFAULT_STORE, description="a directory, or an fsspec URL")
-    task_time_limit: int = Field(3600, ge=10, description="hard limit per job, seconds")
-    visibility_timeout: int = Field(7200, ge=20, description="Redis redelivers a job unacked for this long")
+    task_time_limit: int = Field(3600, ge=5, description="hard limit per job, seconds")
+    visibility_timeout: int = Field(7200, ge=10, description="Redis redelivers a job unacked for this long")
     max_retries: int = Field(2, ge=0, description="redeliveries after a lost worker or transient failure")
     max_tasks_per_child: int = Field(50, ge=1, description="recycle a worker process after this many jobs")
     max_model_bytes: int = Field(8 * 1024**3, ge=1, description="largest model file accepted")
-    isolate: bool = Field(True, description="run risky steps (export, compile, sessions) in a child process")
+    max_sample_bytes: int = Field(1024**3, ge=1, description="largest sample (.npz) file accepted")
+    isolate: bool = Field(True, description="run each format step (export, compile, session, runs) in a child process")
+    step_time_limit: int | None = Field(None, ge=1, description="limit per isolated format step, seconds; "
+                                                                "default: what is left of the job's time limit")
+    step_memory_limit: int | None = Field(None, ge=1, description="resident memory limit per isolated step, bytes")
 
     @field_validator("broker_url")
     @classmethod
@@ -69,6 +76,15 @@ class Settings(BaseModel):
                 f"task_time_limit ({self.task_time_limit}s) must stay below visibility_timeout "
                 f"({self.visibility_timeout}s), or Redis redelivers jobs that are still running"
             )
+        if self.step_time_limit is not None and self.step_time_limit >= self.task_time_limit:
+            raise ValueError(
+                f"step_time_limit ({self.step_time_limit}s) must stay below task_time_limit "
+                f"({self.task_time_limit}s), so a hung step is stopped before the whole job is killed"
+            )
+        if self.broker_url and urlsplit(self.broker_url).scheme == "rediss" and \
+                "ssl_cert_reqs=" not in urlsplit(self.broker_url).query:
+            raise ValueError("a rediss:// URL needs ?ssl_cert_reqs=required (or optional/none), and usually "
+                             "&ssl_ca_certs=/path/ca.pem: without it the certificate check is undefined")
         return self
 
     @property
@@ -98,11 +114,21 @@ class Settings(BaseModel):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password (and user), fit to print or log."""
+    """The URL without its user, password or password-like query parameters, fit to print or log."""
     parts = urlsplit(url)
+    query = parts.query
+    if query:
+        query = "&".join(
+            f"{k}=***" if k.lower() in _SECRET_PARAMS else (f"{k}={v}" if sep else k)
+            for k, sep, v in (item.partition("=") for item in query.split("&"))
+        )
     if parts.password is None and parts.username is None:
-        return url
+        return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, query, parts.fragment))
+
+
+#: query parameters that redis-py reads as credentials
+_SECRET_PARAMS = {"password", "username", "ssl_password"}

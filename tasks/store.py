@@ -6,10 +6,14 @@ Layout under the store root:
     results/<job_key>/                 one job's artifacts, report.json (written last) and report.md
     batches/<batch>/batch.json         the batch manifest written at submit
     batches/<batch>/jobs/<job_id>.json each job's state record
+    batches/<batch>/specs/<job_id>.json each job's spec, as sent (what `portq retry` resubmits)
+    batches/<batch>/dead/<job_id>.json  dead letters: jobs that ended without a report
+    tmp/                               staging for atomic writes; entries older than any job are swept
 
-Writes are atomic: a file is written under a temporary name and renamed; a result folder is assembled
-under a temporary name and renamed into place, so a reader sees all of it or none. A result folder
-counts as complete only when its report.json exists.
+Writes are atomic: a file is written under a temporary name in `tmp/` and renamed into place; a result
+folder is assembled in `tmp/` and renamed into place, so a reader sees all of it or none, and a writer
+killed half-way leaves nothing but a `tmp/` entry that `sweep_staging` removes later. The first
+complete result folder for a key wins; later ones are discarded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +57,18 @@ def batch_key(batch: str) -> str:
 
 def record_key(batch: str, job_id: str) -> str:
     return f"batches/{batch}/jobs/{job_id}.json"
+
+
+def spec_key(batch: str, job_id: str) -> str:
+    return f"batches/{batch}/specs/{job_id}.json"
+
+
+def dead_letter_key(batch: str, job_id: str) -> str:
+    return f"batches/{batch}/dead/{job_id}.json"
+
+
+#: staging area for atomic writes, on the same filesystem as everything it is renamed into
+STAGING = "tmp"
 
 
 class Store:
@@ -118,7 +135,7 @@ class Store:
         path = self._path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = self._staging_path(key)
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -139,7 +156,7 @@ class Store:
         path = self._path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = self._staging_path(key)
             try:
                 shutil.copyfile(local, tmp)
                 os.replace(tmp, path)
@@ -150,9 +167,9 @@ class Store:
         self._io("upload", key, self.fs.put_file, str(local), path)
 
     def publish_dir(self, local_dir: str | os.PathLike[str], key: str, commit_file: str = "report.json") -> bool:
-        """Move a finished result folder into place at `key`, all at once.
+        """Move a finished result folder into place at `key`, all at once; the first complete folder wins.
 
-        Returns False (and leaves the existing folder alone) when `key` is already complete: a second
+        Returns False (and leaves the existing folder alone) when `key` already exists: a second
         delivery of the same job must not leave a second or mixed set of artifacts.
         """
         if self.exists(f"{key}/{commit_file}"):
@@ -160,17 +177,19 @@ class Store:
         path = self._path(key)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            shutil.copytree(local_dir, staging)
+            staging = self._staging_path(key)
             try:
-                if os.path.isdir(path):  # an incomplete folder from a crashed writer: replace it
-                    shutil.rmtree(path, ignore_errors=True)
+                shutil.copytree(local_dir, staging)
+                if os.path.isdir(path) and not os.path.exists(f"{path}/{commit_file}"):
+                    # an incomplete folder (left by an older writer that died): move it aside to be swept
+                    os.rename(path, self._staging_path(key))
+                # rename(2) onto an existing non-empty folder fails: whoever renamed first keeps the key.
                 os.rename(staging, path)
-            except OSError:
+            except OSError as e:
                 shutil.rmtree(staging, ignore_errors=True)
-                if self.exists(f"{key}/{commit_file}"):
+                if os.path.isdir(path):
                     return False
-                raise
+                raise StoreError(f"cannot publish {path}: {e.strerror or e}", step="store") from e
             return True
         # Object stores have no atomic folder rename: upload everything else, then the commit file.
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
@@ -182,12 +201,43 @@ class Store:
             self._io("upload", key, self.fs.put_file, str(commit), f"{path}/{commit_file}")
         return True
 
+    def size(self, key: str) -> int:
+        """The size of the file at `key`, in bytes."""
+        return int(self._io("stat", key, self.fs.size, self._path(key)))
+
+    def sweep_staging(self, older_than_s: float) -> int:
+        """Remove staging entries left by writers that died (older than any live job); returns how many."""
+        if not self.local:
+            return 0
+        root = self._path(STAGING)
+        if not os.path.isdir(root):
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in os.scandir(root):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue  # another worker swept it first
+        return removed
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         if self.exists(key):
             self._io("delete", key, self.fs.rm, path, recursive=True)
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _staging_path(self, key: str) -> str:
+        root = self._path(STAGING)
+        os.makedirs(root, exist_ok=True)
+        return f"{root}/{uuid.uuid4().hex[:12]}-{key.rsplit('/', 1)[-1]}"
+
     def _scratch(self) -> str:
         if self._cache_dir is None:
             import tempfile

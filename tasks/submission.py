@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from portq.tasks import batches
+from portq.tasks import batches, delivery
 from portq.tasks.contract import JobRecord, JobSpec, JobStatus, SourceRef, new_id, safe_name
 from portq.tasks.errors import InputError, PortqError
 from portq.tasks.store import Store, input_key, sha256_file
@@ -39,6 +39,13 @@ def _upload(store: Store, path: Path) -> SourceRef:
     return SourceRef(key=key, name=str(path), sha256=sha, size=path.stat().st_size)
 
 
+def check_sample_path(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"sample file is {size} bytes, over the limit of {max_bytes}", step="submit", file=str(path),
+                         hint="raise PORTQ_MAX_SAMPLE_BYTES if this is intended")
+
+
 def check_model_path(path: Path, max_bytes: int) -> None:
     if not path.exists():
         raise InputError("file does not exist", step="submit", file=str(path))
@@ -52,8 +59,8 @@ def check_model_path(path: Path, max_bytes: int) -> None:
 
 
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
-            max_bytes: int) -> Submission:
-    """Build one JobSpec per model path and write its `queued` record; bad paths become failed records."""
+            max_bytes: int, max_sample_bytes: int | None = None) -> Submission:
+    """Build one JobSpec per model path and write its spec and `queued` record; bad paths become failed records."""
     sub = Submission(batch=batch or new_batch_id())
     for raw in paths:
         path = Path(raw)
@@ -63,7 +70,10 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
             check_model_path(path, max_bytes)
             source = _upload(store, path)
             sidecar = path.with_suffix(SIDECAR_SUFFIX)
-            sample = _upload(store, sidecar) if sidecar.is_file() and sidecar != path else None
+            sample = None
+            if sidecar.is_file() and sidecar != path:
+                check_sample_path(sidecar, max_sample_bytes or max_bytes)
+                sample = _upload(store, sidecar)
             spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, source=source, sample=sample, **options)
         except PortqError as e:
             rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=str(path),
@@ -71,6 +81,7 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
             batches.write_record(store, rec)
             sub.rejected.append(rec)
             continue
+        delivery.write_spec(store, spec)  # what `portq retry` resubmits
         batches.write_record(store, JobRecord(job_id=job_id, batch=sub.batch, model=model, source=source.name,
                                               target=spec.target, status=JobStatus.queued))
         sub.specs.append(spec)

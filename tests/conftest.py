@@ -108,7 +108,10 @@ class WorkerProcess:
         import signal
 
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig or signal.SIGTERM)
+            if sig is None:  # a warm shutdown, as `docker stop` does it: the main process finishes its jobs
+                os.kill(self.proc.pid, signal.SIGTERM)
+            else:
+                os.killpg(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

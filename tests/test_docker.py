@@ -26,3 +26,14 @@ def test_dockerfiles_copy_what_exists_and_pin_torch():
             assert (ROOT / src).exists(), f"{name} copies {src}, which does not exist"
         assert "torch==2.13.0" in text
         assert f'"--queue", "{queue}"' in text
+
+
+def test_compose_limits_hold_and_flower_watches_portq():
+    compose = yaml.safe_load((ROOT / "docker/compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("cpu-worker", "gpu-worker", "flower"):
+        env = services[name]["environment"]
+        assert int(env["PORTQ_TASK_TIME_LIMIT"]) < int(env["PORTQ_VISIBILITY_TIMEOUT"])
+    assert services["flower"]["command"][:4] == ["celery", "-A", "portq.worker.app", "flower"]
+    for name in ("cpu-worker", "gpu-worker"):
+        assert services[name]["stop_grace_period"]  # time for a warm shutdown to finish the running job

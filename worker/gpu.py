@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import subprocess
 from celery.signals import worker_process_init
 
 GPU_LIST_ENV = "PORTQ_GPUS"
+
+log = logging.getLogger("portq.worker")
 
 
 def visible_gpus() -> list[str]:
@@ -35,5 +38,9 @@ def _pin_child_to_gpu(**_: object) -> None:
     from billiard.process import current_process
 
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    # billiard numbers pool slots 0..N-1 and gives a recycled child its predecessor's slot, so a slot
+    # keeps its GPU for the worker's lifetime and N children cover N GPUs.
     index = getattr(current_process(), "index", None) or 0
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+    log.info("pool process %d (slot %d) pinned to GPU %s (CUDA_VISIBLE_DEVICES=%s)", os.getpid(), index,
+             ids[index % len(ids)], os.environ["CUDA_VISIBLE_DEVICES"])

@@ -36,6 +36,30 @@ def test_publish_dir_is_all_or_nothing_and_only_once(tmp_path):
     assert store.list("results") == ["k"]
 
 
+def test_a_writer_killed_half_way_leaves_only_a_staging_entry_that_is_swept(tmp_path):
+    import os
+    import time
+
+    store = Store(str(tmp_path / "s"))
+    # what a writer killed inside publish_dir leaves: a half-copied folder under tmp/, nothing under results/
+    half = tmp_path / "s/tmp/abc-k"
+    half.mkdir(parents=True)
+    (half / "model.onnx").write_bytes(b"ha")
+    old = time.time() - 3600
+    os.utime(half, (old, old))
+    fresh = tmp_path / "s/tmp/def-k"
+    fresh.mkdir()
+    assert store.list("results") == []
+    assert store.sweep_staging(older_than_s=600) == 1
+    assert sorted(p.name for p in (tmp_path / "s/tmp").iterdir()) == ["def-k"]  # a live writer's entry stays
+
+
+def test_size_of_a_stored_file(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    store.write_bytes("inputs/x.pt", b"12345")
+    assert store.size("inputs/x.pt") == 5
+
+
 def test_publish_replaces_an_incomplete_folder(tmp_path):
     store = Store(str(tmp_path / "s"))
     (tmp_path / "s/results/k").mkdir(parents=True)
