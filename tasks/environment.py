@@ -14,15 +14,20 @@ from importlib import metadata
 TOOLCHAIN_PACKAGES = ("portq", "torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu")
 
 
-@lru_cache(maxsize=1)
-def toolchain() -> dict[str, str]:
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Python's version and each installed package's (packages that are not installed are left out)."""
     versions = {"python": platform.python_version()}
-    for name in TOOLCHAIN_PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@lru_cache(maxsize=1)
+def toolchain() -> dict[str, str]:
+    return package_versions(TOOLCHAIN_PACKAGES)
 
 
 def worker_name() -> str:

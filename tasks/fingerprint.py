@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import platform
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from portq.tasks.environment import package_versions
 
 VERSION_PACKAGES = ("portq", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "numpy")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCH_NUM_THREADS",
@@ -47,12 +48,7 @@ def nvidia_driver() -> str | None:
 def _static() -> dict[str, Any]:
     import psutil
 
-    versions = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = package_versions(VERSION_PACKAGES)
     freq = psutil.cpu_freq()
     return {
         "os": platform.platform(),
