@@ -70,9 +70,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:
         # click's usage errors (Typer vendors its own click, so match on behaviour, not on the class)
-        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
-            sys.exit(e.exit_code)
+        show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)
 

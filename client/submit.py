@@ -139,7 +139,7 @@ def submit(
         tol["outputs"] = _output_tolerances(output_tol)
     if tol:
         options["tolerance"] = tol
-    latency = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
+    latency: dict[str, Any] = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
     if batch_sizes:
         latency["batch_sizes"] = _batch_sizes(batch_sizes)
     if latency:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JOB_SPEC_VERSION = 1
-REPORT_SCHEMA_VERSION = 1
+JOB_SPEC_VERSION: Literal[1] = 1
+REPORT_SCHEMA_VERSION: Literal[1] = 1
 
 #: The Celery task name; the client sends by name, so it never imports the worker.
 CONVERT_TASK = "portq.convert"
@@ -248,9 +248,9 @@ class JobSpec(_Strict):
     inputs: list[InputSpec] = Field(default_factory=list)
     dynamic: list[str] = Field(default_factory=list, description="dims to export as dynamic, e.g. ['batch']")
     opset: int | None = None
-    tolerance: Tolerance = Field(default_factory=Tolerance)
-    parity: ParityOptions = Field(default_factory=ParityOptions)
-    latency: LatencyOptions = Field(default_factory=LatencyOptions)
+    tolerance: Tolerance = Field(default_factory=lambda: Tolerance())
+    parity: ParityOptions = Field(default_factory=lambda: ParityOptions())
+    latency: LatencyOptions = Field(default_factory=lambda: LatencyOptions())
     arch: str | None = None
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     trust_pickle: bool = False

@@ -23,6 +23,7 @@ are not localised; the report's `localisation` says so. Localisation is a diagno
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,7 @@ def _reexport(model: Any, ev: Any, opset: int | None) -> Any:
     onnx_program = torch.onnx.export(target, args, dynamo=True, opset_version=opset,
                                      input_names=ev.input_names, output_names=ev.output_names,
                                      dynamic_axes=axes if model.script is None else None, verbose=False)
+    assert onnx_program is not None  # dynamo=True always returns the program
     return onnx_program.exported_program
 
 
@@ -262,7 +264,7 @@ def _localise_pt2(model: Any, path: Path, ev: Any, parity: ParityReport,
     return _first_failing(pairs, source, parity, tol, index, "pt2")
 
 
-def _first_failing(pairs: list[tuple[str, Candidate, np.ndarray, np.ndarray | None]], program: Any,
+def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray | None]], program: Any,
                    parity: ParityReport, tol: Tolerance, sample: int, kind: str) -> tuple[Divergence | None, str]:
     from portq.tasks.parity import compare
 

@@ -10,6 +10,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from portq.tasks.contract import InputSpec
@@ -133,7 +134,8 @@ def resolve_signature(
         return InputSignature(list(specs), source="spec")
     if example_inputs:
         arrays = []
-        for i, t in enumerate(example_inputs):
+        for i, t in enumerate(example_inputs):  # torch tensors, duck-typed: this module does not import torch
+            t = cast(Any, t)
             if not hasattr(t, "detach"):
                 raise InputError(f"example input {i} carried by the program is a {type(t).__name__}, not a tensor",
                                  step="inputs", file=display, hint="give --input specs or a sidecar .npz")
