@@ -192,19 +192,10 @@ def _onnx_intermediates(path: Path, names: list[str], sample_feed: dict[str, np.
 def _reexport(model: Any, ev: Any, opset: int | None) -> Any:
     """The dynamo exporter's ExportedProgram for this source (the graph the artifact's fx names refer to)."""
     import torch
-    from portq.tasks.runners import to_tensors
 
-    args = to_tensors(ev.samples[0], ev.device)
-    if model.script is not None:
-        from torch._export.converter import TS2EPConverter
-
-        target = TS2EPConverter(model.script, args).convert()
-    else:
-        target = model.program if model.program is not None else model.module
-    axes = {ev.input_names[i]: dict(d) for i, d in ev.dynamic.items() if d} or None
-    onnx_program = torch.onnx.export(target, args, dynamo=True, opset_version=opset,
-                                     input_names=ev.input_names, output_names=ev.output_names,
-                                     dynamic_axes=axes if model.script is None else None, verbose=False)
+    args, _ = _export_inputs(ev)
+    onnx_program = torch.onnx.export(source_program(model, ev), args, dynamo=True, opset_version=opset,
+                                     input_names=ev.input_names, output_names=ev.output_names, verbose=False)
     assert onnx_program is not None  # dynamo=True always returns the program
     return onnx_program.exported_program
 
@@ -238,13 +229,9 @@ def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityR
 def _localise_pt2(model: Any, path: Path, ev: Any, parity: ParityReport,
                   tol: Tolerance) -> tuple[Divergence | None, str]:
     import torch
-    from portq.tasks.runners import to_tensors
 
     artifact = torch.export.load(str(path))
-    if model.program is not None:
-        source = model.program
-    else:
-        source = torch.export.export(model.module, to_tensors(ev.samples[0], ev.device))
+    source = source_program(model, ev)
     index = failing_sample(parity)
     try:
         ref, order = fx_values(source, ev.samples[index], ev.device)
@@ -303,19 +290,22 @@ def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray 
 # ------------------------------------------------------------------ onnx without metadata: match by value
 
 
-def source_program(model: Any, ev: Any) -> Any:
-    """An ExportedProgram that computes what the source computes (TorchScript is converted first)."""
-    import torch
+def _export_inputs(ev: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example the artifacts were exported with, and the recipes' options, rebuilt from the evidence."""
     from portq.tasks.runners import to_tensors
 
-    args = to_tensors(ev.samples[0], ev.device)
-    if model.program is not None:
-        return model.program
-    if model.script is not None:
-        from torch._export.converter import TS2EPConverter
+    opts = {"input_names": list(ev.input_names), "output_names": list(ev.output_names),
+            "dynamic": {i: dict(axes) for i, axes in ev.dynamic.items()}, "opset": None, "device": ev.device}
+    return to_tensors(ev.samples[ev.export_index], ev.device), opts
 
-        return TS2EPConverter(model.script, args).convert()
-    return torch.export.export(model.module, args)
+
+def source_program(model: Any, ev: Any) -> Any:
+    """An ExportedProgram that computes what the source computes, built the way the export routes build it
+    (same example, same dynamic dims; TorchScript is converted first)."""
+    from portq.tasks.formats.recipes import exported_program
+
+    args, opts = _export_inputs(ev)
+    return exported_program(model, args, opts)
 
 
 def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from portq.tasks.contract import Format, JobStatus
+from portq.tasks.contract import Format, InputSpec, JobStatus
 from portq.tasks.divergence import onnx_candidates
 from portq.tasks.formats import FORMATS
 from portq.tasks.job import run_job
@@ -120,6 +120,25 @@ def test_pt2_divergence(program_file, tmp_path, monkeypatch):
     d = report.artifacts[0].parity.first_divergence
     assert d is not None, report.artifacts[0].parity.localisation
     assert (d.source_node, d.module) == ("linear", "net.0") and "Linear" in d.module_class
+
+
+def test_pt2_divergence_from_a_torchscript_source(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.trace(Net().eval(), torch.randn(3, 8)), str(source))
+
+    def mutate(path):
+        program = torch.export.load(str(path))
+        norm_weight = next(k for k in program.state_dict if "norm" in k and k.endswith("weight"))
+        with torch.no_grad():
+            program.state_dict[norm_weight].reshape(-1)[0] += 0.5
+        torch.export.save(program, str(path))
+
+    monkeypatch.setitem(FORMATS._items, "pt2", _perturbing(FORMATS.get("pt2"), mutate))
+    report = run_job_and_check_failed(source, tmp_path, fmt=Format.pt2, inputs=[InputSpec.parse("x:float32[3,8]")])
+    parity = report.artifacts[0].parity
+    assert parity.first_divergence is not None, parity.localisation
+    assert parity.first_divergence.source_node == "layer_norm"
 
 
 def test_candidates_come_from_the_exporters_metadata(tmp_path):
