@@ -10,10 +10,9 @@ from portq.tasks.formats.base import (
     ExportResult,
     FormatHandler,
     Route,
-    RouteNotApplicable,
     RoutesExhausted,
     attempt_reports,
 )
 
-__all__ = ["FORMATS", "ExportRequest", "ExportResult", "FormatHandler", "Route", "RouteNotApplicable",
+__all__ = ["FORMATS", "ExportRequest", "ExportResult", "FormatHandler", "Route",
            "RoutesExhausted", "attempt_reports"]

@@ -26,9 +26,6 @@ from portq.tasks.loading import LoadedModel
 from portq.tasks.registry import Registry
 from portq.tasks.runners import Runner
 
-#: a route that does not apply to this kind of source model (skipped, not counted as a failure)
-RouteNotApplicable = NotApplicable
-
 Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], None]
 
 
@@ -66,8 +63,6 @@ class ExportResult:
     path: Path
     route: str
     opset: int | None = None
-    attempts: list[RouteAttempt] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,7 +122,6 @@ class FormatHandler:
                     path.unlink(missing_ok=True)  # a half-written file must not pass for an artifact
                 continue
             attempts.append(RouteAttempt(route.name, None, time.perf_counter() - start))
-            result.attempts = attempts
             return result
         raise RoutesExhausted(self.format, req.display, attempts, blockers)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from portq.tasks.contract import Format, Target
+from portq.tasks.contract import Format
 from portq.tasks.errors import DeviceUnavailableError
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
@@ -105,10 +105,6 @@ class OrtRunner:
         return [(n, np.asarray(a)) for n, a in zip(self.output_names, raw)]
 
 
-def _unsupported(target: Target) -> str | None:
-    return None
-
-
 FORMATS.add(
     Format.onnx.value,
     FormatHandler(
@@ -122,7 +118,6 @@ FORMATS.add(
             Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed),
         ],
         open_runner=OrtRunner,
-        unsupported=_unsupported,
         finish=_finish,
     ),
 )
