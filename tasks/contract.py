@@ -25,7 +25,7 @@ REPORT_SCHEMA_VERSION: Literal[1] = 1
 #: The Celery task name; the client sends by name, so it never imports the worker.
 CONVERT_TASK = "portq.convert"
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class Target(str, Enum):
@@ -87,7 +87,7 @@ def safe_name(name: str, fallback: str = "model") -> str:
 
 
 def _check_id(value: str) -> str:
-    if not _SAFE_ID.match(value):
+    if not SAFE_ID.match(value):
         raise ValueError(f"{value!r} is not a valid id (letters, digits, '.', '_', '-'; at most 128)")
     return value
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from portq.tasks import batches
-from portq.tasks.contract import JobRecord, JobSpec, JobStatus, Target, safe_name, utcnow
+from portq.tasks.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, safe_name, utcnow
 from portq.tasks.errors import StoreError, TransientError
 from portq.tasks.store import Store, dead_letter_key, spec_key
 
@@ -162,7 +162,6 @@ def describe_loss(cause: str) -> str:
     return re.sub(r"\s*Job: \d+\.?\s*$", "", cause).strip() or "its process died"
 
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _spec_or_none(raw: Any) -> JobSpec | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from portq.tasks.contract import Histogram, LatencyOptions, LatencyReport, Memory, SweepPoint, Timing
+from portq.tasks.errors import first_line
 from portq.tasks.runners import Runner
 
 HISTOGRAM_BINS = 20
@@ -287,7 +288,7 @@ def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, 
         try:
             point = stats if size == ev.batch_size else measure_with(runner, inputs, opts, batch_size=size)
         except Exception as e:  # an artifact specialised to one batch size: say so, keep the rest
-            notes.append(f"batch size {size}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
             continue
         sweep.append((size, point, source_stats))
     notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)

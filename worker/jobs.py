@@ -21,7 +21,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 from portq.tasks import delivery
-from portq.tasks.contract import CONVERT_TASK, JobSpec, JobStatus
+from portq.tasks.contract import CONVERT_TASK, SAFE_ID, JobSpec, JobStatus
 from portq.tasks.errors import PortqError, TransientError
 from portq.tasks.settings import Settings
 from portq.tasks.store import Store
@@ -133,7 +133,7 @@ def _job_kwargs(request: Request) -> Any:
 def _remove_job_tempdirs(raw: Any) -> None:
     """A killed job's process could not remove its working folder; its parent does."""
     job_id = raw.get("job_id") if isinstance(raw, dict) else None
-    if isinstance(job_id, str) and delivery.SAFE_ID.match(job_id):
+    if isinstance(job_id, str) and SAFE_ID.match(job_id):
         for path in glob.glob(f"{tempfile.gettempdir()}/portq-{job_id}-*"):
             shutil.rmtree(path, ignore_errors=True)
 
