@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import sys
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
@@ -69,6 +71,11 @@ class StepStatus(str, Enum):
     succeeded = "succeeded"
     failed = "failed"
     skipped = "skipped"
+
+
+def json_float(x: float) -> float:
+    """JSON has no Infinity or NaN: report the largest float instead, which still fails any tolerance."""
+    return x if math.isfinite(x) else sys.float_info.max
 
 
 def utcnow() -> str:

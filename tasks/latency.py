@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from portq.tasks.contract import Histogram, LatencyOptions, LatencyReport, Memory, SweepPoint, Timing
+from portq.tasks.contract import Histogram, LatencyOptions, LatencyReport, Memory, SweepPoint, Timing, json_float
 from portq.tasks.errors import first_line
 from portq.tasks.runners import Runner
 
@@ -73,7 +73,7 @@ class LatencyStats:
         return Timing(
             batch_size=self.batch_size, warmup=self.warmup, runs=len(self.samples_ms),
             windows=len(self.window_medians_ms), window_runs=self.window_runs,
-            window_medians_ms=list(self.window_medians_ms), stable=self.stable, spread=_json_float(self.spread),
+            window_medians_ms=list(self.window_medians_ms), stable=self.stable, spread=json_float(self.spread),
             mean_ms=self.mean_ms, std_ms=self.std_ms, min_ms=float(min(self.samples_ms)), p50_ms=self.p50_ms,
             p90_ms=self.percentile(90), p95_ms=self.percentile(95), p99_ms=self.percentile(99),
             max_ms=float(max(self.samples_ms)), throughput_per_s=self.throughput_per_s,
@@ -245,9 +245,6 @@ def sweep_sizes(opts: LatencyOptions, sample_batch: int | None) -> list[int]:
     sizes = opts.batch_sizes or sorted({1, sample_batch, 8})
     return sorted(set(sizes))
 
-
-def _json_float(x: float) -> float:
-    return x if math.isfinite(x) else float(np.finfo(np.float64).max)
 
 
 # ------------------------------------------------------------------------------------ the job's two halves

@@ -29,6 +29,7 @@ from portq.tasks.contract import (
     Precision,
     Tolerance,
     ToleranceMode,
+    json_float,
 )
 from portq.tasks.runners import NamedArrays
 from portq.tasks.tolerances import ResolvedTolerance, resolve
@@ -206,7 +207,7 @@ def _finish(acc: _Acc) -> OutputParity:
         cosine = None
     return OutputParity(
         name=acc.name, shape=acc.shape, dtype=acc.dtype, passed=bool(passed),
-        max_abs_err=_finite(max_abs),
+        max_abs_err=json_float(max_abs),
         max_rel_err=float(rel_all.max()) if rel_all.size else 0.0,
         mean_abs_err=float(abs_all.mean()) if abs_all.size else 0.0,
         elements=acc.elements, failing_elements=acc.failing,
@@ -223,8 +224,8 @@ def _finish(acc: _Acc) -> OutputParity:
         topk_agreement=acc.topk / acc.rows if acc.rows and acc.k else None,
         tolerance=AppliedTolerance(mode=tol.mode, atol=tol.atol, rtol=tol.rtol, quantile=tol.q, origin=tol.origin),
         statistic_abs=stat_abs, statistic_rel=stat_rel,
-        min_atol=None if min_atol is None else _finite(min_atol),
-        min_rtol=None if min_rtol is None else _finite(min_rtol),
+        min_atol=None if min_atol is None else json_float(min_atol),
+        min_rtol=None if min_rtol is None else json_float(min_rtol),
         first_failing_sample=(acc.first_failing_sample if acc.first_failing_sample is not None
                               else None if passed else acc.worst_sample),
         problems=acc.problems,
@@ -310,8 +311,3 @@ def failure_summary(report: ParityReport) -> str:
         where += ")"
         text += f"; first diverges at {where}, max abs err {d.max_abs_err:.3g}"
     return text
-
-
-def _finite(x: float) -> float:
-    # JSON has no Infinity: report the largest float instead, which still fails any tolerance.
-    return x if np.isfinite(x) else float(np.finfo(np.float64).max)
