@@ -7,6 +7,7 @@ carries on. Only `TransientError` (storage trouble) escapes, so the queue can re
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import traceback
@@ -33,6 +34,16 @@ from portq.tasks.store import Store, result_key
 
 REPORT_FILE = "report.json"
 LOG_FILE = "job.log"
+
+
+def workdir_prefix(job_id: str) -> str:
+    """A job's working folder (in the system temp dir) starts with this; `workdir_glob` finds leftovers."""
+    return f"portq-job-{job_id}-"
+
+
+def workdir_glob(job_id: str = "*") -> str:
+    """Working folders of one job (or of all jobs) that a killed process could not remove."""
+    return os.path.join(tempfile.gettempdir(), workdir_prefix(job_id) + "*")
 
 
 def failed_key(job_id: str) -> str:
@@ -98,7 +109,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
                        source=spec.source.name, target=spec.target, status=JobStatus.running, toolchain=tools,
                        worker=worker, started_at=utcnow(), trust_pickle=spec.trust_pickle)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"portq-{spec.job_id}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=workdir_prefix(spec.job_id)) as tmp:
         workdir = Path(tmp)
         final = cache if not spec.force else f"{cache}-{spec.job_id}"
         try:

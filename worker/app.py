@@ -144,10 +144,10 @@ def _sweep(sender: Any = None, **_: Any) -> None:
     import glob
     import os
     import shutil
-    import tempfile
     import time
 
     from portq.tasks.errors import PortqError
+    from portq.tasks.job import workdir_glob
     from portq.tasks.store import Store
 
     app = getattr(sender, "app", None)
@@ -160,7 +160,7 @@ def _sweep(sender: Any = None, **_: Any) -> None:
         log.warning("could not sweep the store's staging area: %s", e)
         removed = 0
     cutoff = time.time() - settings.visibility_timeout
-    for path in glob.glob(f"{tempfile.gettempdir()}/portq-j*"):
+    for path in glob.glob(workdir_glob()):
         try:
             if os.path.getmtime(path) < cutoff:
                 shutil.rmtree(path, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import logging
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ from celery.worker.request import Request
 from portq.tasks import delivery
 from portq.tasks.contract import CONVERT_TASK, SAFE_ID, JobSpec, JobStatus
 from portq.tasks.errors import PortqError, TransientError
+from portq.tasks.job import workdir_glob
 from portq.tasks.settings import Settings
 from portq.tasks.store import Store
 from pydantic import ValidationError
@@ -134,7 +134,7 @@ def _remove_job_tempdirs(raw: Any) -> None:
     """A killed job's process could not remove its working folder; its parent does."""
     job_id = raw.get("job_id") if isinstance(raw, dict) else None
     if isinstance(job_id, str) and SAFE_ID.match(job_id):
-        for path in glob.glob(f"{tempfile.gettempdir()}/portq-{job_id}-*"):
+        for path in glob.glob(workdir_glob(job_id)):
             shutil.rmtree(path, ignore_errors=True)
 
 

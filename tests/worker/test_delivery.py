@@ -211,8 +211,11 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_queue_for_others(tmp_pa
 
 def test_cancel_stops_queued_jobs_and_workers_shows_what_runs(tmp_path, queue_db, store_dir):
     paths = slow_models(tmp_path / "models", 4)
-    env = env_for(queue_db, store_dir)
-    worker = WorkerProcess(queue_db, store_dir, "cpu", tmp_path / "w.log", env=FAST).wait_ready()
+    # No redelivery is needed here: limits roomy enough that a 10 s export finishes on a busy machine too
+    # (the first isolated step of a worker process also starts its forkserver).
+    roomy = {**FAST, "PORTQ_TASK_TIME_LIMIT": "60", "PORTQ_VISIBILITY_TIMEOUT": "90"}
+    env = {**env_for(queue_db, store_dir), **roomy}
+    worker = WorkerProcess(queue_db, store_dir, "cpu", tmp_path / "w.log", env=roomy).wait_ready()
     try:
         assert run_cli(*submit_args(paths, "cx", seconds=10), env=env).returncode == 0
         running = wait_for(lambda: next((r for r in records(store_dir, "cx") if r.status is JobStatus.running),
