@@ -195,3 +195,40 @@ def test_inputs_are_written_once_per_job(tmp_path, monkeypatch, isolated):
         assert sorted(data.files) == [f"s{i}_0" for i in range(report.artifacts[0].parity.samples)]
     res = _run_script(str(folder / "reproduce_pt2.py"))
     assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("mode, q", [("elementwise", None), ("max", None), ("mean", None), ("median", None),
+                                     ("quantile", 0.9)])
+def test_script_check_is_the_reports_rule(mode, q):
+    """The script's OutputCheck passes exactly when parity.compare does: zero references, NaN/Inf, pooled samples."""
+    import numpy as np
+    from portq.tasks.contract import Tolerance
+    from portq.tasks.formats.recipes import OutputCheck
+    from portq.tasks.parity import compare
+
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for case in range(150):
+        reference, actual = [], []
+        for _ in range(3):
+            r = rng.normal(size=(4, 6)).astype(np.float32)
+            r[rng.random(r.shape) < 0.2] = 0.0  # zero references: judged on the absolute error alone
+            a = r + rng.normal(scale=10.0 ** rng.uniform(-6, -2), size=r.shape).astype(np.float32)
+            exact = rng.random(r.shape) < 0.3
+            a[exact] = r[exact]  # exact elements, exact zeros among them
+            if case % 7 == 0:
+                r[0, 0] = a[0, 0] = np.nan  # matching NaNs pass
+            if case % 11 == 0:
+                a[1, 1] = np.inf  # a non-finite mismatch fails in every mode
+            reference.append([("y", r)])
+            actual.append([("y", a)])
+        atol, rtol = 10.0 ** rng.uniform(-5, -2), 10.0 ** rng.uniform(-4, -1)
+        report = compare(reference, actual, Tolerance(mode=mode, atol=atol, rtol=rtol, quantile=q), seed=0,
+                         device="cpu")
+        check = OutputCheck({"mode": mode, "atol": atol, "rtol": rtol, "q": q})
+        for (_, r), (_, a) in zip((s[0] for s in reference), (s[0] for s in actual)):
+            check.add(r, a)
+        passed, _ = check.verdict()
+        assert passed is report.outputs[0].passed, (case, mode, atol, rtol)
+        outcomes.append(passed)
+    assert any(outcomes) and not all(outcomes)  # both verdicts were exercised
