@@ -13,13 +13,27 @@ from collections.abc import Sequence
 from portq.tasks.contract import ArtifactReport, BatchReport, Histogram, JobReport
 from portq.tasks.reporting import (
     ARTIFACT_COLUMNS,
+    ATTEMPT_COLUMNS,
+    PARITY_COLUMNS,
+    PARITY_LEGEND,
     SUMMARY_COLUMNS,
-    TIMING_COLUMNS,
+    SWEEP_COLUMNS,
+    Fact,
     _fmt,
-    _timing_row,
+    artifact_facts,
     artifact_row,
+    attempt_rows,
     environment_line,
+    job_facts,
+    latency_facts,
+    latency_headline,
+    parity_notes,
+    parity_rows,
+    parity_summary,
     summary_rows,
+    sweep_rows,
+    timing_table,
+    toolchain_line,
 )
 
 _CSS = """
@@ -142,47 +156,36 @@ def _page(title: str, body: list[str]) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def _facts(facts: list[Fact]) -> str:
+    items = []
+    for f in facts:
+        value = f"<strong>{_e(f.value)}</strong>" if f.strong else _e(f.value)
+        cls = ' class="fail"' if f.bad else ""
+        items.append(f"<li{cls}>{_e(f.label)}: {value}</li>")
+    return "<ul>" + "".join(items) + "</ul>" if items else ""
+
+
 def _artifact_html(a: ArtifactReport) -> list[str]:
-    out = [f"<h2>{_e(a.format.value)}{' — best pick' if a.best else ''}</h2>"]
-    if a.error:
-        out.append(f"<p class=\"fail\">{_e(a.error)}</p>")
+    out = [f"<h2>{_e(a.format.value)}{' — best pick' if a.best else ''}</h2>", _facts(artifact_facts(a))]
+    if a.attempts:
+        out += ["<p class=\"muted\">Routes tried:</p>", table(ATTEMPT_COLUMNS, attempt_rows(a))]
     p = a.parity
     if p is not None:
         verdict = '<span class="pass">passed</span>' if p.passed else '<span class="fail">FAILED</span>'
-        out.append(f"<h3>parity {verdict}</h3><p class=\"muted\">{p.samples} samples ({p.user_samples} yours, "
-                   f"{p.random_samples} random, seed {p.seed}) on {_e(p.device)}; precision {p.precision.value}; "
-                   f"default check {p.mode.value} atol {p.atol:g} / rtol {p.rtol:g}; input shapes "
-                   f"{_e(p.sample_shapes)}</p>")
-        rows = [[o.name, str(o.shape), "pass" if o.passed else "FAIL",
-                 o.tolerance.origin if o.tolerance else "-", _fmt(o.max_abs_err), _fmt(o.mean_abs_err),
-                 _fmt(o.median_abs_err), _fmt(o.p99_abs_err), _fmt(o.max_rel_err), _fmt(o.mean_rel_err),
-                 _fmt(o.median_rel_err), _fmt(o.p99_rel_err),
-                 "-" if o.cosine_similarity is None else f"{o.cosine_similarity:.6f}",
-                 "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}",
-                 "-" if o.topk_agreement is None else f"top-{o.topk} {o.topk_agreement:.1%}",
-                 f"{o.nan_source}/{o.inf_source}", f"{o.nan_artifact}/{o.inf_artifact}",
-                 _fmt(o.min_atol), _fmt(o.min_rtol)] for o in p.outputs]
-        out.append(table(["output", "shape", "parity", "tolerance", "max abs", "mean abs", "median abs", "p99 abs",
-                          "max rel", "mean rel", "median rel", "p99 rel", "cosine", "top-1", "top-k",
-                          "NaN/Inf source", "NaN/Inf artifact", "min atol", "min rtol"], rows))
-        d = p.first_divergence
-        if d is not None:
-            module = f", module <code>{_e(d.module)}</code> ({_e(d.module_class or '')})" if d.module else ""
-            out.append(f"<p class=\"fail\">First divergence: node <code>{_e(d.node)}</code> ({_e(d.op_type)}; "
-                       f"fx node <code>{_e(d.source_node)}</code> {_e(d.target or '')}{module}): max abs err "
-                       f"{d.max_abs_err:.3g}, max rel err {d.max_rel_err:.3g}, on sample {d.sample}.</p>")
-        if p.localisation:
-            out.append(f"<p class=\"muted\">Localisation: {_e(p.localisation)}</p>")
+        out.append(f"<h3>parity {verdict}</h3><p class=\"muted\">{_e(parity_summary(p))}</p>")
+        out.append(table(PARITY_COLUMNS, parity_rows(p)))
+        out.append(f"<p class=\"muted\">{_e(PARITY_LEGEND)}</p>")
+        out.append(_facts(parity_notes(p)))
         plots = [error_histogram_svg(o.name, o.abs_err_histogram) for o in p.outputs if o.abs_err_histogram]
         if plots:
             out.append("<div class=\"plots\">" + "".join(f"<figure>{s}</figure>" for s in plots) + "</div>")
     lat = a.latency
     if lat is not None:
-        out.append(f"<h3>latency on {_e(lat.device)}: speedup {lat.speedup:.2f}x"
-                   f"{'' if lat.stable else ' <span class=fail>(unstable)</span>'}</h3>")
+        out.append(f"<h3>latency on {_e(lat.device)}</h3>")
+        out.append(table(*timing_table(lat)))
+        cls = "" if lat.stable else ' class="fail"'
+        out.append(f"<p{cls}>{_e(latency_headline(lat))}</p>")
         if lat.artifact and lat.source:
-            out.append(table(TIMING_COLUMNS, [_timing_row("artifact", lat.artifact),
-                                              _timing_row("source (PyTorch)", lat.source)]))
             plots = [svg_histograms([(n, t.histogram)], title=f"latency of {n} (share of runs, up to its p99)",
                                     x_label="ms per run", width=420)
                      for n, t in ((f"{a.format.value} artifact", lat.artifact), ("source", lat.source))
@@ -190,37 +193,14 @@ def _artifact_html(a: ArtifactReport) -> list[str]:
             if plots:
                 out.append("<div class=\"plots\">" + "".join(f"<figure>{svg}</figure>" for svg in plots) + "</div>")
         if lat.sweep:
-            out.append(table(["batch", "artifact p50 ms", "source p50 ms", "speedup", "artifact items/s",
-                              "source items/s"],
-                             [[str(s.batch_size), _fmt(s.artifact.p50_ms), _fmt(s.source.p50_ms),
-                               f"{s.speedup:.2f}x", f"{s.artifact.throughput_per_s:.1f}",
-                               f"{s.source.throughput_per_s:.1f}"] for s in lat.sweep]))
-        facts = []
-        if lat.load_ms is not None:
-            facts.append(f"load {lat.load_ms:.1f} ms")
-        if lat.memory:
-            facts.append(f"peak RSS {lat.memory.rss_peak_mb:.0f} MB (+{lat.memory.rss_delta_mb:.0f} MB, "
-                         f"{lat.memory.method})")
-            if lat.memory.cuda_peak_mb is not None:
-                facts.append(f"CUDA peak {lat.memory.cuda_peak_mb:.0f} MB")
-        if lat.providers:
-            facts.append("execution providers: " + ", ".join(lat.providers))
-        facts += [lat.criterion, *lat.notes]
-        out.append("<ul>" + "".join(f"<li>{_e(f)}</li>" for f in facts if f) + "</ul>")
-    return out
+            out.append(table(SWEEP_COLUMNS, sweep_rows(lat)))
+        out.append(_facts(latency_facts(lat)))
+    return [x for x in out if x]
 
 
 def job_html(r: JobReport) -> str:
     """report.html for one job."""
-    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>",
-            f"<p>source <code>{_e(r.source)}</code>, batch <code>{_e(r.batch)}</code>, status "
-            f"<span class=\"{'pass' if r.status.value == 'succeeded' else 'fail'}\">{_e(r.status.value)}</span>"
-            + (" (cached)" if r.cached else "") + "</p>"]
-    if r.best:
-        body.append(f"<p>Best pick: <strong>{_e(r.best.value)}</strong> (the fastest artifact that passed "
-                    "parity)</p>")
-    if r.error:
-        body.append(f"<p class=\"fail\">{_e(r.error)}</p>")
+    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", _facts(job_facts(r))]
     best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
     body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
     for a in r.artifacts:
@@ -228,8 +208,7 @@ def job_html(r: JobReport) -> str:
     if r.environment:
         body.append(f"<h2>environment</h2><p>{_e(environment_line(r.environment))}</p>")
     if r.toolchain:
-        body.append("<p class=\"muted\">toolchain: " + _e(", ".join(f"{k} {v}" for k, v in r.toolchain.items()))
-                    + "</p>")
+        body.append("<p class=\"muted\">toolchain: " + _e(toolchain_line(r)) + "</p>")
     return _page(f"portq {r.model}", body)
 
 

@@ -186,6 +186,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
              isolation: Any = None) -> None:
     from portq.tasks.inputs import InputSignature, apply_dynamic, check_dynamic_support, load_npz, resolve_signature
     from portq.tasks.loading import LoadRequest, load_model
+    from portq.tasks.reproduce import write_inputs
     from portq.tasks.runners import torch_device
 
     display = spec.source.name
@@ -203,6 +204,9 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
     report.inputs = sig.describe()
     evidence = _run_source(spec, model, sig, device, display)
     report.environment = evidence.environment
+    # once per job, into the result folder: every format's reproduce script reads these samples (an isolated
+    # step writes into its own folder, so a step must not write them)
+    write_inputs(workdir, evidence.samples)
     if isolation is None:
         from portq.tasks.isolation import InProcess
 

@@ -22,7 +22,8 @@ def script_name(fmt: str) -> str:
 
 
 def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
-    """All parity samples, as s<sample>_<input> arrays (written once per job, shared by the scripts)."""
+    """All parity samples, as s<sample>_<input> arrays: written once per job, into its result folder, and
+    shared by every format's script (`portq.tasks.job` writes it before the format steps)."""
     path = directory / INPUTS_FILE
     arrays = {f"s{i}_{j}": a for i, sample in enumerate(samples) for j, a in enumerate(sample)}
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds as bool
@@ -41,24 +42,40 @@ def _module_source(module: Any) -> str:
 
 def render(
     *, fmt: str, filename: str, route: str, recipe: str, kind: str, display: str, model_path: str,
-    arch: str | None, arch_kwargs: dict[str, Any], opts: dict[str, Any], atol: float, rtol: float,
-    n_samples: int, n_inputs: int, export_sample: int, toolchain: dict[str, str],
+    arch: str | None, arch_kwargs: dict[str, Any], opts: dict[str, Any], tolerances: dict[str, dict[str, Any]],
+    default_tolerance: dict[str, Any], n_samples: int, n_inputs: int, export_sample: int, toolchain: dict[str, str],
 ) -> str:
-    """The text of one reproduce script."""
+    """The text of one reproduce script.
+
+    `tolerances` maps each output's name to the check portq held it to ({"mode", "atol", "rtol", "q",
+    "origin"}); `default_tolerance` is the job's own, for an output the script meets that portq did not.
+    """
     from portq.tasks.formats import recipes, unfuse
 
     settings = {
         "format": fmt, "route": route, "kind": kind, "model": model_path, "arch": arch, "arch_kwargs": arch_kwargs,
-        "opts": opts, "atol": atol, "rtol": rtol, "samples": n_samples, "inputs": n_inputs,
-        "export_sample": export_sample, "filename": filename,
+        "opts": opts, "tolerances": tolerances, "tolerance": default_tolerance, "samples": n_samples,
+        "inputs": n_inputs, "export_sample": export_sample, "filename": filename,
     }
     made_with = ", ".join(f"{k} {v}" for k, v in toolchain.items() if k != "portq")
     doc = (inspect.getdoc(getattr(recipes, recipe)) or "").splitlines()[0]
+    checks = "\n".join(f"    {_doc_safe(name)}: {_describe(t)}" for name, t in tolerances.items())
     return _TEMPLATE.format(
-        fmt=fmt, display=display, route=route, route_doc=doc, atol=atol, rtol=rtol, made_with=made_with or "-",
-        script=script_name(fmt), settings=json.dumps(settings, indent=1, sort_keys=True), recipe=recipe,
-        inputs_file=INPUTS_FILE, unfuse=_module_source(unfuse), recipes=_module_source(recipes),
+        fmt=fmt, display=display, route=route, route_doc=doc, checks=checks or "    (no outputs)",
+        made_with=made_with or "-", script=script_name(fmt), settings=json.dumps(settings, indent=1, sort_keys=True),
+        recipe=recipe, inputs_file=INPUTS_FILE, unfuse=_module_source(unfuse), recipes=_module_source(recipes),
     )
+
+
+def _describe(tol: dict[str, Any]) -> str:
+    stat = f"quantile q={tol['q']:g}" if tol["mode"] == "quantile" else tol["mode"]
+    text = f"{stat} atol {tol['atol']:g} / rtol {tol['rtol']:g}"
+    return text + (f" ({_doc_safe(tol['origin'])})" if tol.get("origin") else "")
+
+
+def _doc_safe(text: str) -> str:
+    # shown inside the script's docstring: no backslashes or quotes that could end it
+    return text.replace("\\", "/").replace('"', "'")
 
 
 def write_script(directory: Path, **kw: Any) -> Path:
@@ -72,8 +89,10 @@ _TEMPLATE = '''#!/usr/bin/env python3
 
 portq converted it by the route `{route}`: {route_doc}
 This script runs that same recipe (copied below) on the same example inputs, runs the new artifact on
-every sample portq checked ({inputs_file}, beside this file), and compares it with the source model
-(an element fails when it exceeds atol {atol:g} and rtol {rtol:g}). Exit status 0 when parity passes.
+every sample portq checked ({inputs_file}, beside this file), and compares it with the source model by
+the check portq's report applied to each output (`OutputCheck` below says how each mode judges):
+{checks}
+Exit status 0 when parity passes.
 
     python {script} [--model PATH] [--out PATH]
 
@@ -159,6 +178,7 @@ def main() -> int:
     print(f"converted {{cli.model}} -> {{cli.out}} by route {{SETTINGS['route']}}")
 
     artifact = load_artifact(SETTINGS["format"], cli.out, device)
+    checks: dict[str, OutputCheck] = {{}}
     passed = True
     for i, sample in enumerate(samples):
         tensors = tuple(torch.from_numpy(a).to(device) for a in sample)
@@ -174,11 +194,18 @@ def main() -> int:
             passed = False
             continue
         for (name, ref), (_, act) in zip(reference, actual):
-            abs_err, rel_err, ok = worst_errors(ref, act, SETTINGS["atol"], SETTINGS["rtol"])
+            tol = SETTINGS["tolerances"].get(name, SETTINGS["tolerance"])
+            check = checks.setdefault(name, OutputCheck(tol))
+            abs_err, rel_err, failing = check.add(ref, act)
             shape = "x".join(map(str, ref.shape))
-            print(f"sample {{i}} {{name}} [{{shape}}]: max abs err {{abs_err:.3g}}, max rel err {{rel_err:.3g}}"
-                  f" {{'ok' if ok else 'FAIL'}}")
-            passed &= ok
+            line = f"sample {{i}} {{name}} [{{shape}}]: max abs err {{abs_err:.3g}}, max rel err {{rel_err:.3g}}"
+            if check.mode == "elementwise":  # the statistic modes judge all samples together, below
+                line += " ok" if not failing else f" FAIL ({{failing}} elements over atol and rtol)"
+            print(line)
+    for name, check in checks.items():
+        ok, why = check.verdict()
+        print(f"{{name}}: {{check.describe()}}: {{why}}: {{'ok' if ok else 'FAIL'}}")
+        passed &= ok
     print("parity passed" if passed else "parity FAILED")
     return 0 if passed else 1
 
@@ -192,24 +219,25 @@ if __name__ == "__main__":
 def write_for_artifact(
     handler: Any, result: Any, req: Any, spec: Any, model: Any, evidence: Any, store: Any, precision: str
 ) -> Path:
-    """Write `reproduce_<format>.py` (and, once per job, the samples) beside a freshly exported artifact.
+    """Write `reproduce_<format>.py` beside a freshly exported artifact (the job writes the samples once).
 
-    The script checks elementwise at the job's tolerance for the artifact's precision (per-output overrides
-    and statistic modes are the report's business; the script stays a short, readable check).
+    The script holds each output to the tolerance the report held it to (mode, atol, rtol, q, per-output
+    overrides included), so it passes exactly when the report's parity passes on the same numbers.
     """
     from portq.tasks.environment import toolchain
-    from portq.tasks.tolerances import resolve
+    from portq.tasks.tolerances import ResolvedTolerance, resolve
 
-    tol = resolve(spec.tolerance, precision, output="")
+    def plain(t: ResolvedTolerance) -> dict[str, Any]:
+        return {"mode": t.mode.value, "atol": t.atol, "rtol": t.rtol, "q": t.q, "origin": t.origin}
 
-    directory = result.path.parent
-    if not (directory / INPUTS_FILE).exists():
-        write_inputs(directory, evidence.samples)
+    tolerances = {name: plain(resolve(spec.tolerance, precision, name)) for name in evidence.output_names}
+    # the job's own tolerance, as parity.compare reports it: no per-output override leaks into it
+    default = plain(resolve(spec.tolerance.model_copy(update={"outputs": {}}), precision, ""))
     route = handler.route(result.route)
     return write_script(
-        directory, fmt=handler.format.value, filename=handler.filename, route=route.name,
+        result.path.parent, fmt=handler.format.value, filename=handler.filename, route=route.name,
         recipe=route.recipe.__name__, kind=model.kind, display=spec.source.name,
         model_path=store.url(spec.source.key), arch=spec.arch, arch_kwargs=spec.arch_kwargs, opts=req.opts(),
-        atol=tol.atol, rtol=tol.rtol, n_samples=len(evidence.samples),
+        tolerances=tolerances, default_tolerance=default, n_samples=len(evidence.samples),
         n_inputs=len(evidence.input_names), export_sample=evidence.export_index, toolchain=toolchain(),
     )
