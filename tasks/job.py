@@ -211,7 +211,13 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, fina
         from portq.tasks.isolation import InProcess
 
         isolation = InProcess()
+    from portq.tasks.formats import FORMATS
+
     for fmt in spec.formats:
+        reason = FORMATS.get(fmt.value).unsupported(spec.target)
+        if reason:  # decided here: no child process, no model reload, for a format that cannot run
+            report.artifacts.append(ArtifactReport(format=fmt, status=StepStatus.skipped, error=reason))
+            continue
         # wrapped at the call site: the isolation may run the step in a child process (a crash costs one format)
         report.artifacts.append(isolation.run_format(_run_format, fmt, spec, model, evidence, workdir, store, final))
     from portq.tasks.reporting import mark_best
@@ -266,9 +272,6 @@ def _run_format(fmt: Format, spec: JobSpec, model: Any, ev: SourceEvidence, work
     from portq.tasks.runners import call, to_tensors
 
     handler = FORMATS.get(fmt.value)
-    reason = handler.unsupported(spec.target)
-    if reason:
-        return ArtifactReport(format=fmt, status=StepStatus.skipped, error=reason)
     step = f"export:{fmt.value}"
     artifact = ArtifactReport(format=fmt, status=StepStatus.failed)
     try:

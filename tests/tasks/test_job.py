@@ -125,3 +125,16 @@ def test_cuda_target_without_cuda_fails_clearly(example_models, tmp_path):
     report = run_job(spec, store)
     assert report.status is JobStatus.failed and report.failure.kind == "device"
     assert "no CUDA device" in report.error and report.artifacts == []
+
+
+def test_a_format_that_cannot_run_here_is_skipped_with_its_reason(example_models, tmp_path, monkeypatch):
+    import portq.tasks.formats.aoti as aoti
+
+    monkeypatch.setattr(aoti.shutil, "which", lambda name: None)  # a worker without a C++ compiler
+    store = Store(str(tmp_path / "store"))
+    (spec,) = submit([example_models["mlp"]], store, formats=[Format.onnx, Format.aoti]).specs
+    report = run_job(spec, store)
+    arts = {a.format: a for a in report.artifacts}
+    assert arts[Format.aoti].status is StepStatus.skipped and "C++ compiler" in arts[Format.aoti].error
+    assert arts[Format.onnx].status is StepStatus.succeeded
+    assert report.status is JobStatus.succeeded  # a skipped format is reported, not a failure
