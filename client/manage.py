@@ -46,7 +46,7 @@ def cancel(
         revoke(settings, [r.job_id for r in queued])  # workers drop these messages unopened
         if terminate and running:
             ids = {r.job_id for r in running}
-            tasks = [(t["id"], t["kwargs"]["spec"]["job_id"]) for w in inspect_workers(settings).values()
+            tasks = [(t["id"], _job_id(t)) for w in inspect_workers(settings).values()
                      for t in (w["active"] or []) if _job_id(t) in ids]
             revoke(settings, [task_id for task_id, _ in tasks], terminate=True)
             hit = {job_id for _, job_id in tasks}
@@ -110,11 +110,9 @@ def retry(
         enqueue(specs, settings, st, resubmit=True)
     out.print(f"resubmitted {len(specs)} job(s): " + ", ".join(s.model for s in specs))
     if wait or settings.embedded:
-        from portq.client.submit import finish, follow
+        from portq.client.submit import see_through
 
-        if not settings.embedded:
-            follow(st, batch, timeout=timeout)
-        raise typer.Exit(finish(st, batch))
+        raise typer.Exit(see_through(st, batch, timeout))
 
 
 @app.command()
@@ -127,12 +125,11 @@ def wait(
 
     It reads the store only, so it picks up a batch from any client, after any restart, broker up or down.
     """
-    from portq.client.submit import finish, follow
+    from portq.client.submit import see_through
 
     st = Store(resolve(store=store).store)
     batches.require_batch(st, batch)
-    follow(st, batch, timeout=timeout)
-    raise typer.Exit(finish(st, batch))
+    raise typer.Exit(see_through(st, batch, timeout))
 
 
 @app.command()

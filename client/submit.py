@@ -164,9 +164,7 @@ def submit(
         err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
     if not wait:
         return
-    if not settings.embedded:
-        follow(st, sub.batch, timeout=timeout)
-    raise typer.Exit(finish(st, sub.batch))
+    raise typer.Exit(see_through(st, sub.batch, timeout))
 
 
 def _run_embedded(specs: list[Any], st: Store, settings: Any) -> None:
@@ -198,6 +196,12 @@ def follow(st: Store, batch: str, timeout: float = 0, poll: float = 0.5) -> list
                 err.print(f"[yellow]timed out after {timeout:g}s; {len(records) - done} job(s) still unfinished[/]")
                 raise typer.Exit(3)
             time.sleep(poll)
+
+
+def see_through(st: Store, batch: str, timeout: float = 0) -> int:
+    """Follow the batch to its end (at once when it has already finished), print its summary; 1 if a job failed."""
+    follow(st, batch, timeout=timeout)
+    return finish(st, batch)
 
 
 def finish(st: Store, batch: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from portq.tasks import batches
 from portq.tasks.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, safe_name, utcnow
-from portq.tasks.errors import StoreError, TransientError
+from portq.tasks.errors import InputError, StoreError, TransientError
 from portq.tasks.store import Store, dead_letter_key, spec_key
 
 RETRY_HINT = "`portq retry {batch}` resubmits it"
@@ -128,7 +128,8 @@ def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
     model = raw.get("model")
     record = JobRecord(job_id=job_id, batch=batch, model=safe_name(model if isinstance(model, str) else "model"),
                        source="?", target=Target.cpu, status=JobStatus.failed,
-                       error=f"[step receive] the worker refused this job's message: {problem}")
+                       error=InputError(f"the worker refused this job's message: {problem}",
+                                        step="receive").message)
     batches.write_record(store, record)
     return record
 

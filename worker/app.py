@@ -18,6 +18,7 @@ from celery.apps.worker import Worker
 from celery.signals import worker_init, worker_ready
 from kombu import Queue
 from portq.tasks.contract import QUEUES
+from portq.tasks.errors import ConfigError
 from portq.tasks.settings import Settings
 from portq.worker import gpu  # noqa: F401  (connects the per-child GPU pinning signal)
 from portq.worker.redact import Redactor, install
@@ -131,8 +132,8 @@ def _refuse_unsafe_limits(sender: Any = None, **_: Any) -> None:
     problem = limits_problem(getattr(sender, "time_limit", None),
                              (app.conf.broker_transport_options or {}).get("visibility_timeout"))
     if problem:
-        message = (f"[error] [step worker] refusing to start: {problem} (set PORTQ_TASK_TIME_LIMIT below "
-                   "PORTQ_VISIBILITY_TIMEOUT)")
+        message = "[error] " + ConfigError(f"refusing to start: {problem}", step="worker",
+                                           hint="set PORTQ_TASK_TIME_LIMIT below PORTQ_VISIBILITY_TIMEOUT").message
         log.critical(message)
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG)

@@ -21,7 +21,7 @@ from celery.exceptions import Reject
 from celery.worker.request import Request
 from portq.tasks import delivery
 from portq.tasks.contract import CONVERT_TASK, SAFE_ID, JobSpec, JobStatus
-from portq.tasks.errors import PortqError, TransientError
+from portq.tasks.errors import InputError, PortqError, TransientError
 from portq.tasks.job import workdir_glob
 from portq.tasks.settings import Settings
 from portq.tasks.store import Store
@@ -97,8 +97,8 @@ def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
             log.debug("size check of %s: %s", ref.key, e)
             continue
         if size > limit:
-            return (f"[step receive, file {ref.name}] file is {size} bytes, over this worker's limit of {limit} "
-                    f"({var})")
+            return InputError(f"file is {size} bytes, over this worker's limit of {limit}", step="receive",
+                              file=ref.name, hint=var).message
     return None
 
 
