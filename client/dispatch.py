@@ -24,16 +24,7 @@ def producer(settings: Settings):  # type: ignore[no-untyped-def]
     from celery import Celery
 
     app = Celery("portq-client", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=False,
-        broker_connection_timeout=5,
-        task_ignore_result=True,
-        task_send_sent_event=True,  # Flower counts a job as queued from this event
-    )
+    app.conf.update(settings.wire_config(), broker_connection_retry_on_startup=False, broker_connection_timeout=5)
     return app
 
 

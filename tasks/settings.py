@@ -87,6 +87,21 @@ class Settings(BaseModel):
                              "&ssl_ca_certs=/path/ca.pem: without it the certificate check is undefined")
         return self
 
+    def wire_config(self) -> dict[str, Any]:
+        """Celery settings the workers and the clients on one broker must share (plain data: no Celery here)."""
+        return {
+            # Messages are JSON only: a pickled message is rejected by kombu before any task code runs.
+            "task_serializer": "json",
+            "accept_content": ["json"],
+            "result_accept_content": ["json"],
+            # State lives in the store, not in a result backend.
+            "task_ignore_result": True,
+            # Flower counts a job as queued from this event.
+            "task_send_sent_event": True,
+            # Redis redelivers a message unacknowledged for this long; the smallest value on a broker wins.
+            "broker_transport_options": {"visibility_timeout": self.visibility_timeout},
+        }
+
     @property
     def embedded(self) -> bool:
         return self.broker_url is None

@@ -35,16 +35,12 @@ def restore_interval(visibility_timeout: int) -> int:
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
-    """Configuration shared by the worker and the client that sends to it."""
+    """The worker's configuration: what every party on the broker shares (`Settings.wire_config`), and more."""
+    wire = settings.wire_config()
     return {
-        # Messages are JSON only: a pickled message is rejected by kombu before any task code runs.
-        "task_serializer": "json",
-        "accept_content": ["json"],
+        **wire,
         "result_serializer": "json",
         "event_serializer": "json",
-        "result_accept_content": ["json"],
-        # State lives in the store, not in a result backend.
-        "task_ignore_result": True,
         "task_store_errors_even_if_ignored": False,
         # Acknowledge after the job ran, and put it back if the worker process died under it.
         "task_acks_late": True,
@@ -56,8 +52,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": None,
         "broker_transport_options": {
-            # Redis redelivers a message unacknowledged for this long; the time limit stays below it.
-            "visibility_timeout": settings.visibility_timeout,
+            # the time limit stays below the visibility timeout (checked at start-up)
+            **wire["broker_transport_options"],
             # kombu's default sweep for such messages runs every 10 s x 10 = 100 s; keep it in step.
             "unacked_restore_interval": restore_interval(settings.visibility_timeout),
             "unacked_restore_throttle": 1,
@@ -70,7 +66,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_create_missing_queues": False,
         # Events for Flower (and its Prometheus /metrics): sent, received, started, succeeded, failed.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "worker_max_tasks_per_child": settings.max_tasks_per_child,
         # A running job survives a broker hiccup; its redelivery (if any) finds it finished and skips it.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
