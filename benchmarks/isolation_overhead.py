@@ -23,12 +23,12 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["onnx", "torchscript", "pt2"])
     args = ap.parse_args()
 
-    from portq.tasks.contract import Format
-    from portq.tasks.examples import write_examples
-    from portq.tasks.isolation import ChildProcess, InProcess, forkserver
-    from portq.tasks.job import run_job
-    from portq.tasks.store import Store
-    from portq.tasks.submission import prepare
+    from portq.tasks.core.contract import Format
+    from portq.tasks.execution.isolation import ChildProcess, InProcess, forkserver
+    from portq.tasks.execution.run import run_job
+    from portq.tasks.sources.examples import write_examples
+    from portq.tasks.state.store import Store
+    from portq.tasks.state.submission import prepare
 
     tmp = Path(tempfile.mkdtemp(prefix="portq-bench-"))
     models = write_examples(tmp / "models")

@@ -10,8 +10,8 @@ import sys
 from typing import Annotated
 
 import typer
-from portq.tasks.errors import ConfigError, PortqError
-from portq.tasks.settings import Settings
+from portq.tasks.core.errors import ConfigError, PortqError
+from portq.tasks.core.settings import Settings
 from rich.console import Console
 from rich.markup import escape
 
@@ -50,7 +50,7 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 
 def main() -> None:
-    from portq.client import inspect, manage, operate, submit  # noqa: F401  (command registration)
+    from portq.client import control, pool, results, submit  # noqa: F401  (command registration)
 
     try:
         rc = app(standalone_mode=False)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from portq.tasks import delivery
-from portq.tasks.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
-from portq.tasks.errors import ConfigError, TransientError, first_line
-from portq.tasks.settings import Settings
-from portq.tasks.store import Store
+from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
+from portq.tasks.core.errors import ConfigError, TransientError, first_line
+from portq.tasks.core.settings import Settings
+from portq.tasks.state import delivery
+from portq.tasks.state.store import Store
 
 #: how hard one publish tries through a broker hiccup before the job is recorded as not queued
 PUBLISH_RETRY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2.0}
@@ -65,15 +65,15 @@ def enqueue(specs: list[JobSpec], settings: Settings, store: Store | None = None
 def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = None,
              on_done: Callable[[JobReport], None] | None = None) -> None:
     """The embedded default: the same task code, in this process, one job after another."""
-    from portq.tasks.isolation import isolation_for
-    from portq.tasks.job import run_job
+    from portq.tasks.execution.isolation import isolation_for
+    from portq.tasks.execution.run import run_job
 
     settings = settings or Settings.resolve(env={})
     for spec in specs:
         try:
             report = run_job(spec, store, worker="embedded", isolation=isolation_for(settings))
         except TransientError as e:
-            from portq.tasks import batches
+            from portq.tasks.state import records as batches
 
             record = batches.read_record(store, spec.batch_id, spec.job_id)
             if record is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from portq.tasks.contract import BatchReport, JobRecord, JobStatus
-from portq.tasks.reporting import SUMMARY_COLUMNS, summary_rows
+from portq.tasks.core.contract import BatchReport, JobRecord, JobStatus
+from portq.tasks.reports.content import SUMMARY_COLUMNS, summary_rows
 from rich.markup import escape
 from rich.table import Table
 

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import typer
 from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve
 from portq.client.render import summary_table
-from portq.tasks import batches
-from portq.tasks.contract import Format, InputSpec, JobRecord, Precision, Target, ToleranceMode
-from portq.tasks.errors import ConfigError
-from portq.tasks.store import Store
-from portq.tasks.submission import prepare
+from portq.tasks.core.contract import Format, InputSpec, JobRecord, Precision, Target, ToleranceMode
+from portq.tasks.core.errors import ConfigError
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store
+from portq.tasks.state.submission import prepare
 
 
 def _parse_inputs(specs: list[str]) -> list[InputSpec]:

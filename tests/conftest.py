@@ -18,7 +18,7 @@ LOCK_KEY = "portq:test-run-lock"
 
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from portq.tasks.examples import write_examples
+    from portq.tasks.sources.examples import write_examples
 
     paths = write_examples(tmp_path_factory.mktemp("models"))
     return {p.stem: p for p in paths}

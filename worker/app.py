@@ -17,9 +17,9 @@ from celery import Celery
 from celery.apps.worker import Worker
 from celery.signals import worker_init, worker_ready
 from kombu import Queue
-from portq.tasks.contract import QUEUES
-from portq.tasks.errors import ConfigError
-from portq.tasks.settings import Settings
+from portq.tasks.core.contract import QUEUES
+from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.settings import Settings
 from portq.worker import gpu  # noqa: F401  (connects the per-child GPU pinning signal)
 from portq.worker.redact import Redactor, install
 
@@ -99,9 +99,9 @@ def make_app(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
     # An attribute, not a conf key: `celery inspect conf` would show a conf key, password and all.
     app.portq_settings = settings  # type: ignore[attr-defined]
-    from portq.worker import jobs  # registers the task on this app
+    from portq.worker import task  # registers the task on this app
 
-    jobs.register(app)
+    task.register(app)
     return app
 
 
@@ -142,9 +142,9 @@ def _sweep(sender: Any = None, **_: Any) -> None:
     import shutil
     import time
 
-    from portq.tasks.errors import PortqError
-    from portq.tasks.job import workdir_glob
-    from portq.tasks.store import Store
+    from portq.tasks.core.errors import PortqError
+    from portq.tasks.execution.run import workdir_glob
+    from portq.tasks.state.store import Store
 
     app = getattr(sender, "app", None)
     settings: Settings | None = getattr(app, "portq_settings", None)

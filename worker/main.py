@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from portq.tasks.errors import ConfigError
-from portq.tasks.settings import Settings
+from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.settings import Settings
 from portq.worker.gpu import GPU_LIST_ENV, visible_gpus
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import unquote, urlsplit
 
-from portq.tasks.settings import redact_url
+from portq.tasks.core.settings import redact_url
 
 #: a password shorter than this is not replaced where it appears on its own (it would mangle ordinary words)
 MIN_BARE_SECRET = 6

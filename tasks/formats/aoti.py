@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from portq.tasks.contract import Format, Target
+from portq.tasks.checks.runners import TorchRunner
+from portq.tasks.core.contract import Format, Target
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route
-from portq.tasks.runners import TorchRunner
 
 FILENAME = "model.aoti.pt2"
 

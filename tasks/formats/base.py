@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portq.tasks.contract import Format, RouteAttemptReport, Target
-from portq.tasks.errors import ConversionError, PortqError
+from portq.tasks.checks.runners import Runner
+from portq.tasks.core.contract import Format, RouteAttemptReport, Target
+from portq.tasks.core.errors import ConversionError, PortqError
+from portq.tasks.core.registry import Registry
 from portq.tasks.formats.diagnose import Blocker, blocker
 from portq.tasks.formats.recipes import NotApplicable
-from portq.tasks.loading import LoadedModel
-from portq.tasks.registry import Registry
-from portq.tasks.runners import Runner
+from portq.tasks.sources.loading import LoadedModel
 
 Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], None]
 
@@ -150,7 +150,7 @@ class RoutesExhausted(ConversionError):
 
 
 def _log_failure(fmt: str, route: str, e: BaseException) -> None:
-    # stdout is the job log while a job runs (portq.tasks.capture); the report keeps only the short reason
+    # stdout is the job log while a job runs (portq.tasks.execution.capture); the report keeps only the short reason
     import traceback
 
     print(f"[portq] {fmt} route {route} failed:\n{''.join(traceback.format_exception(e, limit=4))}")

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from portq.tasks.contract import Format
-from portq.tasks.errors import DeviceUnavailableError
+from portq.tasks.checks.runners import NamedArrays
+from portq.tasks.core.contract import Format
+from portq.tasks.core.errors import DeviceUnavailableError
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
-from portq.tasks.runners import NamedArrays
 
 #: Opset used when --opset is not given (every route honours it; the report records what the file holds).
 DEFAULT_OPSET = recipes.DEFAULT_OPSET

@@ -245,7 +245,7 @@ def flatten(obj: Any, prefix: str = "output") -> list[tuple[str, np.ndarray]]:
 
 
 class OutputCheck:
-    """One output's parity check over every sample, by the rule portq's report applies (`portq.tasks.parity`).
+    """One output's parity check over every sample, by the rule portq's report applies (`portq.tasks.checks.parity`).
 
     `tol` is {"mode", "atol", "rtol", "q"}. Per element, in float64: the absolute error |a - r|; the relative
     error |a - r| / |r|, unbounded where r == 0 and a != 0 (so such an element is judged on its absolute

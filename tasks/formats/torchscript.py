@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from portq.tasks.contract import Format
+from portq.tasks.checks.runners import TorchRunner
+from portq.tasks.core.contract import Format
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route
-from portq.tasks.runners import TorchRunner
 
 FILENAME = "model.torchscript.pt"
 

@@ -5,7 +5,7 @@ import re
 
 import jsonschema
 import pytest
-from portq.tasks.schema_files import SCHEMA_DIR
+from portq.tasks.core.schema_files import SCHEMA_DIR
 
 from tests.conftest import run_cli
 

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-from portq.tasks.errors import ConfigError
-from portq.tasks.settings import Settings
+from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.settings import Settings
 from portq.worker.app import limits_problem, make_app
 from portq.worker.main import run_worker, worker_argv
 
@@ -46,8 +46,8 @@ def test_a_worker_refuses_to_start_when_its_time_limit_outlasts_the_visibility_t
 
 
 def test_worker_main_process_does_not_import_torch():
-    code = ("import sys; import portq.worker.app, portq.worker.main, portq.worker.jobs, portq.tasks.job, "
-            "portq.tasks.delivery, portq.tasks.isolation; "
+    code = ("import sys; import portq.worker.app, portq.worker.main, portq.worker.task, portq.tasks.execution.run, "
+            "portq.tasks.state.delivery, portq.tasks.execution.isolation; "
             "print('torch' in sys.modules, 'typer' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from kombu import Connection
-from portq.tasks import batches
-from portq.tasks.contract import JobStatus
-from portq.tasks.store import Store
+from portq.tasks.core.contract import JobStatus
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store
 
 from tests.conftest import WorkerProcess, run_cli
 from tests.hostile import ARCH, write_malicious_pickle, write_state_dict

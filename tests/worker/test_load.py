@@ -11,9 +11,9 @@ import time
 from collections import Counter
 
 import pytest
-from portq.tasks import batches
-from portq.tasks.contract import JobStatus
-from portq.tasks.store import Store
+from portq.tasks.core.contract import JobStatus
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store
 
 from tests.conftest import WorkerProcess, run_cli
 

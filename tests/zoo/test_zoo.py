@@ -13,10 +13,10 @@ import re
 
 import onnx
 import pytest
-from portq.tasks.contract import Format, JobStatus, StepStatus
-from portq.tasks.job import run_job
-from portq.tasks.store import Store
-from portq.tasks.submission import prepare
+from portq.tasks.core.contract import Format, JobStatus, StepStatus
+from portq.tasks.execution.run import run_job
+from portq.tasks.state.store import Store
+from portq.tasks.state.submission import prepare
 
 from tests.zoo.build import KINDS
 from tests.zoo.conftest import RESULTS

@@ -1,0 +1,71 @@
+"""`portq status` and `portq report`: read a batch from the store (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from portq.client.cli import StoreOpt, app, err, out, resolve
+from portq.client.render import status_table, summary_table
+from portq.tasks.reports.content import batch_markdown
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+    md = "md"
+    html = "html"
+
+
+@app.command()
+def status(
+    batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
+    store: StoreOpt = None,
+) -> None:
+    """Each job's state: queued, running, succeeded, failed. Exit 1 if any job failed."""
+    st = Store(resolve(store=store).store)
+    records = batches.require_batch(st, batch)
+    out.print(status_table(batch, records))
+    c = batches.counts(records)
+    out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
+    raise typer.Exit(1 if c["failed"] else 0)
+
+
+@app.command()
+def report(
+    batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "
+                                                         "(schema: batch-report.v1.json).")] = False,
+    fmt: Annotated[ReportFormat, typer.Option("--format", help="table (terminal), json, md (Markdown summary) "
+                                                               "or html (self-contained summary page).")]
+    = ReportFormat.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Results per job and artifact: parity, p50 latency, speedup, the best pick, errors."""
+    st = Store(resolve(store=store).store)
+    rep = batches.batch_report(st, batch)
+    if as_json:
+        fmt = ReportFormat.json
+    if fmt is ReportFormat.table and output is None:
+        out.print(summary_table(rep))
+        return
+    if fmt is ReportFormat.json:
+        text = json.dumps(rep.model_dump(mode="json"), indent=2) + "\n"
+    elif fmt is ReportFormat.html:
+        from portq.tasks.reports.html import batch_html
+
+        text = batch_html(rep)
+    else:  # md, or a table written to a file: Markdown is the table
+        text = batch_markdown(rep)
+    if output is None:
+        # plain write: Rich would wrap and style a document meant for machines
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        err.print(f"wrote {output}")

@@ -1,0 +1,394 @@
+"""First-divergence localisation: when parity fails, name the first operator whose values leave the source's.
+
+ONNX artifacts made by the dynamo exporter (routes `dynamo` and `ts2ep`) record, on every node, the
+torch.fx node it implements (`pkg.torch.onnx.fx_node`), the submodule path (`pkg.torch.onnx.name_scopes`)
+and the module classes (`pkg.torch.onnx.class_hierarchy`); their tensors are named after the fx nodes. The
+search:
+
+1. export the source again in memory, the same way (deterministic), to get the exporter's
+   ExportedProgram: the graph those fx names refer to;
+2. run that program node by node (a torch.fx Interpreter) on the failing sample and keep every tensor;
+3. run the artifact itself in onnxruntime, on the same device, with every matched tensor added as a graph
+   output;
+4. walk the fx graph in execution order and compare each matched tensor with the job's tolerance (the same
+   rules as output parity); the first that fails is `first_divergence`.
+
+ONNX from the TorchScript-based exporter keeps no fx names: its tensors are matched to the source's fx
+values by value instead, and the first source operator whose inputs match but whose output (and users)
+do not is named, with the ONNX node that consumes those inputs. pt2 artifacts (ExportedPrograms) are
+compared fx node against fx node. TorchScript and AOTInductor artifacts expose no intermediate values and
+are not localised; the report's `localisation` says so. Localisation is a diagnosis: it never fails the job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from portq.tasks.core.contract import Divergence, Format, ParityReport, Tolerance
+from portq.tasks.core.errors import first_line
+
+_FX_NAME = re.compile(r"^\s*%([\w.]+)\s*:")
+META_FX = "pkg.torch.onnx.fx_node"
+META_SCOPES = "pkg.torch.onnx.name_scopes"
+META_CLASSES = "pkg.torch.onnx.class_hierarchy"
+
+
+@dataclass
+class Candidate:
+    """One intermediate tensor the artifact exposes, and what it came from."""
+
+    fx_name: str
+    value: str  # the artifact's tensor name
+    node: str  # the artifact's node producing it
+    op_type: str
+    target: str | None = None
+    module: str | None = None
+    module_class: str | None = None
+
+
+def localise(
+    fmt: Format, model: Any, artifact_path: Path, runner: Any, ev: Any, parity: ParityReport, tol: Tolerance
+) -> tuple[Divergence | None, str]:
+    """(first divergence or None, how it was searched / why not). Never raises."""
+    try:
+        if fmt is Format.onnx:
+            return _localise_onnx(model, artifact_path, runner, ev, parity, tol)
+        if fmt is Format.pt2:
+            return _localise_pt2(model, artifact_path, ev, parity, tol)
+        return None, (f"not localised: {fmt.value} artifacts expose no intermediate values "
+                      "(localisation covers onnx and pt2)")
+    except Exception as e:  # a diagnosis that fails must not fail the artifact
+        return None, f"localisation failed: {type(e).__name__}: {first_line(e)}"
+
+
+def failing_sample(parity: ParityReport) -> int:
+    """The sample to localise on: the first on which a failing output failed."""
+    for o in parity.outputs:
+        if not o.passed and o.first_failing_sample is not None:
+            return o.first_failing_sample
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ fx side
+
+
+def fx_values(program: Any, sample: list[np.ndarray], device: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every tensor an ExportedProgram computes on `sample`, by fx node name, and the nodes in execution order."""
+    import torch
+    from torch.export.graph_signature import InputKind
+
+    users = iter(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in sample)
+    flat: list[Any] = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            flat.append(next(users))
+        elif spec.target in program.state_dict:
+            flat.append(program.state_dict[spec.target].to(device))
+        elif spec.target in program.constants:
+            value = program.constants[spec.target]
+            flat.append(value.to(device) if isinstance(value, torch.Tensor) else value)
+        else:
+            raise ValueError(f"input {spec.arg.name} ({spec.kind.name}) has no value in the program")
+    values: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_function" and isinstance(out, torch.Tensor):
+                t = out.detach()
+                values[n.name] = (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+            return out
+
+    with torch.no_grad():
+        Recorder(program.graph_module).run(*flat)
+    order = [n.name for n in program.graph.nodes if n.name in values]
+    return values, order
+
+
+def _module_of(node: Any) -> tuple[str | None, str | None]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None, None
+    path, cls = list(stack.values())[-1]
+    cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return (path or None), cls_name
+
+
+def _target_name(node: Any) -> str | None:
+    target = getattr(node, "target", None)
+    if target is None or isinstance(target, str):
+        return None
+    # OpOverloads print as aten.linear.default; Python callables (operator.getitem) by their name
+    return str(target) if hasattr(target, "_schema") else getattr(target, "__name__", str(target))
+
+
+# ---------------------------------------------------------------------------------------------- onnx side
+
+
+def onnx_candidates(model_proto: Any) -> dict[str, Candidate]:
+    """fx node name -> the artifact's tensor holding that node's value, from the exporter's node metadata."""
+    groups: dict[str, list[Any]] = {}
+    for node in model_proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        m = _FX_NAME.match(meta.get(META_FX, ""))
+        if m:
+            groups.setdefault(m.group(1), []).append((node, meta))
+    found: dict[str, Candidate] = {}
+    for fx_name, members in groups.items():
+        # the tensor named after the fx node; else (a renamed graph output) the group's last node's output
+        hit = next(((n, meta, o) for n, meta in members for o in n.output if o == fx_name), None)
+        if hit is None:
+            n, meta = members[-1]
+            if not n.output or not n.output[0]:
+                continue
+            hit = (n, meta, n.output[0])
+        node, meta, value = hit
+        scopes = _literal_list(meta.get(META_SCOPES))
+        classes = _literal_list(meta.get(META_CLASSES))
+        module = next((s for s in reversed(scopes[:-1]) if s), None) if len(scopes) > 1 else None
+        module_class = classes[-2] if len(classes) >= 2 and module else None
+        found[fx_name] = Candidate(fx_name=fx_name, value=value, node=node.name or value, op_type=node.op_type,
+                                   target=classes[-1] if classes else None, module=module, module_class=module_class)
+    return found
+
+
+def _literal_list(text: str | None) -> list[str]:
+    import ast
+
+    if not text:
+        return []
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+
+
+def _onnx_intermediates(path: Path, names: list[str], sample_feed: dict[str, np.ndarray],
+                        providers: list[str]) -> dict[str, np.ndarray]:
+    """Run the artifact with `names` exposed as extra outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    out_names = [o.name for o in session.get_outputs()]
+    feed = {k: v for k, v in sample_feed.items() if k in {i.name for i in session.get_inputs()}}
+    results = session.run(None, feed)
+    return {n: np.asarray(v) for n, v in zip(out_names, results) if n in set(names)}
+
+
+def _reexport(model: Any, ev: Any, opset: int | None) -> Any:
+    """The dynamo exporter's ExportedProgram for this source (the graph the artifact's fx names refer to)."""
+    import torch
+
+    args, _ = _export_inputs(ev)
+    onnx_program = torch.onnx.export(source_program(model, ev), args, dynamo=True, opset_version=opset,
+                                     input_names=ev.input_names, output_names=ev.output_names, verbose=False)
+    assert onnx_program is not None  # dynamo=True always returns the program
+    return onnx_program.exported_program
+
+
+def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityReport,
+                   tol: Tolerance) -> tuple[Divergence | None, str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    candidates = onnx_candidates(proto)
+    if not candidates:
+        return _localise_onnx_by_values(model, path, proto, runner, ev, parity, tol)
+    from portq.tasks.formats.onnx import DEFAULT_OPSET
+
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
+    program = _reexport(model, ev, opset)
+    index = failing_sample(parity)
+    try:
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    except Exception:  # a program specialised to the first sample's shapes
+        index = 0
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    names = [candidates[n].value for n in order if n in candidates]
+    feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
+    providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
+    actual = _onnx_intermediates(path, names, feed, providers)
+    pairs = [(n, candidates[n], values[n], actual.get(candidates[n].value)) for n in order if n in candidates]
+    return _first_failing(pairs, program, parity, tol, index, "onnx")
+
+
+def _localise_pt2(model: Any, path: Path, ev: Any, parity: ParityReport,
+                  tol: Tolerance) -> tuple[Divergence | None, str]:
+    import torch
+
+    artifact = torch.export.load(str(path))
+    source = source_program(model, ev)
+    index = failing_sample(parity)
+    try:
+        ref, order = fx_values(source, ev.samples[index], ev.device)
+        act, _ = fx_values(artifact, ev.samples[index], ev.device)
+    except Exception:
+        index = 0
+        ref, order = fx_values(source, ev.samples[index], ev.device)
+        act, _ = fx_values(artifact, ev.samples[index], ev.device)
+    nodes = {n.name: n for n in artifact.graph.nodes}
+    pairs = []
+    for name in order:
+        if name in act and name in nodes:
+            module, cls = _module_of(nodes[name])
+            cand = Candidate(fx_name=name, value=name, node=name, op_type=str(nodes[name].target),
+                             target=_target_name(nodes[name]), module=module, module_class=cls)
+            pairs.append((name, cand, ref[name], act[name]))
+    return _first_failing(pairs, source, parity, tol, index, "pt2")
+
+
+def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray | None]], program: Any,
+                   parity: ParityReport, tol: Tolerance, sample: int, kind: str) -> tuple[Divergence | None, str]:
+    from portq.tasks.checks.parity import compare
+
+    # intermediates are judged by the job's tolerance, without the per-output overrides meant for outputs
+    job_tol = tol.model_copy(update={"outputs": {}})
+    fx_nodes = {n.name: n for n in program.graph.nodes}
+    compared = 0
+    for fx_name, cand, ref, act in pairs:
+        if act is None or act.shape != ref.shape:
+            continue
+        fx_target = _target_name(fx_nodes[fx_name]) if fx_name in fx_nodes else None
+        if cand.target and fx_target and cand.target != fx_target:
+            continue  # the same name for another operator: the graphs differ here, so this pair proves nothing
+        compared += 1
+        rep = compare([[(cand.value, ref)]], [[(cand.value, act)]], job_tol, seed=0, device="",
+                      precision=parity.precision)
+        if rep.passed:
+            continue
+        out = rep.outputs[0]
+        fx_node = fx_nodes.get(fx_name)
+        module, module_class = cand.module, cand.module_class
+        if module is None and fx_node is not None:
+            module, module_class = _module_of(fx_node)
+        target = cand.target or (_target_name(fx_node) if fx_node is not None else None)
+        return Divergence(node=cand.node, op_type=cand.op_type, source_node=fx_name, target=target, module=module,
+                          module_class=module_class, value=cand.value, shape=list(ref.shape),
+                          max_abs_err=out.max_abs_err, max_rel_err=out.max_rel_err, mean_abs_err=out.mean_abs_err,
+                          sample=sample, compared=compared), (
+            f"compared {compared} intermediate value(s) of the {kind} artifact with the source's fx graph on "
+            f"sample {sample}, in execution order; the first beyond tolerance is named")
+    return None, (f"no intermediate value of the {kind} artifact exceeds the tolerance ({compared} compared on "
+                  f"sample {sample}): the error accumulates gradually rather than at one operator")
+
+
+
+# ------------------------------------------------------------------ onnx without metadata: match by value
+
+
+def _export_inputs(ev: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example the artifacts were exported with, and the recipes' options, rebuilt from the evidence."""
+    from portq.tasks.checks.runners import to_tensors
+
+    opts = {"input_names": list(ev.input_names), "output_names": list(ev.output_names),
+            "dynamic": {i: dict(axes) for i, axes in ev.dynamic.items()}, "opset": None, "device": ev.device}
+    return to_tensors(ev.samples[ev.export_index], ev.device), opts
+
+
+def source_program(model: Any, ev: Any) -> Any:
+    """An ExportedProgram that computes what the source computes, built the way the export routes build it
+    (same example, same dynamic dims; TorchScript is converted first)."""
+    from portq.tasks.formats.recipes import exported_program
+
+    args, opts = _export_inputs(ev)
+    return exported_program(model, args, opts)
+
+
+def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
+    """The elementwise parity rule on one pair of tensors (NaN matches NaN, Inf the same Inf)."""
+    from portq.tasks.checks.parity import elementwise_errors
+
+    if ref.shape != act.shape:
+        return False
+    if ref.size == 0:
+        return True
+    abs_err, rel_err, mismatched = elementwise_errors(act, ref)
+    return not bool((((abs_err > atol) & (rel_err > rtol)) | mismatched).any())
+
+
+def _scope_module(onnx_node_name: str) -> str | None:
+    """'/net/net.2/Gemm' (TorchScript-based exporter scopes) -> 'net.2'."""
+    parts = [p for p in onnx_node_name.split("/") if p]
+    return parts[-2] if len(parts) >= 2 else None
+
+
+def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev: Any, parity: ParityReport,
+                             tol: Tolerance) -> tuple[Divergence | None, str]:
+    """ONNX without fx metadata (the TorchScript-based exporter): match the artifact's tensors to the source's
+    fx values by value, then name the first source operator whose inputs are matched but whose output is
+    not, and whose users are not matched either (so a step the artifact merely fused away is not blamed).
+    """
+    from portq.tasks.checks.parity import compare
+    from portq.tasks.checks.tolerances import resolve
+
+    program = source_program(model, ev)
+    index = failing_sample(parity)
+    try:
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    except Exception:
+        index = 0
+        values, order = fx_values(program, ev.samples[index], ev.device)
+    onnx_order = [o for n in proto.graph.node for o in n.output if o]
+    feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
+    providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
+    actual = _onnx_intermediates(path, onnx_order, feed, providers)
+    job = resolve(tol.model_copy(update={"outputs": {}}), parity.precision, "")
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name in onnx_order:
+        if name in actual:
+            by_shape.setdefault(tuple(actual[name].shape), []).append(name)
+    matched: dict[str, str] = {}
+    for fx in order:
+        for name in by_shape.get(tuple(values[fx].shape), []):
+            if _close(values[fx], actual[name], job.atol, job.rtol):
+                matched[fx] = name
+                break
+    fx_nodes = {n.name: n for n in program.graph.nodes}
+    used = set(matched.values())
+    graph_inputs = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
+    for fx in order:
+        node = fx_nodes[fx]
+        if fx in matched:
+            continue
+        computed_inputs = [a.name for a in node.all_input_nodes if a.name in values]
+        if any(i not in matched for i in computed_inputs):
+            continue  # downstream of an earlier mismatch, not its origin
+        if any(u.name in matched for u in node.users):
+            continue  # a step the artifact fused away: its result reappears downstream
+        feeds = {matched[i] for i in computed_inputs} or graph_inputs
+        shape = tuple(values[fx].shape)
+        hit = next(((n, o) for n in proto.graph.node if feeds & set(n.input)
+                    for o in n.output if o in actual and o not in used and tuple(actual[o].shape) == shape), None)
+        module, module_class = _module_of(node)
+        if hit is None:
+            return None, (f"compared the artifact's tensors with the source's fx values on sample {index}: fx node "
+                          f"{fx} ({_target_name(node)}) is the first whose value the artifact never computes, but "
+                          "no ONNX node could be tied to it")
+        onnx_node, value = hit
+        rep = compare([[(value, values[fx])]], [[(value, actual[value])]],
+                      tol.model_copy(update={"outputs": {}}), seed=0, device="", precision=parity.precision)
+        out = rep.outputs[0]
+        return Divergence(node=onnx_node.name or value, op_type=onnx_node.op_type, source_node=fx,
+                          target=_target_name(node), module=module or _scope_module(onnx_node.name),
+                          module_class=module_class if module else None, value=value, shape=list(shape),
+                          max_abs_err=out.max_abs_err, max_rel_err=out.max_rel_err, mean_abs_err=out.mean_abs_err,
+                          sample=index, compared=len(matched) + 1), (
+            f"the ONNX file carries no fx metadata (TorchScript-based exporter): matched {len(matched)} of its "
+            f"tensors to the source's fx values by value on sample {index}; named the first source operator "
+            "whose inputs match and whose output does not")
+    return None, (f"no origin found: {len(matched)} of {len(order)} source values matched the artifact's tensors "
+                  f"on sample {index}")

@@ -1,0 +1,582 @@
+"""The job contract: what travels on the queue and what comes back, as versioned, validated data.
+
+A `JobSpec` is the only thing a worker accepts. It is JSON, validated against this module on arrival, and
+never unpickled. A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what
+`portq report BATCH --json` prints. Both reports are published as JSON Schema files under `schemas/`.
+
+This module imports neither torch nor Celery: the CLI and the worker's main process both load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JOB_SPEC_VERSION: Literal[1] = 1
+REPORT_SCHEMA_VERSION: Literal[1] = 1
+
+#: The Celery task name; the client sends by name, so it never imports the worker.
+CONVERT_TASK = "portq.convert"
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Target(str, Enum):
+    """Where the artifact will be served; decides the routing queue and the device parity runs on."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+_QUEUE_FOR_TARGET = {Target.cpu: "cpu", Target.cuda: "gpu"}
+QUEUES = tuple(_QUEUE_FOR_TARGET.values())
+
+
+def route_for(target: Target | str) -> str:
+    """The Celery queue that serves a target: cpu -> `cpu`, cuda -> `gpu`."""
+    return _QUEUE_FOR_TARGET[Target(target)]
+
+
+class Format(str, Enum):
+    """Artifact formats. Each is produced by its own step registered in `portq.tasks.formats`."""
+
+    onnx = "onnx"
+    torchscript = "torchscript"
+    pt2 = "pt2"
+    aoti = "aoti"
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class StepStatus(str, Enum):
+    succeeded = "succeeded"
+    failed = "failed"
+    skipped = "skipped"
+
+
+def json_float(x: float) -> float:
+    """JSON has no Infinity or NaN: report the largest float instead, which still fails any tolerance."""
+    return x if math.isfinite(x) else sys.float_info.max
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex[:12]
+
+
+def safe_name(name: str, fallback: str = "model") -> str:
+    """A name that is safe as a single path component: no separators, no `..`, no leading dot."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    cleaned = cleaned.replace("..", "_")
+    return cleaned[:100] or fallback
+
+
+def _check_id(value: str) -> str:
+    if not SAFE_ID.match(value):
+        raise ValueError(f"{value!r} is not a valid id (letters, digits, '.', '_', '-'; at most 128)")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+_INPUT_SPEC = re.compile(r"^\s*(?P<name>[A-Za-z_][\w.]*)\s*:\s*(?P<dtype>[a-z0-9]+)\s*\[(?P<shape>[^\]]*)\]"
+                         r"\s*(\{(?P<range>[^}]*)\})?\s*$")
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+class InputSpec(_Strict):
+    """One model input as given by `--input 'name:dtype[d0,d1,...]{low,high}'`.
+
+    A dimension is an int, or `name=size` for a dynamic dimension with its example size.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int]
+    dynamic: dict[int, str] = Field(default_factory=dict, description="axis -> symbolic name")
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> InputSpec:
+        m = _INPUT_SPEC.match(text)
+        if not m:
+            raise ValueError(
+                f"input spec {text!r} is not of the form name:dtype[d0,d1,...] or name:dtype[...]{{low,high}}, "
+                "e.g. 'x:float32[1,3,224,224]' or 'ids:int64[batch=2,16]{0,30000}'"
+            )
+        dtype = m["dtype"]
+        if dtype not in INPUT_DTYPES:
+            raise ValueError(f"input spec {text!r}: unknown dtype {dtype!r}; known: {', '.join(INPUT_DTYPES)}")
+        shape: list[int] = []
+        dynamic: dict[int, str] = {}
+        dims = [d.strip() for d in m["shape"].split(",") if d.strip()]
+        for axis, dim in enumerate(dims):
+            if "=" in dim:
+                dim_name, _, size = dim.partition("=")
+                dynamic[axis] = dim_name.strip()
+                dim = size.strip()
+            if not dim.isdigit() or int(dim) < 1:
+                raise ValueError(f"input spec {text!r}: dimension {dim!r} is not a positive integer")
+            shape.append(int(dim))
+        low = high = None
+        if m["range"] is not None:
+            parts = [p.strip() for p in m["range"].split(",")]
+            try:
+                low, high = float(parts[0]), float(parts[1])
+            except (ValueError, IndexError):
+                raise ValueError(f"input spec {text!r}: range must be {{low,high}}") from None
+            if not low < high:
+                raise ValueError(f"input spec {text!r}: range low must be below high")
+        is_int = dtype.startswith(("int", "uint"))
+        if is_int and low is None:
+            raise ValueError(
+                f"input spec {text!r}: integer inputs need a value range, e.g. '{m['name']}:{dtype}[...]{{0,30000}}'"
+            )
+        return cls(name=m["name"], dtype=dtype, shape=shape, dynamic=dynamic, low=low, high=high)
+
+
+class ToleranceMode(str, Enum):
+    """How parity judges an output: per element, or on a statistic of the errors (see portq.tasks.checks.tolerances)."""
+
+    elementwise = "elementwise"
+    max = "max"
+    mean = "mean"
+    median = "median"
+    quantile = "quantile"
+
+
+class Precision(str, Enum):
+    """The numeric precision an artifact computes in; picks the default tolerance (portq.tasks.checks.tolerances)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+
+
+class OutputTolerance(_Strict):
+    """A per-output override; a field left out falls back to the job's, then to the precision's default."""
+
+    mode: ToleranceMode | None = None
+    atol: float | None = Field(None, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    quantile: float | None = Field(None, gt=0, le=1)
+
+
+class Tolerance(_Strict):
+    """Parity tolerances. Unset fields take the precision's default (fp32: elementwise, atol 1e-4, rtol 1e-3).
+
+    Elementwise: an element fails when it exceeds both atol and rtol. Statistic modes: the output fails when
+    the statistic of the absolute error exceeds atol and that of the relative error exceeds rtol.
+    """
+
+    atol: float | None = Field(None, ge=0, description="absolute tolerance; unset: the precision's default")
+    rtol: float | None = Field(None, ge=0, description="relative tolerance; unset: the precision's default")
+    mode: ToleranceMode | None = Field(None, description="elementwise, or a statistic; unset: precision default")
+    quantile: float | None = Field(None, gt=0, le=1, description="q for mode quantile (default 0.99)")
+    precision: Precision | None = Field(None, description="unset: the artifact's, else inferred from the model")
+    outputs: dict[str, OutputTolerance] = Field(
+        default_factory=dict, description="per-output overrides, keyed by output name or fnmatch pattern")
+
+
+class ParityOptions(_Strict):
+    random_samples: int = Field(2, ge=0, le=64, description="seeded random draws added to the user's samples")
+    seed: int = 0
+    localise: bool = Field(True, description="when parity fails, find the first operator whose values diverge")
+
+
+class LatencyOptions(_Strict):
+    """Warm-up, then timed windows until the last `windows` window medians agree within `stability`."""
+
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1, description="timed runs at least, split evenly into `windows` windows")
+    windows: int = Field(3, ge=2, description="the last this many windows' medians must agree")
+    stability: float = Field(0.10, gt=0, description="(max - min) / min of those medians must not exceed this")
+    max_windows: int = Field(12, ge=2, description="give up (report unstable) after this many windows")
+    min_window_ms: float = Field(20.0, ge=0, description="a window runs at least this long (fast models)")
+    max_seconds: float = Field(30.0, gt=0, description="time budget per measurement; then report unstable")
+    batch_sizes: list[int] = Field(default_factory=list, description="batch sizes to sweep when the batch dim "
+                                   "is dynamic; empty: 1, the sample's and 8")
+    sweep: bool = Field(True, description="sweep batch sizes when the batch dim is dynamic")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive")
+        return sorted(set(v))
+
+
+class SourceRef(_Strict):
+    """A file the client uploaded into the store (content-addressed), with the name the user gave it."""
+
+    key: str
+    name: str
+    sha256: str
+    size: int
+
+
+class JobSpec(_Strict):
+    """One conversion job, as it travels on the queue (JSON, version-checked)."""
+
+    version: Literal[1] = JOB_SPEC_VERSION
+    job_id: str
+    batch_id: str
+    model: str
+    source: SourceRef
+    sample: SourceRef | None = None
+    target: Target = Target.cpu
+    formats: list[Format] = Field(default_factory=lambda: [Format.onnx])
+    inputs: list[InputSpec] = Field(default_factory=list)
+    dynamic: list[str] = Field(default_factory=list, description="dims to export as dynamic, e.g. ['batch']")
+    opset: int | None = None
+    tolerance: Tolerance = Field(default_factory=lambda: Tolerance())
+    parity: ParityOptions = Field(default_factory=lambda: ParityOptions())
+    latency: LatencyOptions = Field(default_factory=lambda: LatencyOptions())
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_pickle: bool = False
+    force: bool = False
+    submitted_at: str = Field(default_factory=utcnow)
+
+    @field_validator("job_id", "batch_id")
+    @classmethod
+    def _ids_are_safe(cls, v: str) -> str:
+        return _check_id(v)
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_safe(cls, v: str) -> str:
+        if v != safe_name(v):
+            raise ValueError(f"model name {v!r} is not a safe path component")
+        return v
+
+    @field_validator("formats")
+    @classmethod
+    def _formats_unique(cls, v: list[Format]) -> list[Format]:
+        if not v:
+            raise ValueError("at least one format is needed")
+        return list(dict.fromkeys(v))
+
+    @property
+    def queue(self) -> str:
+        return route_for(self.target)
+
+    def options_for_key(self) -> dict[str, Any]:
+        """Everything that changes the result; not who asked, when, or under which name."""
+        data = self.model_dump(mode="json", exclude={"job_id", "batch_id", "model", "submitted_at", "force"})
+        data["source"] = self.source.sha256
+        data["sample"] = self.sample.sha256 if self.sample else None
+        return data
+
+    def job_key(self, toolchain: dict[str, str]) -> str:
+        """Deterministic key from the model's content, the job's options and the toolchain versions."""
+        blob = json.dumps({"options": self.options_for_key(), "toolchain": toolchain}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------------------------- reports
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Histogram(_Report):
+    """Counts of values in bins [edges[i], edges[i+1]); `zeros` counts exact zeros kept off a log axis and
+    `above` the values past the last edge (latency: the slowest 1%, so outliers do not flatten the plot)."""
+
+    scale: Literal["linear", "log10"] = "linear"
+    edges: list[float] = Field(default_factory=list)
+    counts: list[int] = Field(default_factory=list)
+    zeros: int = 0
+    above: int = 0
+
+
+class AppliedTolerance(_Report):
+    """The tolerance an output was held to, resolved from overrides, job options and precision defaults."""
+
+    mode: ToleranceMode
+    atol: float
+    rtol: float
+    quantile: float | None = None
+    origin: str = ""
+
+
+class OutputParity(_Report):
+    """Parity of one output over all samples. Errors are |artifact - source|; relative errors divide by
+    |source| and are taken over elements whose source value is finite and non-zero."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+    passed: bool
+    elements: int = 0
+    failing_elements: int = Field(0, description="elements exceeding both atol and rtol (elementwise view)")
+    mean_rel_err: float = 0.0
+    median_abs_err: float = 0.0
+    median_rel_err: float = 0.0
+    p99_abs_err: float = 0.0
+    p99_rel_err: float = 0.0
+    cosine_similarity: float | None = Field(None, description="over all finite elements; 1.0 for two zero vectors")
+    nan_source: int = 0
+    inf_source: int = 0
+    nan_artifact: int = 0
+    inf_artifact: int = 0
+    nonfinite_mismatches: int = Field(0, description="NaN/Inf on one side not matched on the other (always fails)")
+    top1_agreement: float | None = Field(None, description="classifier-like outputs: share of rows whose argmax "
+                                         "over the last axis agrees")
+    topk: int | None = None
+    topk_agreement: float | None = Field(None, description="share of rows whose top-k index sets are equal")
+    tolerance: AppliedTolerance | None = None
+    statistic_abs: float | None = Field(None, description="statistic modes: the statistic of the absolute error")
+    statistic_rel: float | None = Field(None, description="statistic modes: the statistic of the relative error")
+    min_atol: float | None = Field(None, description="smallest atol that passes with this rtol (null: none does)")
+    min_rtol: float | None = Field(None, description="smallest rtol that passes with this atol (null: none does)")
+    first_failing_sample: int | None = None
+    problems: list[str] = Field(default_factory=list)
+    abs_err_histogram: Histogram | None = None
+
+
+class Divergence(_Report):
+    """Where the artifact's intermediate values first leave the source model's, in execution order."""
+
+    node: str = Field(description="the artifact's node (ONNX node name, or FX node)")
+    op_type: str
+    source_node: str | None = Field(None, description="the source graph's node (torch.fx) it implements")
+    target: str | None = Field(None, description="the torch operator, e.g. aten.linear.default")
+    module: str | None = Field(None, description="the source submodule it came from, e.g. encoder.layers.0.attn")
+    module_class: str | None = None
+    value: str = Field(description="the compared value (tensor name)")
+    shape: list[int] = Field(default_factory=list)
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+    sample: int = 0
+    compared: int = Field(0, description="intermediate values compared before and at this one")
+
+
+class ParityReport(_Report):
+    passed: bool
+    atol: float
+    rtol: float
+    samples: int
+    seed: int
+    device: str
+    max_abs_err: float
+    max_rel_err: float
+    outputs: list[OutputParity]
+    mode: ToleranceMode = ToleranceMode.elementwise
+    precision: Precision = Precision.fp32
+    user_samples: int = 0
+    random_samples: int = 0
+    sample_shapes: list[list[list[int]]] = Field(default_factory=list, description="per sample, per input")
+    first_divergence: Divergence | None = None
+    localisation: str | None = Field(None, description="how the divergence was searched, or why it was not")
+
+
+class Timing(_Report):
+    """Timed runs of one model at one batch size, after warm-up."""
+
+    batch_size: int | None = None
+    warmup: int = 0
+    runs: int
+    windows: int
+    window_runs: int
+    window_medians_ms: list[float] = Field(default_factory=list)
+    stable: bool
+    spread: float = Field(description="(max - min) / min of the last windows' medians")
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    throughput_per_s: float = Field(description="items (batch rows) per second at the mean latency")
+    first_run_ms: float | None = None
+    histogram: Histogram | None = None
+
+
+class SweepPoint(_Report):
+    batch_size: int
+    artifact: Timing
+    source: Timing
+    speedup: float = Field(description="source p50 / artifact p50")
+
+
+class Memory(_Report):
+    """Peak memory while loading, warming up and timing (process RSS; CUDA where the device is a GPU)."""
+
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_delta_mb: float = Field(description="peak minus before: what this model added to the process")
+    method: str = Field(description="VmHWM (kernel high-water mark, reset per measurement) or sampled")
+    cuda_peak_mb: float | None = Field(None, description="torch's peak allocated CUDA memory")
+    cuda_used_mb: float | None = Field(None, description="device memory in use after warm-up minus before")
+
+
+class LatencyReport(_Report):
+    device: str
+    warmup: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    source_p50_ms: float
+    source_p90_ms: float
+    source_p99_ms: float
+    source_mean_ms: float
+    speedup: float = Field(description="source p50 / artifact p50")
+    stable: bool = True
+    criterion: str = ""
+    artifact: Timing | None = None
+    source: Timing | None = None
+    sweep: list[SweepPoint] = Field(default_factory=list)
+    load_ms: float | None = Field(None, description="opening the artifact (runtime session / load)")
+    memory: Memory | None = None
+    source_memory: Memory | None = None
+    providers: list[str] | None = Field(None, description="onnxruntime execution providers in use")
+    notes: list[str] = Field(default_factory=list)
+
+
+class RouteAttemptReport(_Report):
+    """One try of one export route: None for error means it produced the artifact."""
+
+    route: str
+    error: str | None = None
+    seconds: float
+
+
+class ArtifactReport(_Report):
+    format: Format
+    status: StepStatus
+    path: str | None = None
+    error: str | None = None
+    route: str | None = None
+    opset: int | None = None
+    attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
+    reproduce: str | None = Field(None, description="URL of a script that redoes the conversion and parity check")
+    size_bytes: int | None = None
+    parity: ParityReport | None = None
+    latency: LatencyReport | None = None
+    best: bool = Field(False, description="the fastest artifact of its job that passed parity")
+
+
+class Failure(_Report):
+    kind: str
+    step: str | None
+    file: str | None
+    cause: str
+    hint: str | None = None
+
+
+class JobReport(_Report):
+    """`report.json`: what one job produced (written last, after its artifacts)."""
+
+    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    job_id: str
+    job_key: str | None = None
+    batch: str
+    model: str
+    source: str
+    target: Target
+    status: JobStatus
+    error: str | None = None
+    failure: Failure | None = None
+    cached: bool = False
+    artifacts: list[ArtifactReport] = Field(default_factory=list)
+    inputs: list[dict[str, Any]] = Field(default_factory=list)
+    toolchain: dict[str, str] = Field(default_factory=dict)
+    best: Format | None = Field(None, description="the fastest format that passed parity (p50 at the sample)")
+    environment: dict[str, Any] = Field(default_factory=dict, description="where latency was measured")
+    worker: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
+
+
+class JobRecord(_Report):
+    """A job's state in its batch, updated by the client (queued) and the worker (running, finished)."""
+
+    job_id: str
+    batch: str
+    model: str
+    source: str
+    target: Target
+    status: JobStatus
+    error: str | None = None
+    result: str | None = Field(None, description="store key of the job's result folder")
+    cached: bool = False
+    attempts: int = 0
+    worker: str | None = Field(None, description="the worker that ran (or runs) the latest attempt")
+    dead_letter: str | None = Field(None, description="store key of the job's dead-letter record: it ended "
+                                                      "without a report, and `portq retry` can resubmit it")
+    updated_at: str = Field(default_factory=utcnow)
+
+
+class BatchJob(_Report):
+    job_id: str
+    model: str
+    source: str
+    target: Target
+    status: JobStatus
+    error: str | None = None
+    cached: bool = False
+    report: str | None = Field(None, description="URL of the job's report.json")
+    artifacts: list[ArtifactReport] = Field(default_factory=list)
+    best: Format | None = Field(None, description="the fastest format that passed parity")
+
+
+class BatchReport(_Report):
+    """What `portq report BATCH --json` prints: a contract that scripts and CI rely on."""
+
+    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    batch: str
+    store: str
+    counts: dict[str, int]
+    jobs: list[BatchJob]
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "batch-report.v1.json": BatchReport,
+    "job-report.v1.json": JobReport,
+    "job-spec.v1.json": JobSpec,
+}
+
+
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema

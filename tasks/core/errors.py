@@ -1,0 +1,120 @@
+"""portq's exception hierarchy: every error a user sees names the step, the file and the cause.
+
+The job runner (`portq.tasks.execution.run.run_job`) is the one boundary that turns these into a failed job record; the
+CLI is the one boundary that turns them into `[error] ...` and an exit code.
+"""
+
+from __future__ import annotations
+
+
+def first_line(e: BaseException, limit: int = 400) -> str:
+    """The first line of an exception's text (torch's messages run to pages), or its type name."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]
+
+
+class PortqError(Exception):
+    """Base class: an error a user can act on.
+
+    `step` is what portq was doing (load, inputs, export:onnx, parity:onnx, ...), `file` the file it was
+    doing it to, `cause` what went wrong and `hint` what to try.
+    """
+
+    kind = "error"
+
+    def __init__(self, cause: str, *, step: str | None = None, file: str | None = None, hint: str | None = None):
+        self.cause = cause
+        self.step = step
+        self.file = file
+        self.hint = hint
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        where = []
+        if self.step:
+            where.append(f"step {self.step}")
+        if self.file:
+            where.append(f"file {self.file}")
+        head = f"[{', '.join(where)}] " if where else ""
+        tail = f" ({self.hint})" if self.hint else ""
+        return f"{head}{self.cause}{tail}"
+
+    def at(self, *, step: str | None = None, file: str | None = None) -> PortqError:
+        """Fill in step/file where the raiser did not know them."""
+        self.step = self.step or step
+        self.file = self.file or file
+        self.args = (self.message,)
+        return self
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"kind": self.kind, "step": self.step, "file": self.file, "cause": self.cause, "hint": self.hint}
+
+
+class ConfigError(PortqError):
+    """Settings or command-line options that cannot work."""
+
+    kind = "config"
+
+
+class InputError(PortqError):
+    """The submitted file or its example inputs cannot be used (missing, unreadable, wrong shape...)."""
+
+    kind = "input"
+
+
+class ModelLoadError(InputError):
+    """The model file is not a model portq can load."""
+
+    kind = "load"
+
+
+class UnsafeModelError(ModelLoadError):
+    """Loading the file would execute code from it (a pickle) and the submission did not allow that."""
+
+    kind = "unsafe"
+
+
+class ConversionError(PortqError):
+    """Every route to produce one format failed."""
+
+    kind = "conversion"
+
+
+class ParityError(PortqError):
+    """The artifact could not be run to compare against the source model."""
+
+    kind = "parity"
+
+
+class DeviceUnavailableError(PortqError):
+    """The target device is not usable by this worker (no CUDA device, no CUDA execution provider)."""
+
+    kind = "device"
+
+
+class StoreError(PortqError):
+    """Reading or writing the shared store failed. Transient by nature: the queue retries these."""
+
+    kind = "store"
+
+
+class TransientError(PortqError):
+    """A failure worth retrying (broker or storage hiccup). The worker retries with backoff."""
+
+    kind = "transient"
+
+
+class IsolatedStepCrash(PortqError):
+    """A step run in a child process died (signal, exit code, time limit, memory)."""
+
+    kind = "crash"
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A registry lookup for a name that is not registered; the message lists the known names."""
+
+    kind = "unknown"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message

@@ -1,0 +1,351 @@
+"""One format step in a child process: a crash, hang or runaway memory costs only that format.
+
+Converters crash processes in practice: on an H200 with torch 2.11, AOTInductor compiling a
+half-precision model segfaulted the whole process. `ChildProcess` runs one format step (export,
+session creation, parity and latency runs) in a fresh process and turns its death into a failed
+`ArtifactReport` that says which step died and how ("[step export:aoti, ...] crashed with SIGSEGV");
+the job keeps its other formats and reports, and the worker carries on.
+
+The child is forked from a *forkserver*: a process started once (per worker process) that has torch and
+the exporters imported but has never touched CUDA. Forking a process after CUDA was initialised is
+broken; a forkserver child starts clean, and fast because the heavy imports are already done. The child
+loads the model again from the store (models do not pickle reliably), writes its files into a private
+folder, and sends the `ArtifactReport` back as JSON. Its files join the job's folder only when the step
+produced an artifact; a dead step's partial files are discarded. Its output (and, on a crash, the
+Python stack from `faulthandler`) is appended to the job's `job.log`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from portq.tasks.core.contract import ArtifactReport, Format, JobSpec, StepStatus
+from portq.tasks.core.errors import IsolatedStepCrash, first_line
+from portq.tasks.core.settings import Settings
+from portq.tasks.state.store import Store
+
+#: `portq.tasks.execution.run._run_format`'s signature: (fmt, spec, model, evidence, workdir, store, final) -> report
+FormatStep = Callable[[Format, JobSpec, Any, Any, Path, Store, str], ArtifactReport]
+
+#: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
+PRELOAD = ("portq.tasks.execution.step_preload",)
+
+#: Seconds kept back from the job's time limit for what follows the steps (reports, publishing).
+JOB_MARGIN_S = 5.0
+
+_SIGNAL_MEANING = {
+    "SIGSEGV": "segmentation fault in native code",
+    "SIGABRT": "aborted, typically a failed C++ assertion or an uncaught C++ exception",
+    "SIGBUS": "bus error in native code",
+    "SIGFPE": "arithmetic fault in native code",
+    "SIGILL": "illegal instruction (a kernel built for another CPU or GPU?)",
+    "SIGKILL": "killed from outside, often by the out-of-memory killer",
+}
+
+
+class Isolation(Protocol):
+    """How a job runs each of its format steps."""
+
+    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
+                   store: Store, final: str) -> ArtifactReport: ...
+
+
+class InProcess:
+    """Run the step right here (PORTQ_ISOLATE=0): no overhead, no protection."""
+
+    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
+                   store: Store, final: str) -> ArtifactReport:
+        return step(fmt, spec, model, ev, workdir, store, final)
+
+
+@dataclass
+class ChildProcess:
+    """Run each step in a forkserver child, within a time limit and optionally a memory limit.
+
+    `deadline` (a `time.monotonic()` value) is when the job's own time limit runs out: a step never gets
+    more time than is left, so the job always lives to record what happened.
+    """
+
+    time_limit_s: float | None = None
+    memory_limit_bytes: int | None = None
+    deadline: float | None = None
+    poll_s: float = 0.05
+
+    def budget(self) -> float | None:
+        """Seconds the next step may run, or None for no limit."""
+        limits = [self.time_limit_s] if self.time_limit_s else []
+        if self.deadline is not None:
+            limits.append(self.deadline - time.monotonic())
+        return min(limits) if limits else None
+
+    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
+                   store: Store, final: str) -> ArtifactReport:
+        display = spec.source.name
+        budget = self.budget()
+        if budget is not None and budget <= 1:
+            return _failed(fmt, IsolatedStepCrash(
+                "not started: the job's time limit was used up by the steps before it", step=f"export:{fmt.value}",
+                file=display, hint="raise PORTQ_TASK_TIME_LIMIT (and PORTQ_VISIBILITY_TIMEOUT above it)"))
+        out_dir = workdir / f".step-{fmt.value}"
+        log_path = workdir / f".step-{fmt.value}.log"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir()
+        try:
+            outcome = self._run_child(step, fmt, spec, ev, out_dir, store, final, log_path, budget)
+            if isinstance(outcome, ArtifactReport):
+                if outcome.path:  # an artifact was written: it joins the job's files
+                    for p in out_dir.iterdir():
+                        os.replace(p, workdir / p.name)
+                return outcome
+            return _failed(fmt, outcome.at(file=display))
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            _append_log(log_path, workdir, fmt)
+
+    def _run_child(self, step: FormatStep, fmt: Format, spec: JobSpec, ev: Any, out_dir: Path, store: Store,
+                   final: str, log_path: Path, budget: float | None) -> ArtifactReport | IsolatedStepCrash:
+        ctx = forkserver()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child_main, name=f"portq-step-{fmt.value}",
+                           args=(send, step, fmt.value, spec.model_dump_json(), store.root, ev, str(out_dir), final,
+                                 str(log_path)))
+        phase = f"export:{fmt.value}"
+        start = time.monotonic()
+        _allow_children(proc)
+        proc.start()
+        send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
+        killed: str | None = None
+        peak = 0
+        try:
+            while True:
+                if recv.poll(self.poll_s):
+                    try:
+                        kind, value = recv.recv()
+                    except (EOFError, OSError):
+                        break  # the child exited (or died) without a result
+                    if kind == "phase":
+                        phase = value
+                        continue
+                    if kind == "result":
+                        return ArtifactReport.model_validate_json(value)
+                    return IsolatedStepCrash(f"failed in its own process: {value}", step=phase)
+                if budget is not None and time.monotonic() - start > budget:
+                    killed = (f"did not finish within its time limit of {budget:.0f}s; its process was killed "
+                              "(PORTQ_STEP_TIME_LIMIT, bounded by what is left of PORTQ_TASK_TIME_LIMIT)")
+                    break
+                if self.memory_limit_bytes:
+                    rss = _tree_rss(proc.pid)
+                    peak = max(peak, rss)
+                    if rss > self.memory_limit_bytes:
+                        killed = (f"used {rss / 2**20:.0f} MiB of memory, over the step limit of "
+                                  f"{self.memory_limit_bytes / 2**20:.0f} MiB (PORTQ_STEP_MEMORY_LIMIT); its process "
+                                  "was killed")
+                        break
+        finally:
+            if killed or proc.is_alive():
+                _kill_tree(proc)
+            proc.join(10)
+            recv.close()
+        if killed:
+            return IsolatedStepCrash(killed, step=phase, hint="the job's other formats are unaffected")
+        return IsolatedStepCrash(_death(proc.exitcode), step=phase,
+                                 hint="job.log holds the step's output and, for a crash, the Python stack at the "
+                                      "crash; the job's other formats are unaffected")
+
+
+def isolation_for(settings: Settings, started: float | None = None) -> Isolation:
+    """The isolation a job started at `started` (time.monotonic()) runs its steps under."""
+    if not settings.isolate:
+        return InProcess()
+    start = time.monotonic() if started is None else started
+    margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
+    return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
+                        deadline=start + settings.task_time_limit - margin)
+
+
+@lru_cache(maxsize=1)
+def forkserver() -> Any:
+    """The multiprocessing context the steps run in (one forkserver per process, started on first use)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
+def _allow_children(proc: Any) -> None:
+    """Let a Celery prefork child start the step's process.
+
+    Celery's pool children are marked daemonic, and multiprocessing refuses children to daemons so that
+    they leave no orphans; a step's process dies with its forkserver, which dies with this process
+    (`_die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
+    which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
+    """
+    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
+
+    for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
+        if config.get("daemon"):
+            config["daemon"] = False
+        key = config.get("authkey")
+        if not isinstance(key, AuthenticationString):
+            config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        meaning = _SIGNAL_MEANING.get(name)
+        return f"crashed with {name}" + (f" ({meaning})" if meaning else "")
+    if exitcode:
+        return f"its process exited with code {exitcode} before reporting a result"
+    return "its process ended without reporting a result"
+
+
+def _failed(fmt: Format, e: IsolatedStepCrash) -> ArtifactReport:
+    return ArtifactReport(format=fmt, status=StepStatus.failed, error=e.message)
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _kill_tree(proc: Any) -> None:
+    """SIGKILL the step's process and whatever it started (compilers, for one)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for p in children:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    if proc.is_alive():
+        proc.kill()
+
+
+def _append_log(log_path: Path, workdir: Path, fmt: Format) -> None:
+    from portq.tasks.execution.run import LOG_FILE
+
+    if not log_path.exists():
+        return
+    text = log_path.read_text(errors="replace")
+    log_path.unlink()
+    if text.strip():
+        with open(workdir / LOG_FILE, "a") as f:
+            f.write(f"--- isolated step for {fmt.value} ---\n{text}")
+            if not text.endswith("\n"):
+                f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------- in the child
+
+
+_FAULT_LOG: Any = None  # kept open for faulthandler for the child's lifetime
+
+
+def _child_main(conn: Any, step: FormatStep, fmt_value: str, spec_json: str, store_root: str, ev: Any,
+                out_dir: str, final: str, log_path: str) -> None:
+    """Runs in the forkserver child: reload the model, run the step, send the report (or what broke)."""
+    import faulthandler
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    # On SIGSEGV/SIGABRT/...: the Python stack goes to the log, through a descriptor of its own, since the
+    # export routes point 1 and 2 elsewhere while they run (formats.base.native_output_to_log).
+    global _FAULT_LOG
+    _FAULT_LOG = os.fdopen(fd, "a")
+    faulthandler.enable(file=_FAULT_LOG, all_threads=True)
+    _die_with_parent()
+
+    def send(kind: str, value: str) -> None:
+        conn.send((kind, value))
+
+    try:
+        fmt = Format(fmt_value)
+        spec = JobSpec.model_validate_json(spec_json)
+        store = Store(store_root)
+        send("phase", f"load:{fmt.value}")
+        model = _reload(spec, store, ev.device)
+        _report_phases(fmt, send)
+        send("phase", f"export:{fmt.value}")
+        artifact = step(fmt, spec, model, ev, Path(out_dir), store, final)
+        send("result", artifact.model_dump_json())
+    except BaseException as e:  # this process is the step's boundary: say what broke, then exit
+        send("error", f"{type(e).__name__}: {first_line(e)}")
+    finally:
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: die when the forkserver dies, which happens when the worker process that owns it dies."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reload(spec: JobSpec, store: Store, device: str) -> Any:
+    """The model as the job's own process has it: loaded the same way, moved to the same device."""
+    from portq.tasks.sources.loading import LoadRequest, load_model
+
+    with store.local_file(spec.source.key) as path:
+        model = load_model(LoadRequest(path=path, display=spec.source.name, arch=spec.arch,
+                                       arch_kwargs=spec.arch_kwargs, trust_pickle=spec.trust_pickle))
+    if device != "cpu" and hasattr(model.module, "to"):
+        model.module = model.module.to(device)
+    return model
+
+
+def _report_phases(fmt: Format, send: Callable[[str, str], None]) -> None:
+    """Tell the parent when the step moves from export to session creation to running the artifact.
+
+    Wraps this format's handler in this (throwaway) process only, so a death can be named precisely
+    without touching the step's code.
+    """
+    from portq.tasks.formats import FORMATS
+
+    handler = FORMATS.get(fmt.value)
+    export, open_runner = handler.export, handler.open_runner
+
+    def export_phase(req: Any) -> Any:
+        send("phase", f"export:{fmt.value}")
+        return export(req)
+
+    def session_phase(path: Path, device: str) -> Any:
+        send("phase", f"session:{fmt.value}")
+        runner = open_runner(path, device)
+        send("phase", f"run:{fmt.value}")
+        return runner
+
+    handler.export = export_phase  # type: ignore[method-assign]
+    handler.open_runner = session_phase

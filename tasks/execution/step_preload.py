@@ -1,0 +1,35 @@
+"""Imported once by the isolation forkserver (never by a worker's main process): torch, the exporters and
+what they import lazily on their first export, so that each step's child starts with all of it loaded.
+
+Without this, every isolated step paid the first-export imports again (about 1.5 s on 2 CPU cores for a
+tiny model); with it, a child's first torch.export takes what a warm process's does. Imports only: no
+torch op runs here, so no thread pool or device state exists to be inherited by the forked children.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES = (
+    "numpy", "torch", "torch.export", "torch.onnx", "onnx", "onnxruntime", "onnxscript",
+    "portq.tasks.execution.run", "portq.tasks.formats", "portq.tasks.checks.parity", "portq.tasks.checks.latency",
+    "portq.tasks.sources.loading",
+    "portq.tasks.sources.checkpoints", "portq.tasks.sources.inputs",
+    # lazily imported by the first torch.export / torch.onnx.export / TorchScript conversion
+    "sympy", "networkx", "torch._dynamo", "torch._functorch.aot_autograd", "torch.fx.experimental.symbolic_shapes",
+    "torch.fx.experimental.validator", "torch.export._trace", "torch._decomp", "torch._export.serde.serialize",
+    "torch._export.converter", "torch._export.passes.replace_set_grad_with_hop_pass",
+    "torch._inductor.fx_passes.dedupe_symint_uses", "torch._subclasses.schema_check_mode",
+    "torch.onnx._internal.exporter._core", "torch.onnx._internal.exporter._compat",
+    "torch.onnx._internal.exporter._torchlib.ops", "onnxscript.function_libs.torch_lib.ops",
+    "onnxscript.rewriter", "onnxscript.rewriter.onnx_fusions", "onnxscript.optimizer", "onnxscript._framework_apis",
+)
+
+#: what failed to import (a library missing from this install is fine: its formats fail on their own)
+FAILED: dict[str, str] = {}
+
+for _name in MODULES:
+    try:
+        importlib.import_module(_name)
+    except Exception as _e:  # a broken optional import must not take the forkserver down
+        FAILED[_name] = f"{type(_e).__name__}: {_e}"

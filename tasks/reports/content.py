@@ -1,0 +1,325 @@
+"""Human-readable reports: Markdown per job (report.md), the batch summary table, and the best-format pick.
+
+The job report's content (facts, table rows, sentences) is built here once, as plain strings, and
+rendered twice: as Markdown below and as HTML in `portq.tasks.reports.html`, so the two never drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from portq.tasks.core.contract import (
+    ArtifactReport,
+    BatchReport,
+    Format,
+    JobReport,
+    JobStatus,
+    LatencyReport,
+    Memory,
+    ParityReport,
+    StepStatus,
+    Timing,
+    ToleranceMode,
+)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-2 else f"{x:.{digits}f}"
+
+
+def mark_best(artifacts: list[ArtifactReport]) -> Format | None:
+    """Mark (and return) the fastest artifact that converted and passed parity: lowest p50 at the sample.
+
+    Ties go to the earlier format in the job's order. None when no artifact qualifies.
+    """
+    eligible = [a for a in artifacts if a.status is StepStatus.succeeded and a.parity is not None
+                and a.parity.passed and a.latency is not None]
+    best = min(eligible, key=lambda a: a.latency.p50_ms if a.latency else 0.0, default=None)
+    for a in artifacts:
+        a.best = a is best
+    return best.format if best is not None else None
+
+
+def artifact_row(a: ArtifactReport) -> list[str]:
+    parity = "-" if a.parity is None else ("pass" if a.parity.passed else "FAIL")
+    max_abs = _fmt(a.parity.max_abs_err) if a.parity else "-"
+    p50 = "-"
+    if a.latency:
+        p50 = _fmt(a.latency.p50_ms) + ("" if a.latency.stable else " (unstable)")
+    src = _fmt(a.latency.source_p50_ms) if a.latency else "-"
+    speedup = f"{a.latency.speedup:.2f}x" if a.latency else "-"
+    note = a.error or (f"route {a.route}" if a.route else "")
+    if a.parity and a.parity.first_divergence:
+        d = a.parity.first_divergence
+        note += f"; diverges at {d.node} ({d.op_type}{', ' + d.module if d.module else ''})"
+    return [a.format.value, a.status.value, parity, max_abs, p50, src, speedup, "best" if a.best else "", note]
+
+
+ARTIFACT_COLUMNS = ["format", "status", "parity", "max abs err", "p50 ms", "source p50 ms", "speedup", "best",
+                    "note"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _timing_row(label: str, t: Timing) -> list[str]:
+    return [label, str(t.batch_size or "-"), _fmt(t.p50_ms), _fmt(t.p90_ms), _fmt(t.p95_ms), _fmt(t.p99_ms),
+            _fmt(t.mean_ms), _fmt(t.std_ms), _fmt(t.first_run_ms), f"{t.throughput_per_s:.1f}",
+            f"{t.runs} ({t.windows} windows)", "yes" if t.stable else f"NO (spread {t.spread:.0%})"]
+
+
+TIMING_COLUMNS = ["", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "std ms", "first run ms",
+                  "items/s", "runs", "stable"]
+
+
+# ----------------------------------------------------------- the job report's content, shared by both renderers
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One line of a report: `label: value`."""
+
+    label: str
+    value: str
+    strong: bool = False  # the line's point (status, best pick): bold
+    bad: bool = False  # something went wrong: shown as a failure
+
+
+def size_text(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def job_facts(r: JobReport) -> list[Fact]:
+    """The job's header lines: source, status, best pick, how it failed, what it trusted, where it ran."""
+    facts = [Fact("source", r.source), Fact("batch", r.batch),
+             Fact("status", r.status.value + (" (cached)" if r.cached else ""), strong=True,
+                  bad=r.status is JobStatus.failed)]
+    if r.best:
+        facts.append(Fact("best pick", r.best.value, strong=True))
+    f = r.failure
+    if f is not None:
+        where = ", ".join(x for x in (f"step {f.step}" if f.step else "", f"file {f.file}" if f.file else "") if x)
+        facts.append(Fact(f"failure ({f.kind} error)", (f"[{where}] " if where else "") + f.cause, bad=True))
+        if f.hint:
+            facts.append(Fact("hint", f.hint))
+    elif r.error:
+        facts.append(Fact("error", r.error, bad=True))
+    if r.trust_pickle:
+        facts.append(Fact("trust pickle", "yes (--trust-pickle: the model was loaded by full unpickling, which "
+                                          "can run code from the file)", bad=True))
+    if r.duration_s is not None:
+        facts.append(Fact("duration", f"{r.duration_s:.1f} s on {r.worker or '?'}"))
+    return facts
+
+
+def artifact_facts(a: ArtifactReport) -> list[Fact]:
+    """An artifact's own lines: the route that made it, its opset, size, file and reproduce script."""
+    facts = []
+    if a.error:
+        facts.append(Fact("error", a.error, bad=True))
+    if a.route:
+        facts.append(Fact("route", a.route))
+    if a.opset is not None:
+        facts.append(Fact("opset", str(a.opset)))
+    if a.size_bytes is not None:
+        facts.append(Fact("size", size_text(a.size_bytes)))
+    if a.path:
+        facts.append(Fact("file", a.path))
+    if a.reproduce:
+        facts.append(Fact("reproduce", a.reproduce))
+    return facts
+
+
+ATTEMPT_COLUMNS = ["route", "outcome", "seconds"]
+
+
+def attempt_rows(a: ArtifactReport) -> list[list[str]]:
+    """Every route tried for the artifact, in order, and what became of it."""
+    return [[t.route, "converted" if t.error is None else t.error, f"{t.seconds:.2f}"] for t in a.attempts]
+
+
+def parity_summary(p: ParityReport) -> str:
+    return (f"{p.samples} samples ({p.user_samples} yours, {p.random_samples} random, seed {p.seed}) on {p.device}; "
+            f"precision {p.precision.value}; default check {p.mode.value} atol {p.atol:g} / rtol {p.rtol:g}; "
+            f"input shapes {p.sample_shapes or '-'}.")
+
+
+PARITY_COLUMNS = ["output", "shape", "passed", "check", "tolerance from", "statistic abs / rel", "failing",
+                  "max abs", "mean abs", "median abs", "p99 abs", "max rel", "mean rel", "median rel", "p99 rel",
+                  "cosine", "top-1 / top-k", "NaN/Inf src vs art", "min atol", "min rtol"]
+
+
+def parity_rows(p: ParityReport) -> list[list[str]]:
+    rows = []
+    for o in p.outputs:
+        t = o.tolerance
+        check = "-"
+        if t is not None:
+            stat = f"p{t.quantile * 100:g}" if t.mode is ToleranceMode.quantile and t.quantile else t.mode.value
+            check = f"{stat} atol {t.atol:g} / rtol {t.rtol:g}"
+        stats = "-" if o.statistic_abs is None else f"{_fmt(o.statistic_abs)} / {_fmt(o.statistic_rel)}"
+        top = "-" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"
+        if o.topk_agreement is not None:
+            top += f" / top-{o.topk} {o.topk_agreement:.1%}"
+        rows.append([o.name, str(o.shape), "pass" if o.passed else "FAIL", check, t.origin if t else "-", stats,
+                     f"{o.failing_elements}/{o.elements}", _fmt(o.max_abs_err), _fmt(o.mean_abs_err),
+                     _fmt(o.median_abs_err), _fmt(o.p99_abs_err), _fmt(o.max_rel_err), _fmt(o.mean_rel_err),
+                     _fmt(o.median_rel_err), _fmt(o.p99_rel_err),
+                     "-" if o.cosine_similarity is None else f"{o.cosine_similarity:.6f}", top,
+                     f"{o.nan_source}/{o.inf_source} vs {o.nan_artifact}/{o.inf_artifact}", _fmt(o.min_atol),
+                     _fmt(o.min_rtol)])
+    return rows
+
+
+PARITY_LEGEND = ("failing: elements over both atol and rtol (the elementwise view); min atol: the smallest atol "
+                 "that passes at the output's rtol; min rtol: the smallest rtol that passes at its atol.")
+
+
+def parity_notes(p: ParityReport) -> list[Fact]:
+    """Where the artifact first diverges from the source, each output's problems, and how that was searched."""
+    facts = [Fact(f"{o.name} problems", "; ".join(o.problems), bad=True) for o in p.outputs if o.problems]
+    d = p.first_divergence
+    if d is not None:
+        module = f", module {d.module}" + (f" ({d.module_class})" if d.module_class else "") if d.module else ""
+        facts.append(Fact("first divergence",
+                          f"node {d.node} ({d.op_type}, from {d.source_node or '-'} {d.target or ''}{module}): "
+                          f"max abs err {d.max_abs_err:.3g}, max rel err {d.max_rel_err:.3g} on sample {d.sample}",
+                          bad=True))
+    if p.localisation:
+        facts.append(Fact("localisation", p.localisation))
+    return facts
+
+
+def latency_headline(lat: LatencyReport) -> str:
+    return (f"speedup (source p50 / artifact p50): {lat.speedup:.2f}x"
+            + ("" if lat.stable else " (a measurement was unstable: read with care)"))
+
+
+def timing_table(lat: LatencyReport) -> tuple[list[str], list[list[str]]]:
+    """The artifact's and the source's timing side by side (full statistics when the report has them)."""
+    if lat.artifact and lat.source:
+        return TIMING_COLUMNS, [_timing_row("artifact", lat.artifact), _timing_row("source (PyTorch)", lat.source)]
+    return ["", "p50 ms", "p90 ms", "p99 ms", "mean ms"], [
+        ["artifact", _fmt(lat.p50_ms), _fmt(lat.p90_ms), _fmt(lat.p99_ms), _fmt(lat.mean_ms)],
+        ["source (PyTorch)", _fmt(lat.source_p50_ms), _fmt(lat.source_p90_ms), _fmt(lat.source_p99_ms),
+         _fmt(lat.source_mean_ms)]]
+
+
+SWEEP_COLUMNS = ["batch", "artifact p50 ms", "source p50 ms", "speedup", "artifact items/s", "source items/s"]
+
+
+def sweep_rows(lat: LatencyReport) -> list[list[str]]:
+    return [[str(s.batch_size), _fmt(s.artifact.p50_ms), _fmt(s.source.p50_ms), f"{s.speedup:.2f}x",
+             f"{s.artifact.throughput_per_s:.1f}", f"{s.source.throughput_per_s:.1f}"] for s in lat.sweep]
+
+
+def memory_text(m: Memory) -> str:
+    text = f"peak RSS {m.rss_peak_mb:.0f} MB (+{m.rss_delta_mb:.0f} MB over {m.rss_before_mb:.0f} MB; {m.method})"
+    if m.cuda_peak_mb is not None:
+        text += f", CUDA peak {m.cuda_peak_mb:.0f} MB"
+    if m.cuda_used_mb is not None:
+        text += f", CUDA in use {m.cuda_used_mb:.0f} MB"
+    return text
+
+
+def latency_facts(lat: LatencyReport) -> list[Fact]:
+    """Loading, memory (artifact and source), execution providers, the stability criterion and any notes."""
+    facts = []
+    if lat.load_ms is not None:
+        facts.append(Fact("load", f"{lat.load_ms:.1f} ms"))
+    if lat.memory:
+        facts.append(Fact("memory, artifact", memory_text(lat.memory)))
+    if lat.source_memory:
+        facts.append(Fact("memory, source (PyTorch)", memory_text(lat.source_memory)))
+    if lat.providers:
+        facts.append(Fact("execution providers", ", ".join(lat.providers)))
+    if lat.criterion:
+        facts.append(Fact("criterion", lat.criterion))
+    facts += [Fact("note", n) for n in lat.notes]
+    return facts
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def _md_facts(facts: list[Fact]) -> list[str]:
+    return [f"- {f.label}: " + (f"**{f.value}**" if f.strong else f.value) for f in facts]
+
+
+def job_markdown(r: JobReport) -> str:
+    out = [f"# portq job {r.job_id}: {r.model} -> {r.target.value}", "", *_md_facts(job_facts(r)), ""]
+    out += [_table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts]), ""]
+    for a in r.artifacts:
+        out += [f"## {a.format.value}" + (" (best pick)" if a.best else ""), ""]
+        facts = artifact_facts(a)
+        if facts:
+            out += [*_md_facts(facts), ""]
+        if a.attempts:
+            out += ["Routes tried:", "", _table(ATTEMPT_COLUMNS, attempt_rows(a)), ""]
+        if a.parity:
+            p = a.parity
+            out += [f"### parity {'passed' if p.passed else 'FAILED'}", "", parity_summary(p), "",
+                    _table(PARITY_COLUMNS, parity_rows(p)), "", PARITY_LEGEND, ""]
+            notes = parity_notes(p)
+            if notes:
+                out += [*_md_facts(notes), ""]
+        if a.latency:
+            lat = a.latency
+            out += [f"### latency on {lat.device}", "", _table(*timing_table(lat)), "", latency_headline(lat), ""]
+            if lat.sweep:
+                out += [_table(SWEEP_COLUMNS, sweep_rows(lat)), ""]
+            out += [*_md_facts(latency_facts(lat)), ""]
+    if r.environment:
+        out += ["## environment", "", environment_line(r.environment), ""]
+    if r.toolchain:
+        out.append("toolchain: " + toolchain_line(r))
+    return "\n".join(out) + "\n"
+
+
+def toolchain_line(r: JobReport) -> str:
+    return ", ".join(f"{k} {v}" for k, v in r.toolchain.items())
+
+
+def environment_line(env: dict) -> str:  # type: ignore[type-arg]
+    cpu = env.get("cpu") or {}
+    threads = env.get("threads") or {}
+    parts = [f"{cpu.get('model', '?')} ({cpu.get('logical_cores', '?')} logical cores"
+             + (f", {cpu['affinity']} usable" if "affinity" in cpu else "") + ")"]
+    if threads:
+        parts.append(f"torch threads {threads.get('torch_intra_op')}/{threads.get('torch_inter_op')}")
+    gpu = env.get("gpu")
+    if gpu:
+        parts.append(f"GPU {gpu.get('name')} (driver {gpu.get('driver') or '?'}, CUDA {gpu.get('cuda_runtime')})")
+    versions = env.get("versions") or {}
+    parts.append(", ".join(f"{k} {v}" for k, v in versions.items()))
+    if "load_average_1m" in env:
+        parts.append(f"load average {env['load_average_1m']}")
+    return "; ".join(parts)
+
+
+SUMMARY_COLUMNS = ["model", "target", "job status", *ARTIFACT_COLUMNS]
+
+
+def summary_rows(b: BatchReport) -> list[list[str]]:
+    rows = []
+    for j in b.jobs:
+        status = j.status.value + (" (cached)" if j.cached else "")
+        if not j.artifacts:
+            rows.append([j.model, j.target.value, status, *["-"] * (len(ARTIFACT_COLUMNS) - 2), "", j.error or ""])
+        for a in j.artifacts:
+            rows.append([j.model, j.target.value, status, *artifact_row(a)])
+    return rows
+
+
+def batch_markdown(b: BatchReport) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
+    return f"# portq batch {b.batch}\n\n{counts}\n\n{_table(SUMMARY_COLUMNS, summary_rows(b))}\n"

@@ -1,0 +1,232 @@
+"""Self-contained HTML reports: one page per job (report.html) and a batch summary page.
+
+Plots are inline SVG drawn here (latency distribution per artifact, absolute-error histogram per output);
+no scripts, fonts or stylesheets are fetched, so a page opens the same offline, from a CI artifact or an
+object store. Every value from a report is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from portq.tasks.core.contract import ArtifactReport, BatchReport, Histogram, JobReport
+from portq.tasks.reports.content import (
+    ARTIFACT_COLUMNS,
+    ATTEMPT_COLUMNS,
+    PARITY_COLUMNS,
+    PARITY_LEGEND,
+    SUMMARY_COLUMNS,
+    SWEEP_COLUMNS,
+    Fact,
+    _fmt,
+    artifact_facts,
+    artifact_row,
+    attempt_rows,
+    environment_line,
+    job_facts,
+    latency_facts,
+    latency_headline,
+    parity_notes,
+    parity_rows,
+    parity_summary,
+    summary_rows,
+    sweep_rows,
+    timing_table,
+    toolchain_line,
+)
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2328;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #dde1e4;padding-bottom:4px}
+h3{font-size:15px}table{border-collapse:collapse;margin:8px 0 14px;font-size:13px}
+th,td{border:1px solid #dde1e4;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f5f7}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#18794e;font-weight:600}
+.fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.muted{color:#5f6b73}
+.plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0}figcaption{font-size:12px;color:#5f6b73}
+code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+"""
+
+COLORS = ("#2f6fde", "#e0832a", "#18794e", "#a23fbf")
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _cell(text: str) -> str:
+    cls = {"pass": "pass", "FAIL": "fail", "failed": "fail", "succeeded": "pass", "best": "pass"}.get(text)
+    numeric = text[:1].isdigit() and not text.endswith("windows)")
+    attrs = f' class="{cls}"' if cls else ' class="num"' if numeric else ""
+    return f"<td{attrs}>{_e(text)}</td>"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[int] | None = None) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = ' class="best"' if best_rows and i in best_rows else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(c) for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_label: str, width: int = 420,
+             height: int = 200, color: str = COLORS[0]) -> str:
+    """A categorical bar chart (one bar per label)."""
+    left, right, top, bottom = 40, 10, 22, 58
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = max(counts, default=0) or 1
+    n = max(len(counts), 1)
+    bar_w = plot_w / n
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">0</text>']
+    for i, (label, c) in enumerate(zip(labels, counts)):
+        h = plot_h * c / peak
+        x = left + i * bar_w
+        parts.append(f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bar_w - 2, 1):.1f}" '
+                     f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {c}</title></rect>')
+        lx, ly = x + bar_w / 2, top + plot_h + 8
+        parts.append(f'<text x="{lx:.1f}" y="{ly}" font-size="9" text-anchor="end" '
+                     f'transform="rotate(-45 {lx:.1f} {ly})">{_e(label)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_label: str, width: int = 520,
+                   height: int = 220) -> str:
+    """Linear-axis histograms drawn over one shared x range (translucent, one colour per series)."""
+    left, right, top, bottom = 40, 10, 22, 56
+    plot_w, plot_h = width - left - right, height - top - bottom
+    edges = [e for _, h in series for e in h.edges]
+    lo, hi = (min(edges), max(edges)) if edges else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    # shares, not counts: a fast artifact runs many more times than its source in the same windows
+    totals = [max(sum(h.counts) + h.above, 1) for _, h in series]
+    peak = max((c / t for (_, h), t in zip(series, totals) for c in h.counts), default=0) or 1
+
+    def x(v: float) -> float:
+        return left + plot_w * (v - lo) / (hi - lo)
+
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:.0%}</text>']
+    for k, tick in enumerate((lo, (lo + hi) / 2, hi)):
+        anchor = ("start", "middle", "end")[k]
+        parts.append(f'<text x="{x(tick):.1f}" y="{top + plot_h + 12}" font-size="10" text-anchor="{anchor}">'
+                     f'{_fmt(tick)}</text>')
+    for i, ((name, h), total) in enumerate(zip(series, totals)):
+        color = COLORS[i % len(COLORS)]
+        for j, c in enumerate(h.counts):
+            a, b = h.edges[j], h.edges[j + 1] if j + 1 < len(h.edges) else h.edges[j]
+            x0, x1 = x(a), max(x(b), x(a) + 2)
+            bh = plot_h * c / total / peak
+            parts.append(f'<rect x="{x0:.1f}" y="{top + plot_h - bh:.1f}" width="{x1 - x0:.1f}" height="{bh:.1f}" '
+                         f'fill="{color}" fill-opacity="0.55"><title>{_e(name)} {_fmt(a)}-{_fmt(b)} ms: {c} runs'
+                         f'</title></rect>')
+        tail = f" (+{h.above} slower)" if h.above else ""
+        parts.append(f'<rect x="{left + 200 * i}" y="{height - 16}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{left + 200 * i + 14}" y="{height - 7}" font-size="11">{_e(name)}, {total} runs'
+                     f'{_e(tail)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 26}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+def error_histogram_svg(name: str, h: Histogram) -> str:
+    labels = ["0"] + [f"{e:.0e}" for e in h.edges[:-1]]
+    return svg_bars(labels, [h.zeros, *h.counts], title=f"|error| of {name}",
+                    x_label="absolute error (decade bins; 0 = exact)")
+
+
+# ------------------------------------------------------------------------------------------------- pages
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _facts(facts: list[Fact]) -> str:
+    items = []
+    for f in facts:
+        value = f"<strong>{_e(f.value)}</strong>" if f.strong else _e(f.value)
+        cls = ' class="fail"' if f.bad else ""
+        items.append(f"<li{cls}>{_e(f.label)}: {value}</li>")
+    return "<ul>" + "".join(items) + "</ul>" if items else ""
+
+
+def _artifact_html(a: ArtifactReport) -> list[str]:
+    out = [f"<h2>{_e(a.format.value)}{' — best pick' if a.best else ''}</h2>", _facts(artifact_facts(a))]
+    if a.attempts:
+        out += ["<p class=\"muted\">Routes tried:</p>", table(ATTEMPT_COLUMNS, attempt_rows(a))]
+    p = a.parity
+    if p is not None:
+        verdict = '<span class="pass">passed</span>' if p.passed else '<span class="fail">FAILED</span>'
+        out.append(f"<h3>parity {verdict}</h3><p class=\"muted\">{_e(parity_summary(p))}</p>")
+        out.append(table(PARITY_COLUMNS, parity_rows(p)))
+        out.append(f"<p class=\"muted\">{_e(PARITY_LEGEND)}</p>")
+        out.append(_facts(parity_notes(p)))
+        plots = [error_histogram_svg(o.name, o.abs_err_histogram) for o in p.outputs if o.abs_err_histogram]
+        if plots:
+            out.append("<div class=\"plots\">" + "".join(f"<figure>{s}</figure>" for s in plots) + "</div>")
+    lat = a.latency
+    if lat is not None:
+        out.append(f"<h3>latency on {_e(lat.device)}</h3>")
+        out.append(table(*timing_table(lat)))
+        cls = "" if lat.stable else ' class="fail"'
+        out.append(f"<p{cls}>{_e(latency_headline(lat))}</p>")
+        if lat.artifact and lat.source:
+            plots = [svg_histograms([(n, t.histogram)], title=f"latency of {n} (share of runs, up to its p99)",
+                                    x_label="ms per run", width=420)
+                     for n, t in ((f"{a.format.value} artifact", lat.artifact), ("source", lat.source))
+                     if t.histogram]
+            if plots:
+                out.append("<div class=\"plots\">" + "".join(f"<figure>{svg}</figure>" for svg in plots) + "</div>")
+        if lat.sweep:
+            out.append(table(SWEEP_COLUMNS, sweep_rows(lat)))
+        out.append(_facts(latency_facts(lat)))
+    return [x for x in out if x]
+
+
+def job_html(r: JobReport) -> str:
+    """report.html for one job."""
+    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", _facts(job_facts(r))]
+    best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
+    body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
+    for a in r.artifacts:
+        body += _artifact_html(a)
+    if r.environment:
+        body.append(f"<h2>environment</h2><p>{_e(environment_line(r.environment))}</p>")
+    if r.toolchain:
+        body.append("<p class=\"muted\">toolchain: " + _e(toolchain_line(r)) + "</p>")
+    return _page(f"portq {r.model}", body)
+
+
+def batch_html(b: BatchReport) -> str:
+    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted."""
+    rows = summary_rows(b)
+    best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
+    counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
+    body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts)}; store <code>{_e(b.store)}</code></p>",
+            table(SUMMARY_COLUMNS, rows, best_rows)]
+    speedups = [(f"{j.model}/{a.format.value}", a.latency.speedup) for j in b.jobs for a in j.artifacts
+                if a.latency is not None]
+    if speedups:
+        body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
+                             title="speedup over the source, x100 (100 = as fast)", x_label="model / format",
+                             width=max(420, 60 * len(speedups))))
+    links = [f"<li><a href=\"{_e(j.report[:-len('.json')] + '.html')}\">{_e(j.model)} ({_e(j.target.value)})</a></li>"
+             for j in b.jobs if j.report and j.report.endswith(".json")]
+    if links:
+        body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
+    return _page(f"portq batch {b.batch}", body)

@@ -1,0 +1,185 @@
+"""Loading model files: the kind is detected from the content, never from the file name.
+
+Each kind has a loader in `LOADERS`. Nothing here unpickles arbitrary objects: TorchScript and
+ExportedProgram archives are loaded by torch's own (non-pickle-executing) readers, and plain
+`torch.save` files go through `weights_only` unless the submission opted in with `--trust-pickle`.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from portq.tasks.core.errors import ModelLoadError, first_line
+from portq.tasks.core.registry import Registry
+
+
+@dataclass
+class LoadedModel:
+    """A source model ready to run in eager PyTorch, with what it carries about itself."""
+
+    kind: str
+    module: Any  # torch.nn.Module or ScriptModule: callable on positional tensors
+    input_names: list[str] = field(default_factory=list)
+    example_inputs: tuple[Any, ...] | None = None
+    program: Any = None  # torch.export.ExportedProgram, for .pt2
+    script: Any = None  # torch.jit.ScriptModule, for TorchScript
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadRequest:
+    path: Path
+    display: str  # the user's file name, for messages
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+
+
+Loader = Callable[[LoadRequest], LoadedModel]
+LOADERS: Registry[Loader] = Registry("model kind")
+
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+def detect_kind(path: Path, display: str) -> str:
+    """Tell what a file holds from its bytes: torchscript, exported_program, torch_save, safetensors."""
+    if not path.exists():
+        raise ModelLoadError("file does not exist", step="load", file=display)
+    if path.is_dir():
+        raise ModelLoadError("is a directory, not a model file", step="load", file=display,
+                             hint="pass the model files inside it, e.g. DIR/*.pt")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ModelLoadError("file is empty", step="load", file=display)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ModelLoadError(f"truncated or corrupt archive ({e})", step="load", file=display,
+                                 hint="the file looks like a zip-based torch archive but cannot be read; "
+                                      "re-save or re-copy it") from e
+        rel = {n.split("/", 1)[1] if "/" in n else n for n in names}
+        if "archive_format" in rel or any(n.startswith("models/") for n in rel):
+            return "exported_program"
+        if "constants.pkl" in rel or any(n.startswith("code/") for n in rel):
+            return "torchscript"
+        if "data.pkl" in rel:
+            return "torch_save"
+        raise ModelLoadError("zip archive is not a TorchScript, ExportedProgram or torch.save file", step="load",
+                             file=display)
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len < _SAFETENSORS_MAX_HEADER and head[8:9] == b"{":
+            return "safetensors"
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return "torch_save"  # legacy (non-zip) torch.save pickle
+    raise ModelLoadError("not a PyTorch model file (no TorchScript, ExportedProgram, torch.save or safetensors "
+                         "header found)", step="load", file=display,
+                         hint="portq takes torch.jit.save archives, torch.export.save .pt2 files, state dicts "
+                              "with --arch, and safetensors with --arch")
+
+
+def load_model(req: LoadRequest) -> LoadedModel:
+    kind = detect_kind(req.path, req.display)
+    loader = LOADERS.get(kind)
+    try:
+        model = loader(req)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # torch raises RuntimeError for nearly everything
+        raise ModelLoadError(f"cannot load {kind.replace('_', ' ')}: {first_line(e)}", step="load",
+                             file=req.display) from e
+    if model.program is None and hasattr(model.module, "eval"):  # an ExportedProgram's module refuses eval()
+        model.module.eval()
+    return model
+
+
+
+@LOADERS.register("torchscript")
+def _load_torchscript(req: LoadRequest) -> LoadedModel:
+    import torch
+
+    script = torch.jit.load(str(req.path), map_location="cpu")
+    names = [a.name for a in script.forward.schema.arguments][1:]
+    return LoadedModel(kind="torchscript", module=script, script=script, input_names=names)
+
+
+#: packages whose output classes (pytree nodes, e.g. transformers' ModelOutput) a .pt2 may name; portq
+#: imports one of these when a program needs it. Other packages are never imported on a file's say-so.
+PYTREE_PACKAGES = ("transformers", "diffusers", "timm", "torchvision", "torchaudio", "peft", "sentence_transformers")
+_UNREGISTERED_PYTREE = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
+
+
+def _load_program(req: LoadRequest) -> Any:
+    """torch.export.load, importing a known package first when the program's outputs use its classes."""
+    import importlib.util
+    import logging
+
+    import torch
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(logging.Formatter().format(record))  # with the traceback it carries
+
+    for _ in range(3):  # a program may name classes from more than one package
+        handler = Collect()
+        logger = logging.getLogger("torch.export")
+        logger.addHandler(handler)
+        try:
+            return torch.export.load(str(req.path))
+        except Exception as e:
+            found = _UNREGISTERED_PYTREE.search("\n".join([*handler.messages, str(e)]))
+            if not found:
+                raise
+            type_name = found[1]
+            package = type_name.split(".")[0]
+            if package not in PYTREE_PACKAGES or importlib.util.find_spec(package) is None:
+                raise ModelLoadError(
+                    f"the program's inputs or outputs use {type_name}, a class torch.export cannot rebuild "
+                    f"without its package", step="load", file=req.display,
+                    hint=(f"install {package} on the worker" if package in PYTREE_PACKAGES else
+                          "export the model with plain tuple/dict outputs (e.g. a wrapper that returns a dict)"),
+                ) from None
+            __import__(package)  # registers its pytree nodes; then try again
+            importlib.import_module(type_name.rsplit(".", 1)[0])
+        finally:
+            logger.removeHandler(handler)
+    raise ModelLoadError("the program names too many unregistered output classes", step="load", file=req.display)
+
+
+@LOADERS.register("exported_program")
+def _load_exported_program(req: LoadRequest) -> LoadedModel:
+    program = _load_program(req)
+    example = None
+    if program.example_inputs is not None:
+        args, kwargs = program.example_inputs
+        if not kwargs:
+            example = tuple(args)
+    names = list(program.graph_signature.user_inputs)
+    return LoadedModel(kind="exported_program", module=program.module(), program=program, input_names=names,
+                       example_inputs=example)
+
+
+@LOADERS.register("torch_save")
+def _load_torch_save(req: LoadRequest) -> LoadedModel:
+    from portq.tasks.sources.checkpoints import load_torch_save
+
+    return load_torch_save(req)
+
+
+@LOADERS.register("safetensors")
+def _load_safetensors(req: LoadRequest) -> LoadedModel:
+    from portq.tasks.sources.checkpoints import load_safetensors
+
+    return load_safetensors(req)

@@ -1,0 +1,179 @@
+"""What a job's message does when it arrives, possibly not for the first time; lost workers; dead letters.
+
+With late acknowledgement a job's message can be delivered more than once: Celery requeues it at once
+when the process running it died, Redis restores it after the visibility timeout when the whole worker
+died, and a broker hiccup can do either. The job's state record in the store decides what a delivery
+does (`admit`): a finished (or cancelled) job is skipped, a job whose attempts keep dying is moved to
+the dead letters instead of being tried forever, anything else runs.
+
+A dead letter (`batches/<batch>/dead/<job_id>.json`) keeps the job's spec and why it ended without a
+report: its process died on every attempt, it ran out of time, or its transient failures outlasted the
+retries. `portq retry BATCH` resubmits dead letters. Nothing here imports Celery or torch: the
+worker's main process calls it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from portq.tasks.core.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, safe_name, utcnow
+from portq.tasks.core.errors import InputError, StoreError, TransientError
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store, dead_letter_key, spec_key
+
+RETRY_HINT = "`portq retry {batch}` resubmits it"
+
+
+@dataclass
+class Admission:
+    """What one delivery of a job does: run it, or skip it (and why, for the log)."""
+
+    run: bool
+    reason: str = ""
+
+
+def admit(store: Store, spec: JobSpec, max_attempts: int) -> Admission:
+    """Decide what this delivery of `spec` does, from the job's state record."""
+    try:
+        record = batches.read_record(store, spec.batch_id, spec.job_id)
+    except StoreError as e:
+        raise TransientError(e.cause, step="store") from e
+    if record is None:
+        return Admission(True)
+    if record.status.finished:
+        return Admission(False, f"already {record.status.value}")
+    if record.attempts >= max_attempts:
+        # Every attempt so far started and never finished: its worker died under it each time.
+        last = record.error or f"the last attempt was on {record.worker or 'an unknown worker'} and never finished"
+        dead_letter(store, spec, record, f"its worker died during each of its {record.attempts} attempts ({last})")
+        return Admission(False, f"dead-lettered after {record.attempts} attempts")
+    return Admission(True)
+
+
+def worker_lost(store: Store, raw_spec: Any, cause: str, max_attempts: int) -> JobRecord | None:
+    """In the worker's main process: the process running this job died (`cause` says how).
+
+    The message is requeued by Celery; the record says so, or, once the attempts are used up, the job
+    is dead-lettered (the requeued delivery then finds it finished and skips it).
+    """
+    spec = _spec_or_none(raw_spec)
+    if spec is None:
+        return None
+    record = batches.read_record(store, spec.batch_id, spec.job_id)
+    if record is None or record.status.finished:
+        return record
+    cause = describe_loss(cause)
+    if record.attempts >= max_attempts:
+        return dead_letter(store, spec, record, f"the worker process died on each of its {record.attempts} "
+                                                f"attempts; the last time: {cause}")
+    record.status = JobStatus.queued
+    record.error = f"attempt {record.attempts} of {max_attempts} ended when {cause}; requeued"
+    batches.write_record(store, record)
+    return record
+
+
+def time_limit_exceeded(store: Store, raw_spec: Any, limit_s: float) -> JobRecord | None:
+    """In the worker's main process: the job ran past PORTQ_TASK_TIME_LIMIT and its process was killed."""
+    spec = _spec_or_none(raw_spec)
+    if spec is None:
+        return None
+    record = batches.read_record(store, spec.batch_id, spec.job_id) or _new_record(spec)
+    if record.status.finished:
+        return record
+    return dead_letter(store, spec, record, f"exceeded the job time limit of {limit_s:g}s (PORTQ_TASK_TIME_LIMIT) "
+                                            "and its process was killed")
+
+
+def terminated(store: Store, raw_spec: Any) -> JobRecord | None:
+    """In the worker's main process: `portq cancel --terminate` killed the job's process."""
+    spec = _spec_or_none(raw_spec)
+    record = batches.read_record(store, spec.batch_id, spec.job_id) if spec else None
+    if record is None or record.status in (JobStatus.succeeded, JobStatus.failed):
+        return record
+    record.status, record.error = JobStatus.cancelled, "cancelled while running: its process was killed"
+    batches.write_record(store, record)
+    return record
+
+
+def dead_letter(store: Store, spec: JobSpec, record: JobRecord | None, reason: str) -> JobRecord:
+    """Record the job failed with `reason`, keeping its spec where `portq retry` finds it."""
+    record = record or _new_record(spec)
+    key = dead_letter_key(spec.batch_id, spec.job_id)
+    store.write_json(key, {"job_id": spec.job_id, "batch": spec.batch_id, "model": spec.model, "reason": reason,
+                           "attempts": record.attempts, "worker": record.worker, "at": utcnow(),
+                           "spec": spec.model_dump(mode="json")})
+    record.status, record.result, record.dead_letter = JobStatus.failed, None, key
+    record.error = f"{reason} (dead-lettered: {RETRY_HINT.format(batch=spec.batch_id)})"
+    batches.write_record(store, record)
+    return record
+
+
+def refuse(store: Store, spec: JobSpec, reason: str) -> JobRecord:
+    """A job that must not run here (over a size limit): failed at once, not retried."""
+    record = batches.read_record(store, spec.batch_id, spec.job_id) or _new_record(spec)
+    record.status, record.error, record.result = JobStatus.failed, reason, None
+    batches.write_record(store, record)
+    return record
+
+
+def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
+    """A message that is not a valid job: if it names a usable batch and job id, record why it was refused."""
+    if not isinstance(raw, dict):
+        return None
+    batch, job_id = raw.get("batch_id"), raw.get("job_id")
+    if not (isinstance(batch, str) and isinstance(job_id, str) and SAFE_ID.match(batch) and SAFE_ID.match(job_id)):
+        return None
+    model = raw.get("model")
+    record = JobRecord(job_id=job_id, batch=batch, model=safe_name(model if isinstance(model, str) else "model"),
+                       source="?", target=Target.cpu, status=JobStatus.failed,
+                       error=InputError(f"the worker refused this job's message: {problem}",
+                                        step="receive").message)
+    batches.write_record(store, record)
+    return record
+
+
+def write_spec(store: Store, spec: JobSpec) -> None:
+    store.write_json(spec_key(spec.batch_id, spec.job_id), spec.model_dump(mode="json"))
+
+
+def read_spec(store: Store, batch: str, job_id: str) -> JobSpec | None:
+    """The job's spec as submitted (or as its dead letter kept it)."""
+    for key, pick in ((spec_key(batch, job_id), lambda d: d), (dead_letter_key(batch, job_id), lambda d: d["spec"])):
+        if store.exists(key):
+            return JobSpec.model_validate(pick(store.read_json(key)))
+    return None
+
+
+def dead_letters(store: Store, batch: str) -> list[dict[str, Any]]:
+    return [store.read_json(f"batches/{batch}/dead/{name}") for name in store.list(f"batches/{batch}/dead")
+            if name.endswith(".json")]
+
+
+def describe_loss(cause: str) -> str:
+    """Celery's 'Worker exited prematurely: signal 11 (SIGSEGV) Job: 3.' -> 'its process died with SIGSEGV'."""
+    m = re.search(r"signal (\d+) \((SIG\w+)\)", cause)
+    if m:
+        return f"its process died with {m.group(2)}" + (" (often the out-of-memory killer)"
+                                                       if m.group(2) == "SIGKILL" else "")
+    m = re.search(r"exitcode (\d+)", cause)
+    if m:
+        return f"its process exited with code {m.group(1)}"
+    return re.sub(r"\s*Job: \d+\.?\s*$", "", cause).strip() or "its process died"
+
+
+
+
+def _spec_or_none(raw: Any) -> JobSpec | None:
+    if isinstance(raw, JobSpec):
+        return raw
+    try:
+        return JobSpec.model_validate(raw)
+    except ValueError:
+        return None
+
+
+def _new_record(spec: JobSpec) -> JobRecord:
+    return JobRecord(job_id=spec.job_id, batch=spec.batch_id, model=spec.model, source=spec.source.name,
+                     target=spec.target, status=JobStatus.queued)

@@ -1,0 +1,103 @@
+"""Format steps in a child process: real crashes, hangs and memory hogs cost one format, nothing else."""
+
+import json
+import os
+import time
+
+import pytest
+from portq.tasks.core.contract import Format, JobStatus, StepStatus
+from portq.tasks.core.settings import Settings
+from portq.tasks.execution.isolation import ChildProcess, InProcess, isolation_for
+from portq.tasks.execution.run import run_job
+from portq.tasks.state.store import Store
+from portq.tasks.state.submission import prepare
+
+from tests.hostile import ARCH, write_state_dict
+
+
+def job(store, path, formats, arch=None):
+    options = {"formats": formats, "latency": {"runs": 3, "warmup": 1}}
+    if arch:
+        options["arch"] = f"{ARCH}:{arch}"
+    (spec,) = prepare([str(path)], store, batch="iso", options=options, max_bytes=1 << 30).specs
+    return spec
+
+
+def artifacts(report):
+    return {a.format: a for a in report.artifacts}
+
+
+def test_a_segfault_during_export_costs_only_that_format(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    spec = job(store, write_state_dict(tmp_path / "crash.pt"), [Format.onnx, Format.torchscript], "CrashOnExport")
+    pid = os.getpid()
+    report = run_job(spec, store, isolation=ChildProcess(time_limit_s=120))
+    assert os.getpid() == pid  # this process lived through it
+    arts = artifacts(report)
+    onnx, ts = arts[Format.onnx], arts[Format.torchscript]
+    assert onnx.status is StepStatus.failed and onnx.path is None
+    assert "step export:onnx" in onnx.error and "crashed with SIGSEGV" in onnx.error and "crash.pt" in onnx.error
+    assert ts.status is StepStatus.succeeded and ts.parity.passed
+    # the job is failed (one format failed) and keeps the artifact that worked, and nothing of the dead step
+    assert report.status is JobStatus.failed and "onnx" in report.error
+    folder = tmp_path / "store" / "failed" / spec.job_id
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "job.log", "model.torchscript.pt", "report.html", "report.json", "report.md", "reproduce_inputs.npz",
+        "reproduce_torchscript.py"]
+    assert ts.path == str(folder / "model.torchscript.pt")
+    log = (folder / "job.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log and "hostile.py" in log  # the stack at the crash
+
+
+def test_a_hung_export_is_killed_at_the_step_time_limit(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    spec = job(store, write_state_dict(tmp_path / "hang.pt"), [Format.pt2, Format.torchscript], "HangOnExport")
+    start = time.monotonic()
+    report = run_job(spec, store, isolation=ChildProcess(time_limit_s=4))
+    arts = artifacts(report)
+    assert "step export:pt2" in arts[Format.pt2].error
+    assert "did not finish within its time limit of 4s" in arts[Format.pt2].error
+    assert arts[Format.torchscript].status is StepStatus.succeeded
+    assert time.monotonic() - start < 60
+
+
+def test_a_step_over_the_memory_limit_is_killed(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    spec = job(store, write_state_dict(tmp_path / "hog.pt"), [Format.pt2], "HogOnExport")
+    # the child's baseline (torch and the exporters imported) is a few hundred MiB; the hog climbs to 8 GiB
+    report = run_job(spec, store, isolation=ChildProcess(time_limit_s=120, memory_limit_bytes=1500 * 2**20))
+    (art,) = report.artifacts
+    assert art.status is StepStatus.failed
+    assert "step export:pt2" in art.error and "over the step limit of 1500 MiB" in art.error
+
+
+def test_isolated_and_in_process_results_agree(example_models, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    here = run_job(job(store, example_models["mlp"], [Format.onnx]), store, isolation=InProcess())
+    store2 = Store(str(tmp_path / "store2"))
+    away = run_job(job(store2, example_models["mlp"], [Format.onnx]), store2, isolation=ChildProcess())
+    (a,), (b,) = here.artifacts, away.artifacts
+    assert a.status is b.status is StepStatus.succeeded
+    assert (a.route, a.opset, a.size_bytes) == (b.route, b.opset, b.size_bytes)
+    assert a.parity.max_abs_err == b.parity.max_abs_err and a.parity.samples == b.parity.samples
+    assert os.path.isfile(b.path) and b.path.startswith(str(tmp_path / "store2" / "results"))
+    on_disk = json.loads((tmp_path / "store2" / "results" / away.job_key / "report.json").read_text())
+    assert on_disk["artifacts"][0]["path"] == b.path
+
+
+def test_no_time_left_means_the_step_is_not_started(example_models, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    report = run_job(job(store, example_models["mlp"], [Format.onnx]), store,
+                     isolation=ChildProcess(deadline=time.monotonic()))
+    (art,) = report.artifacts
+    assert art.status is StepStatus.failed and "not started: the job's time limit was used up" in art.error
+
+
+@pytest.mark.parametrize("env, kind", [({"PORTQ_ISOLATE": "0"}, InProcess), ({}, ChildProcess)])
+def test_isolation_follows_the_settings(env, kind):
+    settings = Settings.resolve(env={**env, "PORTQ_TASK_TIME_LIMIT": "100", "PORTQ_STEP_TIME_LIMIT": "30"})
+    iso = isolation_for(settings, started=time.monotonic())
+    assert isinstance(iso, kind)
+    if kind is ChildProcess:
+        assert iso.time_limit_s == 30 and 90 < iso.deadline - time.monotonic() <= 100
+        assert iso.budget() == 30

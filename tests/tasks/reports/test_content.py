@@ -1,0 +1,128 @@
+"""Reports people read: the best pick, the Markdown and the self-contained HTML."""
+
+import html
+import re
+
+from portq.tasks.core.contract import (
+    AppliedTolerance,
+    ArtifactReport,
+    BatchJob,
+    BatchReport,
+    Failure,
+    Format,
+    JobReport,
+    JobStatus,
+    LatencyReport,
+    Memory,
+    OutputParity,
+    ParityReport,
+    RouteAttemptReport,
+    StepStatus,
+    Timing,
+    ToleranceMode,
+)
+from portq.tasks.reports.content import batch_markdown, job_markdown, mark_best
+from portq.tasks.reports.html import batch_html, job_html
+
+
+def art(fmt, p50, passed=True, status=StepStatus.succeeded):
+    parity = ParityReport(passed=passed, atol=1e-4, rtol=1e-3, samples=1, seed=0, device="cpu", max_abs_err=0.0,
+                          max_rel_err=0.0, outputs=[OutputParity(name="y<script>", shape=[1], dtype="float32",
+                                                                 max_abs_err=0, max_rel_err=0, mean_abs_err=0,
+                                                                 passed=passed)])
+    latency = LatencyReport(device="cpu", warmup=1, runs=3, p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50,
+                            source_p50_ms=2.0, source_p90_ms=2.0, source_p99_ms=2.0, source_mean_ms=2.0,
+                            speedup=2.0 / p50)
+    return ArtifactReport(format=fmt, status=status, parity=parity, latency=latency)
+
+
+def test_best_is_the_fastest_that_passed():
+    arts = [art(Format.onnx, 1.0, passed=False), art(Format.torchscript, 1.5), art(Format.pt2, 1.2)]
+    assert mark_best(arts) is Format.pt2
+    assert [a.best for a in arts] == [False, False, True]
+    assert mark_best([art(Format.onnx, 1.0, passed=False)]) is None
+    failed = art(Format.onnx, 0.5, status=StepStatus.failed)
+    assert mark_best([failed, art(Format.pt2, 3.0)]) is Format.pt2
+    tie = [art(Format.onnx, 1.0), art(Format.pt2, 1.0)]
+    assert mark_best(tie) is Format.onnx  # ties go to the earlier format
+
+
+def _job():
+    arts = [art(Format.onnx, 1.0), art(Format.pt2, 1.6)]
+    best = mark_best(arts)
+    return JobReport(job_id="j1", batch="b", model="m&m", source="m.pt", target="cpu", status=JobStatus.succeeded,
+                     artifacts=arts, best=best)
+
+
+def test_markdown_marks_the_best_pick():
+    text = job_markdown(_job())
+    assert "best pick: **onnx**" in text
+    assert re.search(r"\| onnx \| succeeded \| pass \| 0 \| 1\.000 \| 2\.000 \| 2\.00x \| best \|", text)
+
+
+def test_html_is_self_contained_and_escaped():
+    page = job_html(_job())
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page.replace("&lt;script", "")
+    assert not re.search(r"(src|href)=\"https?://", page)  # nothing fetched
+    assert "m&amp;m" in page and "y&lt;script&gt;" in page
+    job = _job()
+    batch = BatchReport(batch="b", store="/s", counts={"succeeded": 1, "total": 1}, jobs=[
+        BatchJob(job_id="j1", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded,
+                 report="/s/results/k/report.json", artifacts=job.artifacts, best=job.best)])
+    page = batch_html(batch)
+    assert 'href="/s/results/k/report.html"' in page and page.count('class="best"') == 1
+    assert "| m | cpu | succeeded | onnx | succeeded | pass |" in batch_markdown(batch)
+
+
+def _timing(p50, first):
+    return Timing(runs=30, windows=3, window_runs=10, stable=True, spread=0.01, mean_ms=p50, std_ms=0.1, min_ms=p50,
+                  p50_ms=p50, p90_ms=p50, p95_ms=p50, p99_ms=p50, max_ms=p50, throughput_per_s=1000 / p50,
+                  first_run_ms=first)
+
+
+def _full_job():
+    """A failed job with every field the reports show: routes tried, reproduce script, memory on both sides..."""
+    a = art(Format.onnx, 1.0, passed=False)
+    a.route, a.opset, a.size_bytes = "dynamo_decomposed", 17, 2_500_000
+    a.path, a.reproduce = "/s/failed/j1/model.onnx", "/s/failed/j1/reproduce_onnx.py"
+    a.attempts = [RouteAttemptReport(route="dynamo", error="exporter: aten::foo not supported", seconds=1.25),
+                  RouteAttemptReport(route="dynamo_decomposed", seconds=2.5)]
+    o = a.parity.outputs[0]
+    o.tolerance = AppliedTolerance(mode=ToleranceMode.quantile, atol=0.1, rtol=0.2, quantile=0.9,
+                                   origin="fp32 default; mode from override 'y*'")
+    o.statistic_abs, o.statistic_rel, o.failing_elements, o.elements = 0.5, 0.25, 3, 40
+    lat = a.latency
+    lat.artifact, lat.source = _timing(1.0, 17.5), _timing(2.0, 42.25)
+    lat.memory = Memory(rss_before_mb=100, rss_peak_mb=180, rss_delta_mb=80, method="VmHWM")
+    lat.source_memory = Memory(rss_before_mb=90, rss_peak_mb=333, rss_delta_mb=243, method="sampled")
+    lat.providers = ["CPUExecutionProvider"]
+    return JobReport(job_id="j1", batch="b", model="m", source="m.pt", target="cpu", status=JobStatus.failed,
+                     artifacts=[a], trust_pickle=True, error="[step parity:onnx] parity failed",
+                     failure=Failure(kind="input", step="inputs", file="m.pt", cause="the model rejected the inputs",
+                                     hint="check the sidecar .npz"))
+
+
+def test_markdown_and_html_show_the_same_fields():
+    """Both renderers show every field: the same facts, columns and words (built once, in reporting.py)."""
+    r = _full_job()
+    text, page = job_markdown(r), job_html(r)
+    expected = [
+        "route: dynamo_decomposed", "opset: 17", "size: 2.5 MB (2500000 bytes)",  # artifact
+        "reproduce: /s/failed/j1/reproduce_onnx.py", "file: /s/failed/j1/model.onnx",
+        "exporter: aten::foo not supported", "1.25", "2.50",  # attempts: route, error, seconds
+        "trust pickle: yes", "failure (input error): [step inputs, file m.pt] the model rejected the inputs",
+        "hint: check the sidecar .npz",  # job
+        "p90 atol 0.1 / rtol 0.2", "fp32 default; mode from override 'y*'", "0.500 / 0.250", "3/40",  # parity
+        "first run ms", "17.500", "42.250",  # latency: first run of both sides
+        "memory, artifact: peak RSS 180 MB (+80 MB over 100 MB; VmHWM)",
+        "memory, source (PyTorch): peak RSS 333 MB (+243 MB over 90 MB; sampled)",
+        "execution providers: CPUExecutionProvider",
+    ]
+    for s in expected:
+        assert s in text, s
+        assert html.escape(s, quote=True) in page, s
+    # the same tables in both: every column header of the Markdown appears in the HTML
+    for header in re.findall(r"^\| (.*) \|$\n^\|---", text, re.M):
+        for col in filter(None, header.split(" | ")):
+            assert f"<th>{html.escape(col.strip())}</th>" in page, col
+    assert "providers " not in text.replace("execution providers", "")  # one wording
