@@ -45,8 +45,8 @@ def main() -> None:
             times: dict[str, list[float]] = {m: [] for m in modes}
             for i in range(args.repeat + 1):  # the first round warms caches in this process; not counted
                 for name, iso in modes.items():
-                    (spec,) = prepare([str(model)], store, batch="bench", max_bytes=1 << 30,
-                                      options={"formats": [Format(fmt)], "force": True}).specs
+                    (spec,) = prepare([str(model)], store, batch="bench", max_bytes=1 << 30, force=True,
+                                      options={"artifacts": [{"format": Format(fmt).value}]}).specs
                     t = time.perf_counter()
                     report = run_job(spec, store, isolation=iso)
                     if i:

@@ -192,14 +192,11 @@ def _job_id(task: dict[str, Any]) -> str | None:
 
 
 def _mark_cancelled(st: Store, record: JobRecord, why: str) -> None:
-    record.status, record.error = JobStatus.cancelled, why
-    batches.write_record(st, record)
+    batches.transition(st, record, JobStatus.cancelled, error=why)
 
 
 def _reset(st: Store, record: JobRecord) -> None:
     """Back to queued, as if new: the old attempt's failed result and dead letter go."""
     st.delete(dead_letter_key(record.batch, record.job_id))
     st.delete(failed_key(record.job_id))
-    record.status, record.error, record.result, record.cached = JobStatus.queued, None, None, False
-    record.attempts, record.dead_letter, record.worker = 0, None, None
-    batches.write_record(st, record)
+    batches.reset(st, record)

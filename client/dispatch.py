@@ -64,21 +64,24 @@ def enqueue(specs: list[JobSpec], settings: Settings, store: Store | None = None
 
 def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = None,
              on_done: Callable[[JobReport], None] | None = None) -> None:
-    """The embedded default: the same task code, in this process, one job after another."""
+    """The embedded default: the same task code, in this process, one job after another.
+
+    Each run is admitted as a queued delivery is (`delivery.admit`): a cancelled or finished job is skipped.
+    """
     from portq.tasks.execution.isolation import isolation_for
     from portq.tasks.execution.run import run_job
+    from portq.tasks.state import records
 
     settings = settings or Settings.resolve(env={})
     for spec in specs:
         try:
+            if not delivery.admit(store, spec, max_attempts=settings.max_retries + 1).run:
+                continue
             report = run_job(spec, store, worker="embedded", isolation=isolation_for(settings))
         except TransientError as e:
-            from portq.tasks.state import records as batches
-
-            record = batches.read_record(store, spec.batch_id, spec.job_id)
-            if record is not None:
-                record.status, record.error = JobStatus.failed, e.message
-                batches.write_record(store, record)
+            record = records.read_record(store, spec.batch_id, spec.job_id)
+            if record is not None and not record.status.finished:
+                records.transition(store, record, JobStatus.failed, error=e.message)
             continue
         if on_done:
             on_done(report)

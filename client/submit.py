@@ -9,11 +9,12 @@ from typing import Annotated, Any
 import typer
 from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve
 from portq.client.render import summary_table
-from portq.tasks.core.contract import Format, InputSpec, JobRecord, Precision, Target, ToleranceMode
+from portq.tasks.core.contract import ArtifactRequest, InputSpec, JobRecord, Precision, Target, ToleranceMode
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
 from portq.tasks.state.submission import prepare
+from pydantic import ValidationError
 
 
 def _parse_inputs(specs: list[str]) -> list[InputSpec]:
@@ -51,6 +52,33 @@ def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
     return overrides
 
 
+def artifact_requests(ids: list[str], format_options: dict[str, dict[str, Any]]) -> list[ArtifactRequest]:
+    """`--format` values (a format, or `format.variant`) as artifact requests, each checked against its format's
+    registry of variants and options before anything is uploaded. `format_options` are flags such as --opset
+    (None: not given); they apply to each request of that format whose variant does not fix them."""
+    from portq.tasks.formats import FORMATS
+
+    requests = []
+    for text in ids:
+        try:
+            request = ArtifactRequest.parse(text)
+        except ValueError as e:
+            raise ConfigError(str(e), step="submit") from None
+        handler = FORMATS.get(request.format.value)
+        variant = handler.variants.get(request.variant) if request.variant in handler.variants else None
+        flags = {k: v for k, v in format_options.get(request.format.value, {}).items()
+                 if v is not None and not (variant and k in variant.fixed)}
+        request = request.model_copy(update={"options": flags})
+        handler.resolve(request)  # unknown variant or bad option: a ConfigError naming the known ones
+        requests.append(request)
+    return requests
+
+
+def validation_problems(e: ValidationError) -> str:
+    """pydantic's errors as one line of portq's: where, and what is wrong (no documentation URLs)."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+
+
 def _batch_sizes(text: str | None) -> list[int]:
     if not text:
         return []
@@ -79,8 +107,10 @@ def submit(
                                                      "state dicts or safetensors (with --arch).")],
     target: Annotated[Target, typer.Option(help="Serving device: cpu routes to the `cpu` queue, cuda to `gpu`.")]
     = Target.cpu,
-    formats: Annotated[list[Format] | None, typer.Option("--format", "-f", help="Artifact format; repeat for "
-                                                             "several. [default: onnx]")] = None,
+    formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Artifact to produce: a format "
+                                                       "(onnx, torchscript, pt2, aoti) or a variant of one by its id "
+                                                       "(onnx.opset17); repeat for several. [default: onnx]")]
+    = None,
     batch: Annotated[str | None, typer.Option(help="Batch name (a fresh id otherwise).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the batch with a progress bar; exit 1 if a job "
                                                       "failed.")] = False,
@@ -128,11 +158,11 @@ def submit(
     """Enqueue one conversion job per model file (or run them here when no broker is configured)."""
     settings = resolve(broker, store)
     options: dict[str, Any] = {
-        "target": target, "formats": formats or [Format.onnx], "inputs": _parse_inputs(inputs or []),
-        "dynamic": dynamic or [], "opset": opset, "arch": arch,
-        "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"),
-        "trust_pickle": trust_pickle, "force": force, "parity": {"seed": seed, "localise": localise},
+        "target": target, "artifacts": artifact_requests(formats or ["onnx"], {"onnx": {"opset": opset}}),
+        "inputs": _parse_inputs(inputs or []), "dynamic": dynamic or [],
+        "parity": {"seed": seed, "localise": localise},
     }
+    load = {"arch": arch, "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"), "trust_pickle": trust_pickle}
     tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
                                              ("quantile", quantile), ("precision", precision)) if v is not None}
     if output_tol:
@@ -146,10 +176,10 @@ def submit(
         options["latency"] = latency
     st = Store(settings.store)
     try:
-        sub = prepare(models, st, batch=batch, options=options, max_bytes=settings.max_model_bytes,
-                      max_sample_bytes=settings.max_sample_bytes)
-    except ValueError as e:  # pydantic validation of the options
-        raise ConfigError(str(e), step="submit") from None
+        sub = prepare(models, st, batch=batch, options=options, load=load, force=force,
+                      max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
+    except ValidationError as e:  # pydantic validation of the options
+        raise ConfigError(validation_problems(e), step="submit") from None
     out.print(f"batch {sub.batch}")
     for rec in sub.rejected:
         error(rec.error or "")

@@ -87,10 +87,10 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
     """Size limits hold on the worker too: a message can come from anywhere that reaches the broker."""
-    for ref, limit, var in ((job.source, settings.max_model_bytes, "PORTQ_MAX_MODEL_BYTES"),
-                            (job.sample, settings.max_sample_bytes, "PORTQ_MAX_SAMPLE_BYTES")):
-        if ref is None:
-            continue
+    refs = [(ref, settings.max_model_bytes, "PORTQ_MAX_MODEL_BYTES") for ref in job.source.files()]
+    if job.options.sample is not None:
+        refs.append((job.options.sample, settings.max_sample_bytes, "PORTQ_MAX_SAMPLE_BYTES"))
+    for ref, limit, var in refs:
         try:
             size = max(ref.size, store.size(ref.key))
         except PortqError as e:  # a missing input is the job's own failure; run_job reports it
@@ -103,13 +103,12 @@ def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
 
 
 def _note_retry(store: Store, job: JobSpec, note: str) -> None:
-    from portq.tasks.state import records as batches
+    from portq.tasks.state import records
 
     try:
-        record = batches.read_record(store, job.batch_id, job.job_id)
+        record = records.read_record(store, job.batch_id, job.job_id)
         if record is not None and not record.status.finished:
-            record.status, record.error = JobStatus.queued, note
-            batches.write_record(store, record)
+            records.transition(store, record, JobStatus.queued, error=note)
     except PortqError:
         pass  # the store is what failed; the retry will find out
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from portq.tasks.core.contract import Divergence, Format, ParityReport, Tolerance
+from portq.tasks.checks.evidence import SourceEvidence
+from portq.tasks.core.contract import Divergence, ParityReport, Tolerance
 from portq.tasks.core.errors import first_line
 
 _FX_NAME = re.compile(r"^\s*%([\w.]+)\s*:")
@@ -51,19 +52,36 @@ class Candidate:
     module_class: str | None = None
 
 
-def localise(
-    fmt: Format, model: Any, artifact_path: Path, runner: Any, ev: Any, parity: ParityReport, tol: Tolerance
-) -> tuple[Divergence | None, str]:
-    """(first divergence or None, how it was searched / why not). Never raises."""
+def localise_onnx(source: Any, path: Path, runner: Any, ev: SourceEvidence, parity: ParityReport,
+                  tol: Tolerance) -> tuple[Divergence | None, str]:
+    """The ONNX format's localisation hook: by fx names where the exporter kept them, else by value."""
+    return _never_raises(_localise_onnx, source, path, runner, ev, parity, tol)
+
+
+def localise_pt2(source: Any, path: Path, ev: SourceEvidence, parity: ParityReport,
+                 tol: Tolerance) -> tuple[Divergence | None, str]:
+    """The pt2 format's localisation hook: fx node against fx node."""
+    return _never_raises(_localise_pt2, source, path, ev, parity, tol)
+
+
+def _never_raises(search: Any, *args: Any) -> tuple[Divergence | None, str]:
     try:
-        if fmt is Format.onnx:
-            return _localise_onnx(model, artifact_path, runner, ev, parity, tol)
-        if fmt is Format.pt2:
-            return _localise_pt2(model, artifact_path, ev, parity, tol)
-        return None, (f"not localised: {fmt.value} artifacts expose no intermediate values "
-                      "(localisation covers onnx and pt2)")
+        return search(*args)  # type: ignore[no-any-return]
     except Exception as e:  # a diagnosis that fails must not fail the artifact
         return None, f"localisation failed: {type(e).__name__}: {first_line(e)}"
+
+
+def values_on_failing_sample(programs: Sequence[Any], ev: SourceEvidence,
+                             parity: ParityReport) -> tuple[int, list[tuple[dict[str, np.ndarray], list[str]]]]:
+    """Run each program node by node on the sample to localise on: the first on which a failing output failed,
+    else the first sample (a program specialised to the first sample's shapes cannot run the others)."""
+    index = failing_sample(parity)
+    try:
+        return index, [fx_values(p, ev.samples[index], ev.device) for p in programs]
+    except Exception:
+        if index == 0:
+            raise
+        return 0, [fx_values(p, ev.samples[0], ev.device) for p in programs]
 
 
 def failing_sample(parity: ParityReport) -> int:
@@ -189,7 +207,7 @@ def _onnx_intermediates(path: Path, names: list[str], sample_feed: dict[str, np.
     return {n: np.asarray(v) for n, v in zip(out_names, results) if n in set(names)}
 
 
-def _reexport(model: Any, ev: Any, opset: int | None) -> Any:
+def _reexport(model: Any, ev: SourceEvidence, opset: int | None) -> Any:
     """The dynamo exporter's ExportedProgram for this source (the graph the artifact's fx names refer to)."""
     import torch
 
@@ -200,7 +218,7 @@ def _reexport(model: Any, ev: Any, opset: int | None) -> Any:
     return onnx_program.exported_program
 
 
-def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityReport,
+def _localise_onnx(model: Any, path: Path, runner: Any, ev: SourceEvidence, parity: ParityReport,
                    tol: Tolerance) -> tuple[Divergence | None, str]:
     import onnx
 
@@ -212,12 +230,7 @@ def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityR
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
     program = _reexport(model, ev, opset)
-    index = failing_sample(parity)
-    try:
-        values, order = fx_values(program, ev.samples[index], ev.device)
-    except Exception:  # a program specialised to the first sample's shapes
-        index = 0
-        values, order = fx_values(program, ev.samples[index], ev.device)
+    index, [(values, order)] = values_on_failing_sample([program], ev, parity)
     names = [candidates[n].value for n in order if n in candidates]
     feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
     providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
@@ -226,20 +239,13 @@ def _localise_onnx(model: Any, path: Path, runner: Any, ev: Any, parity: ParityR
     return _first_failing(pairs, program, parity, tol, index, "onnx")
 
 
-def _localise_pt2(model: Any, path: Path, ev: Any, parity: ParityReport,
+def _localise_pt2(model: Any, path: Path, ev: SourceEvidence, parity: ParityReport,
                   tol: Tolerance) -> tuple[Divergence | None, str]:
     import torch
 
     artifact = torch.export.load(str(path))
     source = source_program(model, ev)
-    index = failing_sample(parity)
-    try:
-        ref, order = fx_values(source, ev.samples[index], ev.device)
-        act, _ = fx_values(artifact, ev.samples[index], ev.device)
-    except Exception:
-        index = 0
-        ref, order = fx_values(source, ev.samples[index], ev.device)
-        act, _ = fx_values(artifact, ev.samples[index], ev.device)
+    index, [(ref, order), (act, _)] = values_on_failing_sample([source, artifact], ev, parity)
     nodes = {n.name: n for n in artifact.graph.nodes}
     pairs = []
     for name in order:
@@ -290,16 +296,14 @@ def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray 
 # ------------------------------------------------------------------ onnx without metadata: match by value
 
 
-def _export_inputs(ev: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _export_inputs(ev: SourceEvidence) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The example the artifacts were exported with, and the recipes' options, rebuilt from the evidence."""
     from portq.tasks.checks.runners import to_tensors
 
-    opts = {"input_names": list(ev.input_names), "output_names": list(ev.output_names),
-            "dynamic": {i: dict(axes) for i, axes in ev.dynamic.items()}, "opset": None, "device": ev.device}
-    return to_tensors(ev.samples[ev.export_index], ev.device), opts
+    return to_tensors(ev.export_sample, ev.device), ev.recipe_options()
 
 
-def source_program(model: Any, ev: Any) -> Any:
+def source_program(model: Any, ev: SourceEvidence) -> Any:
     """An ExportedProgram that computes what the source computes, built the way the export routes build it
     (same example, same dynamic dims; TorchScript is converted first)."""
     from portq.tasks.formats.recipes import exported_program
@@ -310,7 +314,7 @@ def source_program(model: Any, ev: Any) -> Any:
 
 def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
     """The elementwise parity rule on one pair of tensors (NaN matches NaN, Inf the same Inf)."""
-    from portq.tasks.checks.parity import elementwise_errors
+    from portq.tasks.checks.output_check import elementwise_errors
 
     if ref.shape != act.shape:
         return False
@@ -326,7 +330,7 @@ def _scope_module(onnx_node_name: str) -> str | None:
     return parts[-2] if len(parts) >= 2 else None
 
 
-def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev: Any, parity: ParityReport,
+def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev: SourceEvidence, parity: ParityReport,
                              tol: Tolerance) -> tuple[Divergence | None, str]:
     """ONNX without fx metadata (the TorchScript-based exporter): match the artifact's tensors to the source's
     fx values by value, then name the first source operator whose inputs are matched but whose output is
@@ -336,12 +340,7 @@ def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev
     from portq.tasks.checks.tolerances import resolve
 
     program = source_program(model, ev)
-    index = failing_sample(parity)
-    try:
-        values, order = fx_values(program, ev.samples[index], ev.device)
-    except Exception:
-        index = 0
-        values, order = fx_values(program, ev.samples[index], ev.device)
+    index, [(values, order)] = values_on_failing_sample([program], ev, parity)
     onnx_order = [o for n in proto.graph.node for o in n.output if o]
     feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
     providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])

@@ -18,9 +18,10 @@ the smallest `atol` (at the job's `rtol`) and `rtol` (at the job's `atol`) that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+from portq.tasks.checks.output_check import OutputCheck
 from portq.tasks.checks.runners import NamedArrays
 from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
 from portq.tasks.core.contract import (
@@ -42,15 +43,13 @@ TOPK = 5
 
 @dataclass
 class _Acc:
+    """One output over all samples: the pass/fail rule's state (`OutputCheck`) plus the report's statistics."""
+
     name: str
     shape: list[int]
     dtype: str
     tol: ResolvedTolerance
-    abs_parts: list[np.ndarray] = field(default_factory=list)
-    rel_parts: list[np.ndarray] = field(default_factory=list)
-    elements: int = 0
-    failing: int = 0
-    mismatches: int = 0
+    check: OutputCheck
     nan_src: int = 0
     inf_src: int = 0
     nan_art: int = 0
@@ -67,25 +66,11 @@ class _Acc:
     first_failing_sample: int | None = None
     worst_sample: int = 0
     worst_abs: float = -1.0
-    problems: list[str] = field(default_factory=list)
 
 
-def elementwise_errors(actual: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(abs_err, rel_err, mismatched_nonfinite) in float64; non-finite pairs get 0 in abs/rel.
-
-    rel_err is inf where the reference is exactly zero and the artifact is not.
-    """
-    a = actual.astype(np.float64)
-    r = reference.astype(np.float64)
-    finite = np.isfinite(a) & np.isfinite(r)
-    same_nonfinite = (~np.isfinite(a) & ~np.isfinite(r)) & ((np.isnan(a) & np.isnan(r)) | (a == r))
-    mismatched = ~finite & ~same_nonfinite
-    abs_err = np.abs(np.where(finite, a, 0.0) - np.where(finite, r, 0.0))
-    denom = np.abs(r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_err = np.where(finite & (denom > 0), abs_err / np.where(denom > 0, denom, 1.0), 0.0)
-    rel_err = np.where(finite & (denom == 0) & (abs_err > 0), np.inf, rel_err)
-    return abs_err, rel_err, mismatched
+def output_check(tol: ResolvedTolerance) -> OutputCheck:
+    """The rule (shared with the reproduce scripts) for a resolved tolerance."""
+    return OutputCheck({"mode": tol.mode.value, "atol": tol.atol, "rtol": tol.rtol, "q": tol.q})
 
 
 def is_classifier_like(array: np.ndarray) -> bool:
@@ -113,33 +98,20 @@ def error_histogram(abs_err: np.ndarray) -> Histogram:
                      counts=[int(c) for c in counts], zeros=int(abs_err.size - nonzero.size))
 
 
-def _statistic(values: np.ndarray, tol: ResolvedTolerance) -> float:
-    if values.size == 0:
-        return 0.0
-    if tol.mode is ToleranceMode.max:
-        return float(values.max())
-    if tol.mode is ToleranceMode.mean:
-        return float(values.mean())
-    if tol.mode is ToleranceMode.median:
-        return float(np.median(values))
-    return float(np.quantile(values, tol.q if tol.q is not None else 0.99))
-
-
 def _add_sample(acc: _Acc, s: int, ref: np.ndarray, act: np.ndarray) -> None:
-    acc.elements += int(ref.size)
+    errs = acc.check.add(ref, act, s)
+    if errs is None:  # shapes differ: the check records the problem, which fails the output
+        if acc.first_failing_sample is None:
+            acc.first_failing_sample = s
+        return
     if ref.size == 0:
         return
-    abs_err, rel_err, mismatched = elementwise_errors(act, ref)
+    abs_err, rel_err, mismatched, finite = errs.abs_err, errs.rel_err, errs.mismatched, errs.finite
     ref_f, act_f = ref.astype(np.float64), act.astype(np.float64)
-    finite = np.isfinite(ref_f) & np.isfinite(act_f)
     acc.nan_src += int(np.isnan(ref_f).sum())
     acc.inf_src += int(np.isinf(ref_f).sum())
     acc.nan_art += int(np.isnan(act_f).sum())
     acc.inf_art += int(np.isinf(act_f).sum())
-    acc.mismatches += int(mismatched.sum())
-    acc.abs_parts.append(abs_err[finite].ravel())
-    rel_ok = finite & (ref_f != 0)
-    acc.rel_parts.append(rel_err[rel_ok].ravel())
     a0, r0 = np.where(finite, act_f, 0.0), np.where(finite, ref_f, 0.0)
     acc.dot += float(np.sum(a0 * r0))
     acc.norm_a += float(np.sum(a0 * a0))
@@ -147,14 +119,11 @@ def _add_sample(acc: _Acc, s: int, ref: np.ndarray, act: np.ndarray) -> None:
 
     fails_rtol = rel_err > acc.tol.rtol
     fails_atol = abs_err > acc.tol.atol
-    failing = (fails_rtol & fails_atol) | mismatched
-    n_failing = int(failing.sum())
-    acc.failing += n_failing
     if np.any(fails_rtol & finite):
         acc.need_atol = max(acc.need_atol, float(abs_err[fails_rtol & finite].max()))
     if np.any(fails_atol & finite):
         acc.need_rtol = max(acc.need_rtol, float(rel_err[fails_atol & finite].max()))
-    if n_failing and acc.first_failing_sample is None:
+    if errs.failing.any() and acc.first_failing_sample is None:
         acc.first_failing_sample = s
     worst = float(abs_err.max()) if not mismatched.any() else float("inf")
     if worst > acc.worst_abs:
@@ -171,29 +140,25 @@ def _add_sample(acc: _Acc, s: int, ref: np.ndarray, act: np.ndarray) -> None:
 
 
 def _finish(acc: _Acc) -> OutputParity:
-    abs_all = np.concatenate(acc.abs_parts) if acc.abs_parts else np.zeros(0)
-    rel_all = np.concatenate(acc.rel_parts) if acc.rel_parts else np.zeros(0)
-    tol = acc.tol
-    shape_ok = not acc.problems
-    if acc.mismatches:
-        acc.problems.append(f"{acc.mismatches} NaN/Inf value(s) not matched by the source")
+    check, tol = acc.check, acc.tol
+    abs_all, rel_all = check.pooled()
+    shape_ok = not check.problems
+    passed, _ = check.verdict()
+    problems = list(check.problems)
+    if check.mismatches:
+        problems.append(f"{check.mismatches} NaN/Inf value(s) not matched by the source")
     max_abs = float(abs_all.max()) if abs_all.size else 0.0
-    if acc.mismatches or not shape_ok:
+    if check.mismatches or not shape_ok:
         max_abs = float("inf")
     stat_abs = stat_rel = None
     if tol.mode is ToleranceMode.elementwise:
-        passed = acc.failing == 0
         min_atol: float | None = acc.need_atol
         min_rtol: float | None = acc.need_rtol if np.isfinite(acc.need_rtol) else None
     else:
-        stat_abs = _statistic(abs_all, tol)
-        # an output whose source is all zeros has no relative error: judge it on the absolute error alone
-        stat_rel = _statistic(rel_all, tol) if rel_all.size else (float("inf") if stat_abs > 0 else 0.0)
-        passed = not (stat_abs > tol.atol and stat_rel > tol.rtol)
+        stat_abs, stat_rel = check.statistics()
         min_atol = 0.0 if stat_rel <= tol.rtol else stat_abs
         min_rtol = 0.0 if stat_abs <= tol.atol else (stat_rel if np.isfinite(stat_rel) else None)
-    passed = passed and shape_ok and acc.mismatches == 0
-    if acc.mismatches or not shape_ok:
+    if check.mismatches or not shape_ok:
         min_atol = min_rtol = None
     if stat_rel is not None and not np.isfinite(stat_rel):
         stat_rel = None
@@ -210,7 +175,7 @@ def _finish(acc: _Acc) -> OutputParity:
         max_abs_err=json_float(max_abs),
         max_rel_err=float(rel_all.max()) if rel_all.size else 0.0,
         mean_abs_err=float(abs_all.mean()) if abs_all.size else 0.0,
-        elements=acc.elements, failing_elements=acc.failing,
+        elements=check.elements, failing_elements=check.failing,
         mean_rel_err=float(rel_all.mean()) if rel_all.size else 0.0,
         median_abs_err=float(np.median(abs_all)) if abs_all.size else 0.0,
         median_rel_err=float(np.median(rel_all)) if rel_all.size else 0.0,
@@ -218,7 +183,7 @@ def _finish(acc: _Acc) -> OutputParity:
         p99_rel_err=float(np.quantile(rel_all, 0.99)) if rel_all.size else 0.0,
         cosine_similarity=None if cosine is None else float(np.clip(cosine, -1.0, 1.0)),
         nan_source=acc.nan_src, inf_source=acc.inf_src, nan_artifact=acc.nan_art, inf_artifact=acc.inf_art,
-        nonfinite_mismatches=acc.mismatches,
+        nonfinite_mismatches=check.mismatches,
         top1_agreement=acc.top1 / acc.rows if acc.rows else None,
         topk=acc.k if acc.rows else None,
         topk_agreement=acc.topk / acc.rows if acc.rows and acc.k else None,
@@ -228,7 +193,7 @@ def _finish(acc: _Acc) -> OutputParity:
         min_rtol=None if min_rtol is None else json_float(min_rtol),
         first_failing_sample=(acc.first_failing_sample if acc.first_failing_sample is not None
                               else None if passed else acc.worst_sample),
-        problems=acc.problems,
+        problems=problems,
         abs_err_histogram=error_histogram(abs_all) if abs_all.size else None,
     )
 
@@ -256,14 +221,11 @@ def compare(
                 f"(source outputs: {', '.join(n for n, _ in ref_outs)})"
             )
         if s == 0:
-            accs = [_Acc(n, list(a.shape), str(a.dtype), resolve(tol, precision, n)) for n, a in ref_outs]
+            accs = []
+            for n, a in ref_outs:
+                resolved = resolve(tol, precision, n)
+                accs.append(_Acc(n, list(a.shape), str(a.dtype), resolved, output_check(resolved)))
         for acc, (_, ref), (_, act) in zip(accs, ref_outs, act_outs):
-            if tuple(ref.shape) != tuple(act.shape):
-                acc.problems.append(f"sample {s}: shape {list(act.shape)} != source {list(ref.shape)}")
-                acc.elements += int(ref.size)
-                if acc.first_failing_sample is None:
-                    acc.first_failing_sample = s
-                continue
             _add_sample(acc, s, ref, act)
     outputs = [_finish(a) for a in accs]
     job_tol = resolve(tol.model_copy(update={"outputs": {}}), precision, "")

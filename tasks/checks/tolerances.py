@@ -38,14 +38,6 @@ class ResolvedTolerance:
     q: float | None = None  # only for ToleranceMode.quantile
     origin: str = ""  # e.g. "fp32 default", "job", "override 'logits*'"
 
-    def describe(self) -> str:
-        stat = self.mode.value if self.mode is not ToleranceMode.quantile else f"p{_pct(self.q)}"
-        return f"{stat} atol {self.atol:g} / rtol {self.rtol:g}"
-
-
-def _pct(q: float | None) -> str:
-    return f"{(q or 0) * 100:g}"
-
 
 #: The defaults per precision: the one table the README reproduces. fp32 is what a correct conversion
 #: reaches comfortably (op-level errors are ~1e-6; whole networks accumulate to ~1e-5). Half precisions

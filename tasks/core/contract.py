@@ -1,8 +1,14 @@
 """The job contract: what travels on the queue and what comes back, as versioned, validated data.
 
 A `JobSpec` is the only thing a worker accepts. It is JSON, validated against this module on arrival, and
-never unpickled. A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what
-`portq report BATCH --json` prints. Both reports are published as JSON Schema files under `schemas/`.
+never unpickled. Version 2 splits a job into its identity (job id, batch, model name, submitted at), its
+kind and source description (what model to build: `convert` one file; more kinds register source
+builders in `portq.tasks.sources.builders`), and one versioned `JobOptions` object (target, requested
+artifacts, inputs, tolerances, parity and latency options). Each requested artifact is a format plus a
+variant with that format's options, named by an artifact id (`onnx`, `onnx.opset17`).
+
+A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what `portq report BATCH --json`
+prints. Both reports are published as JSON Schema files under `schemas/`.
 
 This module imports neither torch nor Celery: the CLI and the worker's main process both load it.
 """
@@ -17,17 +23,20 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-JOB_SPEC_VERSION: Literal[1] = 1
-REPORT_SCHEMA_VERSION: Literal[1] = 1
+JOB_SPEC_VERSION: Literal[2] = 2
+REPORT_SCHEMA_VERSION: Literal[2] = 2
 
 #: The Celery task name; the client sends by name, so it never imports the worker.
 CONVERT_TASK = "portq.convert"
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: a variant name: the part of an artifact id after the format (`onnx.opset17` -> `opset17`)
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
+DEFAULT_VARIANT = "default"
 
 
 class Target(str, Enum):
@@ -53,6 +62,12 @@ class Format(str, Enum):
     torchscript = "torchscript"
     pt2 = "pt2"
     aoti = "aoti"
+
+
+class JobKind(str, Enum):
+    """What a job builds its source model from; each kind has a source builder (portq.tasks.sources.builders)."""
+
+    convert = "convert"
 
 
 class JobStatus(str, Enum):
@@ -241,28 +256,122 @@ class SourceRef(_Strict):
     size: int
 
 
-class JobSpec(_Strict):
-    """One conversion job, as it travels on the queue (JSON, version-checked)."""
+def _key_material(data: Any) -> Any:
+    """The options' JSON with every uploaded file reduced to its content hash (names and keys do not matter)."""
+    if isinstance(data, dict):
+        if set(data) == {"key", "name", "sha256", "size"}:
+            return data["sha256"]
+        return {k: _key_material(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_key_material(v) for v in data]
+    return data
 
-    version: Literal[1] = JOB_SPEC_VERSION
-    job_id: str
-    batch_id: str
-    model: str
-    source: SourceRef
-    sample: SourceRef | None = None
+
+class ConvertSource(_Strict):
+    """Source description of a `convert` job: one model file, and how to load it."""
+
+    kind: Literal["convert"] = "convert"
+    model: SourceRef
+    arch: str | None = Field(None, description="package.module:Class for state dicts and safetensors files")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_pickle: bool = Field(False, description="allow full unpickling of torch.save files (runs their code)")
+
+    @property
+    def display(self) -> str:
+        """The name errors and reports use for this source: the file the user gave."""
+        return self.model.name
+
+    def files(self) -> list[SourceRef]:
+        return [self.model]
+
+
+#: Every source description a job can carry; a kind is added here and in `portq.tasks.sources.builders`.
+SourceDescription = ConvertSource
+
+
+class ArtifactRequest(_Strict):
+    """One artifact to produce: a format, a variant of it, and that format's options.
+
+    The artifact's id is the format for the default variant (`onnx`) and `format.variant` otherwise
+    (`onnx.opset17`): it names the artifact's folder, its reproduce script, its report entry and the job's
+    best pick. Variants and options are checked against the format's registry (`portq.tasks.formats`).
+    """
+
+    format: Format
+    variant: str = DEFAULT_VARIANT
+    options: dict[str, Any] = Field(default_factory=dict, description="the format's options, e.g. {'opset': 17}")
+
+    @field_validator("variant")
+    @classmethod
+    def _variant_is_a_name(cls, v: str) -> str:
+        if not VARIANT_NAME.match(v):
+            raise ValueError(f"variant {v!r} is not a valid name (lower-case letters, digits, '_', '-')")
+        return v
+
+    @property
+    def id(self) -> str:
+        return artifact_id(self.format, self.variant)
+
+    @classmethod
+    def parse(cls, text: str) -> ArtifactRequest:
+        """`onnx` (the format's default variant) or `onnx.opset17` (format, then variant)."""
+        fmt, _, variant = text.strip().partition(".")
+        try:
+            format_ = Format(fmt)
+        except ValueError:
+            known = ", ".join(f.value for f in Format)
+            raise ValueError(f"{text!r} is not an artifact: a format ({known}), optionally followed by "
+                             "'.VARIANT', e.g. onnx or onnx.opset17") from None
+        variant = variant or DEFAULT_VARIANT
+        if not VARIANT_NAME.match(variant):
+            raise ValueError(f"{text!r}: variant {variant!r} is not a valid name (lower-case letters, digits, '_', "
+                             "'-')")
+        return cls(format=format_, variant=variant)
+
+
+def artifact_id(fmt: Format | str, variant: str = DEFAULT_VARIANT) -> str:
+    value = Format(fmt).value
+    return value if variant == DEFAULT_VARIANT else f"{value}.{variant}"
+
+
+class JobOptions(_Strict):
+    """Everything about a job that changes its result, apart from its source: hashed into the job key."""
+
+    version: Literal[2] = JOB_SPEC_VERSION
     target: Target = Target.cpu
-    formats: list[Format] = Field(default_factory=lambda: [Format.onnx])
+    artifacts: list[ArtifactRequest] = Field(default_factory=lambda: [ArtifactRequest(format=Format.onnx)])
+    sample: SourceRef | None = Field(None, description="a sidecar .npz of example inputs, uploaded with the model")
     inputs: list[InputSpec] = Field(default_factory=list)
     dynamic: list[str] = Field(default_factory=list, description="dims to export as dynamic, e.g. ['batch']")
-    opset: int | None = None
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance())
     parity: ParityOptions = Field(default_factory=lambda: ParityOptions())
     latency: LatencyOptions = Field(default_factory=lambda: LatencyOptions())
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    trust_pickle: bool = False
-    force: bool = False
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts_unique(cls, v: list[ArtifactRequest]) -> list[ArtifactRequest]:
+        if not v:
+            raise ValueError("at least one artifact (format) is needed")
+        seen: dict[str, ArtifactRequest] = {}
+        for request in v:
+            if request.id in seen and seen[request.id] != request:
+                raise ValueError(f"artifact {request.id} is requested twice with different options")
+            seen.setdefault(request.id, request)
+        return list(seen.values())
+
+
+class JobSpec(_Strict):
+    """One job, as it travels on the queue (JSON, version-checked): identity, kind and source, options."""
+
+    version: Literal[2] = JOB_SPEC_VERSION
+    job_id: str
+    batch_id: str
+    model: str
     submitted_at: str = Field(default_factory=utcnow)
+    kind: JobKind = JobKind.convert
+    source: SourceDescription
+    options: JobOptions = Field(default_factory=lambda: JobOptions())
+    force: bool = Field(False, description="run again even when an identical job's result is cached")
 
     @field_validator("job_id", "batch_id")
     @classmethod
@@ -276,27 +385,33 @@ class JobSpec(_Strict):
             raise ValueError(f"model name {v!r} is not a safe path component")
         return v
 
-    @field_validator("formats")
-    @classmethod
-    def _formats_unique(cls, v: list[Format]) -> list[Format]:
-        if not v:
-            raise ValueError("at least one format is needed")
-        return list(dict.fromkeys(v))
+    @model_validator(mode="after")
+    def _kind_matches_source(self) -> JobSpec:
+        if self.source.kind != self.kind.value:
+            raise ValueError(f"a {self.kind.value} job carries a {self.source.kind} source description")
+        return self
+
+    @property
+    def target(self) -> Target:
+        return self.options.target
 
     @property
     def queue(self) -> str:
-        return route_for(self.target)
+        return route_for(self.options.target)
 
-    def options_for_key(self) -> dict[str, Any]:
+    @property
+    def display(self) -> str:
+        """The source as errors and reports name it (the model file the user gave)."""
+        return self.source.display
+
+    def key_material(self) -> dict[str, Any]:
         """Everything that changes the result; not who asked, when, or under which name."""
-        data = self.model_dump(mode="json", exclude={"job_id", "batch_id", "model", "submitted_at", "force"})
-        data["source"] = self.source.sha256
-        data["sample"] = self.sample.sha256 if self.sample else None
-        return data
+        return {"kind": self.kind.value, "source": _key_material(self.source.model_dump(mode="json")),
+                "options": _key_material(self.options.model_dump(mode="json"))}
 
     def job_key(self, toolchain: dict[str, str]) -> str:
-        """Deterministic key from the model's content, the job's options and the toolchain versions."""
-        blob = json.dumps({"options": self.options_for_key(), "toolchain": toolchain}, sort_keys=True)
+        """Deterministic key from the source's content, the job's options and the toolchain versions."""
+        blob = json.dumps({**self.key_material(), "toolchain": toolchain}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -479,14 +594,22 @@ class RouteAttemptReport(_Report):
 
 
 class ArtifactReport(_Report):
+    """One requested artifact: how it was made, and its parity and latency. Paths are relative to the job's
+    result folder (`JobReport.result`), so they hold wherever the folder is published, copied or served."""
+
+    id: str = Field(description="the artifact id: the format, or format.variant (e.g. onnx.opset17)")
     format: Format
+    variant: str = DEFAULT_VARIANT
+    options: dict[str, Any] = Field(default_factory=dict, description="the format's options it was made with")
     status: StepStatus
-    path: str | None = None
+    path: str | None = Field(None, description="the artifact file, relative to the job's result folder")
     error: str | None = None
     route: str | None = None
     opset: int | None = None
+    precision: Precision | None = Field(None, description="the precision the artifact computes in")
     attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
-    reproduce: str | None = Field(None, description="URL of a script that redoes the conversion and parity check")
+    reproduce: str | None = Field(None, description="a script that redoes the conversion and parity check, "
+                                                    "relative to the job's result folder")
     size_bytes: int | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
@@ -504,9 +627,10 @@ class Failure(_Report):
 class JobReport(_Report):
     """`report.json`: what one job produced (written last, after its artifacts)."""
 
-    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
     job_id: str
     job_key: str | None = None
+    kind: JobKind = JobKind.convert
     batch: str
     model: str
     source: str
@@ -515,16 +639,27 @@ class JobReport(_Report):
     error: str | None = None
     failure: Failure | None = None
     cached: bool = False
+    result: str | None = Field(None, description="URL of the job's result folder, which artifact paths are "
+                                                 "relative to (set when the job publishes)")
     artifacts: list[ArtifactReport] = Field(default_factory=list)
     inputs: list[dict[str, Any]] = Field(default_factory=list)
     toolchain: dict[str, str] = Field(default_factory=dict)
-    best: Format | None = Field(None, description="the fastest format that passed parity (p50 at the sample)")
+    best: str | None = Field(None, description="id of the fastest artifact that passed parity (p50 at the sample)")
     environment: dict[str, Any] = Field(default_factory=dict, description="where latency was measured")
     worker: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
+
+    def url(self, relative: str | None) -> str | None:
+        """Where a user finds a file of this job (an artifact path or reproduce script)."""
+        if relative is None or self.result is None:
+            return relative
+        return f"{self.result}/{relative}"
+
+    def artifact(self, artifact_id: str) -> ArtifactReport | None:
+        return next((a for a in self.artifacts if a.id == artifact_id), None)
 
 
 class JobRecord(_Report):
@@ -536,6 +671,7 @@ class JobRecord(_Report):
     source: str
     target: Target
     status: JobStatus
+    kind: JobKind = JobKind.convert
     error: str | None = None
     result: str | None = Field(None, description="store key of the job's result folder")
     cached: bool = False
@@ -548,21 +684,24 @@ class JobRecord(_Report):
 
 class BatchJob(_Report):
     job_id: str
+    kind: JobKind = JobKind.convert
     model: str
     source: str
     target: Target
     status: JobStatus
     error: str | None = None
     cached: bool = False
+    result: str | None = Field(None, description="URL of the job's result folder (artifact paths are relative "
+                                                 "to it)")
     report: str | None = Field(None, description="URL of the job's report.json")
     artifacts: list[ArtifactReport] = Field(default_factory=list)
-    best: Format | None = Field(None, description="the fastest format that passed parity")
+    best: str | None = Field(None, description="id of the fastest artifact that passed parity")
 
 
 class BatchReport(_Report):
     """What `portq report BATCH --json` prints: a contract that scripts and CI rely on."""
 
-    schema_version: Literal[1] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
     batch: str
     store: str
     counts: dict[str, int]
@@ -570,10 +709,34 @@ class BatchReport(_Report):
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {
-    "batch-report.v1.json": BatchReport,
-    "job-report.v1.json": JobReport,
-    "job-spec.v1.json": JobSpec,
+    f"batch-report.v{REPORT_SCHEMA_VERSION}.json": BatchReport,
+    f"job-report.v{REPORT_SCHEMA_VERSION}.json": JobReport,
+    f"job-spec.v{JOB_SPEC_VERSION}.json": JobSpec,
 }
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def read_versioned(model: type[_M], data: Any, where: str) -> _M:
+    """Validate stored data, telling an older portq's file apart from a damaged one.
+
+    Jobs and reports carry their schema version (`version` in a spec, `schema_version` in a report); data
+    written by another version is refused with a sentence that says so, not with a validation dump.
+    """
+    from portq.tasks.core.errors import OlderVersionError
+
+    field = "version" if "version" in model.model_fields else "schema_version"
+    expected = model.model_fields[field].default
+    found = data.get(field) if isinstance(data, dict) else None
+    if isinstance(found, int) and found != expected:
+        what = {JobSpec: "job spec", JobReport: "job report", BatchReport: "batch report"}.get(model, model.__name__)
+        age = "an older" if found < expected else "a newer"
+        raise OlderVersionError(
+            f"{where} is a {what} of schema version {found}, written by {age} portq; this portq reads version "
+            f"{expected}", step="read", file=where,
+            hint="submit the models again (a new batch) to get version-2 results, or read this store with the "
+                 "portq that wrote it" if found < expected else "upgrade portq to read it")
+    return model.model_validate(data)
 
 
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:

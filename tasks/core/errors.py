@@ -63,6 +63,12 @@ class InputError(PortqError):
     kind = "input"
 
 
+class OlderVersionError(InputError):
+    """Stored data (a spec, a report) of another schema version than this portq reads."""
+
+    kind = "version"
+
+
 class ModelLoadError(InputError):
     """The model file is not a model portq can load."""
 
@@ -79,12 +85,6 @@ class ConversionError(PortqError):
     """Every route to produce one format failed."""
 
     kind = "conversion"
-
-
-class ParityError(PortqError):
-    """The artifact could not be run to compare against the source model."""
-
-    kind = "parity"
 
 
 class DeviceUnavailableError(PortqError):

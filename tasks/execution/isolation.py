@@ -1,18 +1,19 @@
-"""One format step in a child process: a crash, hang or runaway memory costs only that format.
+"""One artifact's step in a child process: a crash, hang or runaway memory costs only that artifact.
 
 Converters crash processes in practice: on an H200 with torch 2.11, AOTInductor compiling a
 half-precision model segfaulted the whole process. `ChildProcess` runs one format step (export,
 session creation, parity and latency runs) in a fresh process and turns its death into a failed
 `ArtifactReport` that says which step died and how ("[step export:aoti, ...] crashed with SIGSEGV");
-the job keeps its other formats and reports, and the worker carries on.
+the job keeps its other artifacts and reports, and the worker carries on.
 
 The child is forked from a *forkserver*: a process started once (per worker process) that has torch and
 the exporters imported but has never touched CUDA. Forking a process after CUDA was initialised is
 broken; a forkserver child starts clean, and fast because the heavy imports are already done. The child
-loads the model again from the store (models do not pickle reliably), writes its files into a private
-folder, and sends the `ArtifactReport` back as JSON. Its files join the job's folder only when the step
-produced an artifact; a dead step's partial files are discarded. Its output (and, on a crash, the
-Python stack from `faulthandler`) is appended to the job's `job.log`.
+receives the step's context without the model (models do not pickle reliably), builds the source again
+through the job's source builder, writes into a private folder, and sends the `ArtifactReport` back as
+JSON. The folder becomes the artifact's folder only when the step produced an artifact; a dead step's
+partial files are discarded. Its output (and, on a crash, the Python stack from `faulthandler`) is
+appended to the job's `job.log`.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from portq.tasks.core.contract import ArtifactReport, Format, JobSpec, StepStatus
+from portq.tasks.core.contract import ArtifactReport, StepStatus
 from portq.tasks.core.errors import IsolatedStepCrash, first_line
 from portq.tasks.core.settings import Settings
-from portq.tasks.state.store import Store
 
-#: `portq.tasks.execution.run._run_format`'s signature: (fmt, spec, model, evidence, workdir, store, final) -> report
-FormatStep = Callable[[Format, JobSpec, Any, Any, Path, Store, str], ArtifactReport]
+if TYPE_CHECKING:
+    from portq.tasks.execution.steps import StepContext
+
+#: `portq.tasks.execution.steps.run_artifact`: (context) -> the artifact's report
+Step = Callable[["StepContext"], ArtifactReport]
 
 #: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
 PRELOAD = ("portq.tasks.execution.step_preload",)
@@ -53,18 +56,16 @@ _SIGNAL_MEANING = {
 
 
 class Isolation(Protocol):
-    """How a job runs each of its format steps."""
+    """How a job runs each of its artifact steps."""
 
-    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
-                   store: Store, final: str) -> ArtifactReport: ...
+    def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport: ...
 
 
 class InProcess:
     """Run the step right here (PORTQ_ISOLATE=0): no overhead, no protection."""
 
-    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
-                   store: Store, final: str) -> ArtifactReport:
-        return step(fmt, spec, model, ev, workdir, store, final)
+    def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
+        return step(ctx)
 
 
 @dataclass
@@ -87,38 +88,37 @@ class ChildProcess:
             limits.append(self.deadline - time.monotonic())
         return min(limits) if limits else None
 
-    def run_format(self, step: FormatStep, fmt: Format, spec: JobSpec, model: Any, ev: Any, workdir: Path,
-                   store: Store, final: str) -> ArtifactReport:
-        display = spec.source.name
+    def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         budget = self.budget()
         if budget is not None and budget <= 1:
-            return _failed(fmt, IsolatedStepCrash(
-                "not started: the job's time limit was used up by the steps before it", step=f"export:{fmt.value}",
-                file=display, hint="raise PORTQ_TASK_TIME_LIMIT (and PORTQ_VISIBILITY_TIMEOUT above it)"))
-        out_dir = workdir / f".step-{fmt.value}"
-        log_path = workdir / f".step-{fmt.value}.log"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir()
+            return _failed(ctx, IsolatedStepCrash(
+                "not started: the job's time limit was used up by the steps before it", step=ctx.step("export"),
+                file=ctx.display, hint="raise PORTQ_TASK_TIME_LIMIT (and PORTQ_VISIBILITY_TIMEOUT above it)"))
+        final_dir = ctx.out_dir
+        workdir = final_dir.parent
+        staging = workdir / f".step-{ctx.artifact_id}"
+        log_path = workdir / f".step-{ctx.artifact_id}.log"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         try:
-            outcome = self._run_child(step, fmt, spec, ev, out_dir, store, final, log_path, budget)
+            outcome = self._run_child(step, ctx.without_source(staging), log_path, budget)
             if isinstance(outcome, ArtifactReport):
-                if outcome.path:  # an artifact was written: it joins the job's files
-                    for p in out_dir.iterdir():
-                        os.replace(p, workdir / p.name)
+                if outcome.path:  # an artifact was written: its folder joins the job's files
+                    shutil.rmtree(final_dir, ignore_errors=True)
+                    os.replace(staging, final_dir)
                 return outcome
-            return _failed(fmt, outcome.at(file=display))
+            return _failed(ctx, outcome.at(file=ctx.display))
         finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            _append_log(log_path, workdir, fmt)
+            shutil.rmtree(staging, ignore_errors=True)
+            _append_log(log_path, workdir, ctx.artifact_id)
 
-    def _run_child(self, step: FormatStep, fmt: Format, spec: JobSpec, ev: Any, out_dir: Path, store: Store,
-                   final: str, log_path: Path, budget: float | None) -> ArtifactReport | IsolatedStepCrash:
-        ctx = forkserver()
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child_main, name=f"portq-step-{fmt.value}",
-                           args=(send, step, fmt.value, spec.model_dump_json(), store.root, ev, str(out_dir), final,
-                                 str(log_path)))
-        phase = f"export:{fmt.value}"
+    def _run_child(self, step: Step, ctx: StepContext, log_path: Path,
+                   budget: float | None) -> ArtifactReport | IsolatedStepCrash:
+        proc_ctx = forkserver()
+        recv, send = proc_ctx.Pipe(duplex=False)
+        proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
+                                args=(send, step, ctx, str(log_path)))
+        phase = ctx.step("export")
         start = time.monotonic()
         _allow_children(proc)
         proc.start()
@@ -156,10 +156,10 @@ class ChildProcess:
             proc.join(10)
             recv.close()
         if killed:
-            return IsolatedStepCrash(killed, step=phase, hint="the job's other formats are unaffected")
+            return IsolatedStepCrash(killed, step=phase, hint="the job's other artifacts are unaffected")
         return IsolatedStepCrash(_death(proc.exitcode), step=phase,
                                  hint="job.log holds the step's output and, for a crash, the Python stack at the "
-                                      "crash; the job's other formats are unaffected")
+                                      "crash; the job's other artifacts are unaffected")
 
 
 def isolation_for(settings: Settings, started: float | None = None) -> Isolation:
@@ -211,8 +211,10 @@ def _death(exitcode: int | None) -> str:
     return "its process ended without reporting a result"
 
 
-def _failed(fmt: Format, e: IsolatedStepCrash) -> ArtifactReport:
-    return ArtifactReport(format=fmt, status=StepStatus.failed, error=e.message)
+def _failed(ctx: StepContext, e: IsolatedStepCrash) -> ArtifactReport:
+    from portq.tasks.execution.steps import new_report
+
+    return new_report(ctx.request, StepStatus.failed, e.message, options=ctx.options)
 
 
 def _tree_rss(pid: int) -> int:
@@ -249,7 +251,7 @@ def _kill_tree(proc: Any) -> None:
         proc.kill()
 
 
-def _append_log(log_path: Path, workdir: Path, fmt: Format) -> None:
+def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
     from portq.tasks.execution.run import LOG_FILE
 
     if not log_path.exists():
@@ -258,7 +260,7 @@ def _append_log(log_path: Path, workdir: Path, fmt: Format) -> None:
     log_path.unlink()
     if text.strip():
         with open(workdir / LOG_FILE, "a") as f:
-            f.write(f"--- isolated step for {fmt.value} ---\n{text}")
+            f.write(f"--- isolated step for {artifact_id} ---\n{text}")
             if not text.endswith("\n"):
                 f.write("\n")
 
@@ -269,9 +271,8 @@ def _append_log(log_path: Path, workdir: Path, fmt: Format) -> None:
 _FAULT_LOG: Any = None  # kept open for faulthandler for the child's lifetime
 
 
-def _child_main(conn: Any, step: FormatStep, fmt_value: str, spec_json: str, store_root: str, ev: Any,
-                out_dir: str, final: str, log_path: str) -> None:
-    """Runs in the forkserver child: reload the model, run the step, send the report (or what broke)."""
+def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str) -> None:
+    """Runs in the forkserver child: build the source again, run the step, send the report (or what broke)."""
     import faulthandler
 
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -288,15 +289,13 @@ def _child_main(conn: Any, step: FormatStep, fmt_value: str, spec_json: str, sto
         conn.send((kind, value))
 
     try:
-        fmt = Format(fmt_value)
-        spec = JobSpec.model_validate_json(spec_json)
-        store = Store(store_root)
-        send("phase", f"load:{fmt.value}")
-        model = _reload(spec, store, ev.device)
-        _report_phases(fmt, send)
-        send("phase", f"export:{fmt.value}")
-        artifact = step(fmt, spec, model, ev, Path(out_dir), store, final)
-        send("result", artifact.model_dump_json())
+        from portq.tasks.sources.builders import build_source
+
+        send("phase", ctx.step("load"))
+        ctx.source = build_source(ctx.spec, ctx.store, ctx.evidence.device)
+        _report_phases(ctx, send)
+        send("phase", ctx.step("export"))
+        send("result", step(ctx).model_dump_json())
     except BaseException as e:  # this process is the step's boundary: say what broke, then exit
         send("error", f"{type(e).__name__}: {first_line(e)}")
     finally:
@@ -314,19 +313,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _reload(spec: JobSpec, store: Store, device: str) -> Any:
-    """The model as the job's own process has it: loaded the same way, moved to the same device."""
-    from portq.tasks.sources.loading import LoadRequest, load_model
-
-    with store.local_file(spec.source.key) as path:
-        model = load_model(LoadRequest(path=path, display=spec.source.name, arch=spec.arch,
-                                       arch_kwargs=spec.arch_kwargs, trust_pickle=spec.trust_pickle))
-    if device != "cpu" and hasattr(model.module, "to"):
-        model.module = model.module.to(device)
-    return model
-
-
-def _report_phases(fmt: Format, send: Callable[[str, str], None]) -> None:
+def _report_phases(ctx: StepContext, send: Callable[[str, str], None]) -> None:
     """Tell the parent when the step moves from export to session creation to running the artifact.
 
     Wraps this format's handler in this (throwaway) process only, so a death can be named precisely
@@ -334,18 +321,18 @@ def _report_phases(fmt: Format, send: Callable[[str, str], None]) -> None:
     """
     from portq.tasks.formats import FORMATS
 
-    handler = FORMATS.get(fmt.value)
+    handler = FORMATS.get(ctx.request.format.value)
     export, open_runner = handler.export, handler.open_runner
 
     def export_phase(req: Any) -> Any:
-        send("phase", f"export:{fmt.value}")
+        send("phase", ctx.step("export"))
         return export(req)
 
-    def session_phase(path: Path, device: str) -> Any:
-        send("phase", f"session:{fmt.value}")
-        runner = open_runner(path, device)
-        send("phase", f"run:{fmt.value}")
+    def session_phase(path: Path, device: str, options: Any = None) -> Any:
+        send("phase", ctx.step("session"))
+        runner = open_runner(path, device, options)
+        send("phase", ctx.step("run"))
         return runner
 
     handler.export = export_phase  # type: ignore[method-assign]
-    handler.open_runner = session_phase
+    handler.open_runner = session_phase  # type: ignore[method-assign]

@@ -7,29 +7,13 @@ skipped with that reason rather than failing the job's other formats.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-from typing import Any
 
-from portq.tasks.checks.runners import TorchRunner
+from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format, Target
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route
 
 FILENAME = "model.aoti.pt2"
-
-
-class AotiModule:
-    def __init__(self, path: Path, device: str):
-        import torch
-
-        self.loaded: Any = torch._inductor.aoti_load_package(str(path))
-
-    def __call__(self, *args: Any) -> Any:
-        return self.loaded(*args)
-
-
-def open_runner(path: Path, device: str) -> TorchRunner:
-    return TorchRunner(AotiModule(path, device), device, move=False)
 
 
 def _unsupported(target: Target) -> str | None:
@@ -44,7 +28,7 @@ FORMATS.add(
         format=Format.aoti,
         filename=FILENAME,
         routes=[Route("inductor", recipes.aoti_inductor)],
-        open_runner=open_runner,
+        opener=runtimes.open_aoti,
         unsupported=_unsupported,
     ),
 )

@@ -1,9 +1,16 @@
-"""What a format step is: export routes tried in order (the fallback ladder), and a way to run the artifact.
+"""What a format step is: export routes tried in order (the fallback ladder), variants, options, and hooks.
 
 A format registers a `FormatHandler` in `FORMATS`. Export tries the handler's routes in order and records
 every attempt (route, error, seconds); when all fail, the error names the file, the format, each route
 and the first unsupported operator or failed guard. Each route is a recipe from
 `portq.tasks.formats.recipes`, which the artifact's reproduce script runs the same way.
+
+Each format has its own registry of **variants** (`handler.variants`; `default` always exists) and an
+options model (`handler.options`, pydantic): an artifact request `onnx.opset17` resolves to the variant
+`opset17` of `onnx` with the options it fixes, validated by the format. Adding a variant touches only its
+format module and that registry. The format-specific parts of the job's steps are hooks on the handler:
+`opener` (a runtime from `portq.tasks.checks.runtimes`, which reproduce scripts call by name),
+`open_runner` (portq's checked version of it), `localise` (first-divergence search), `unsupported`.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from portq.tasks.checks.runners import Runner
-from portq.tasks.core.contract import Format, RouteAttemptReport, Target
-from portq.tasks.core.errors import ConversionError, PortqError
+from portq.tasks.core.contract import DEFAULT_VARIANT, ArtifactRequest, Format, RouteAttemptReport, Target
+from portq.tasks.core.errors import ConfigError, ConversionError, PortqError
 from portq.tasks.core.registry import Registry
 from portq.tasks.formats.diagnose import Blocker, blocker
 from portq.tasks.formats.recipes import NotApplicable
 from portq.tasks.sources.loading import LoadedModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], None]
 
@@ -47,15 +55,15 @@ class ExportRequest:
     dynamic: dict[int, dict[int, str]]  # input position -> {axis: dim name}
     out_dir: Path
     device: str
-    opset: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the artifact's resolved format options
     display: str = ""
     attempts: list[RouteAttempt] = field(default_factory=list)  # filled in by FormatHandler.export
 
     def opts(self) -> dict[str, Any]:
-        """What every recipe reads besides the source and the example inputs (JSON-able)."""
-        return {"input_names": list(self.input_names), "output_names": list(self.output_names),
-                "dynamic": {i: dict(axes) for i, axes in self.dynamic.items()}, "opset": self.opset,
-                "device": self.device}
+        """What every recipe reads besides the source and the example inputs (JSON-able): the names, the
+        dynamic dims, the device and the artifact's format options (ONNX's `opset`, ...)."""
+        return {**self.options, "input_names": list(self.input_names), "output_names": list(self.output_names),
+                "dynamic": {i: dict(axes) for i, axes in self.dynamic.items()}, "device": self.device}
 
 
 @dataclass
@@ -77,17 +85,94 @@ def _plain_result(req: ExportRequest, path: Path, route: str) -> ExportResult:
     return ExportResult(path=path, route=route)
 
 
+class NoOptions(BaseModel):
+    """A format without options of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named way to make an artifact of a format: the options it fixes (which a request may not override)."""
+
+    name: str
+    description: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT = Variant(DEFAULT_VARIANT, "the format's standard conversion")
+
+
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    """An artifact request checked against its format: the variant, and every option with its default."""
+
+    request: ArtifactRequest
+    variant: Variant
+    options: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+#: Localisation hook: (source, artifact path, runner, evidence, parity, tolerance) -> (divergence, how)
+Localiser = Callable[[Any, Path, Any, Any, Any, Any], tuple[Any, str]]
+
+
 @dataclass
 class FormatHandler:
     format: Format
     filename: str
     routes: list[Route]
-    open_runner: Callable[[Path, str], Runner]
+    # (path, device, options) -> a runtime; a plain function of portq.tasks.checks.runtimes, which the
+    # reproduce scripts call by its name
+    opener: Callable[[str, str, dict[str, Any]], Runner]
+    options: type[BaseModel] = NoOptions
     # Returns why this format cannot serve a target here (None when it can).
     unsupported: Callable[[Target], str | None] = lambda target: None
     precision: str = "fp32"
     # Turns a written file into the result (ONNX reads back its opset and stamps input names).
     finish: Callable[[ExportRequest, Path, str], ExportResult] = _plain_result
+    # portq's way to open the artifact (checks the device before trusting numbers); default: `opener`
+    checked_open: Callable[[str, str, dict[str, Any]], Runner] | None = None
+    # first-divergence localisation when parity fails; None: the format keeps no intermediate values
+    localise: Localiser | None = None
+    variants: Registry[Variant] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.variants = Registry(f"{self.format.value} variant")
+        self.variants.add(DEFAULT_VARIANT, DEFAULT)
+
+    def resolve(self, request: ArtifactRequest) -> ResolvedArtifact:
+        """The request's variant and options, validated (ConfigError names the artifact and what is wrong)."""
+        if request.format is not self.format:
+            raise ConfigError(f"artifact {request.id} is not a {self.format.value} artifact", step="options")
+        try:
+            variant = self.variants.get(request.variant)
+        except PortqError as e:
+            raise ConfigError(f"artifact {request.id}: {e.cause}", step="options",
+                              hint=f"ask for {self.format.value} or one of: "
+                                   + ", ".join(f"{self.format.value}.{n}" for n in self.variants.names()
+                                               if n != DEFAULT_VARIANT)) from None
+        clash = {k: v for k, v in request.options.items() if k in variant.fixed and variant.fixed[k] != v}
+        if clash:
+            fixed = ", ".join(f"{k}={variant.fixed[k]!r}" for k in clash)
+            raise ConfigError(f"artifact {request.id} fixes {fixed}; it cannot be given "
+                              + ", ".join(f"{k}={v!r}" for k, v in clash.items()), step="options",
+                              hint=f"drop the option, or ask for plain {self.format.value}")
+        try:
+            options = self.options.model_validate({**request.options, **variant.fixed}).model_dump(mode="json")
+        except ValidationError as e:
+            problems = "; ".join(f"option {'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}"
+                                 for err in e.errors())
+            raise ConfigError(f"artifact {request.id}: {problems}", step="options") from None
+        return ResolvedArtifact(request=request, variant=variant, options=options)
+
+    def open_runner(self, path: Path | str, device: str, options: dict[str, Any] | None = None) -> Runner:
+        """Open the artifact for parity and latency, with the runner options it was requested with."""
+        opener = self.checked_open or self.opener
+        return opener(str(path), device, options or {})
 
     def route(self, name: str) -> Route:
         for r in self.routes:

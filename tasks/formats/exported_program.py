@@ -6,8 +6,9 @@ With dynamic dims requested, a saved program is exported again from its module w
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from portq.tasks.checks.runners import TorchRunner
+from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route
@@ -15,10 +16,10 @@ from portq.tasks.formats.base import FORMATS, FormatHandler, Route
 FILENAME = "model.pt2"
 
 
-def open_runner(path: Path, device: str) -> TorchRunner:
-    import torch
+def _localise(source: Any, path: Path, runner: Any, ev: Any, parity: Any, tol: Any) -> tuple[Any, str]:
+    from portq.tasks.checks.divergence import localise_pt2
 
-    return TorchRunner(torch.export.load(str(path)).module(), device)
+    return localise_pt2(source, path, ev, parity, tol)
 
 
 FORMATS.add(
@@ -27,6 +28,7 @@ FORMATS.add(
         format=Format.pt2,
         filename=FILENAME,
         routes=[Route("export", recipes.pt2_export)],
-        open_runner=open_runner,
+        opener=runtimes.open_pt2,
+        localise=_localise,
     ),
 )

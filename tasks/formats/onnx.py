@@ -8,37 +8,46 @@ Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
   ts2ep              a TorchScript archive converted to an ExportedProgram (TS2EPConverter), then dynamo
   ts2ep_decomposed   the same, decomposed first
 For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
+
+Options (`OnnxOptions`): the opset, and onnxruntime's session settings for running the artifact.
+Variants: `opset17`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-from portq.tasks.checks.runners import NamedArrays
+from portq.tasks.checks import runtimes
+from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
 from portq.tasks.formats import recipes
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
+from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route, Variant
+from pydantic import BaseModel, ConfigDict, Field
 
 #: Opset used when --opset is not given (every route honours it; the report records what the file holds).
 DEFAULT_OPSET = recipes.DEFAULT_OPSET
 FILENAME = "model.onnx"
-_META_INPUTS = "portq.input_names"
 
 
 def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    wanted = req.options.get("opset") or DEFAULT_OPSET
+    if opset != wanted:
+        # the dynamo exporter writes opset 18 and converts down with onnx's version converter, which fails on
+        # some graphs with only a warning; an artifact at another opset than asked for is not the artifact
+        raise RuntimeError(f"the exporter wrote opset {opset}, not the requested {wanted} (onnx's version "
+                           "converter could not convert the graph)")
     _name_dynamic_dims(model, req)
     entry = model.metadata_props.add()
-    entry.key, entry.value = _META_INPUTS, json.dumps(req.input_names)
+    entry.key, entry.value = META_INPUTS, json.dumps(req.input_names)
     # Loaded without external data, the proto keeps its references to any external tensor files.
     onnx.save(model, str(path))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return ExportResult(path=path, route=route, opset=opset)
 
 
@@ -62,62 +71,63 @@ def _name_dynamic_dims(model: Any, req: ExportRequest) -> None:
                 dim.dim_param = rename[dim.dim_param]
 
 
-class OrtRunner:
-    """An onnxruntime session pinned to the target device; never silently on the CPU for a cuda target."""
-
-    def __init__(self, path: Path, device: str):
-        import onnxruntime as ort
-
-        self.device = device
-        if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise DeviceUnavailableError(
-                    "onnxruntime on this worker has no CUDAExecutionProvider, so the ONNX artifact cannot run on the "
-                    "cuda target; portq refuses to report CPU numbers as GPU numbers",
-                    step="session:onnx", hint="install onnxruntime-gpu on gpu workers",
-                )
-            providers: list[Any] = ["CUDAExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        used = self.session.get_providers()
-        if device.startswith("cuda") and (not used or used[0] != "CUDAExecutionProvider"):
-            raise DeviceUnavailableError(f"onnxruntime fell back to {used} for a cuda target", step="session:onnx")
-        self.providers = used
-        graph_inputs = [i.name for i in self.session.get_inputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.input_names = json.loads(meta[_META_INPUTS]) if _META_INPUTS in meta else graph_inputs
-        self.graph_inputs = set(graph_inputs)
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def prepare(self, sample: list[np.ndarray]) -> dict[str, np.ndarray]:
-        if len(sample) != len(self.input_names):
-            raise ValueError(f"artifact takes {len(self.input_names)} inputs, sample has {len(sample)}")
-        # The exporter drops inputs the graph does not use; feed only the ones it kept.
-        return {n: np.ascontiguousarray(a) for n, a in zip(self.input_names, sample) if n in self.graph_inputs}
-
-    def run(self, prepared: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, prepared)
-
-    def outputs(self, raw: list[np.ndarray]) -> NamedArrays:
-        return [(n, np.asarray(a)) for n, a in zip(self.output_names, raw)]
+#: onnxruntime's graph optimization levels (runtimes.ORT_LEVELS)
+OrtLevel = Literal["disabled", "basic", "extended", "layout", "all"]
 
 
-FORMATS.add(
-    Format.onnx.value,
-    FormatHandler(
-        format=Format.onnx,
-        filename=FILENAME,
-        routes=[
-            Route("dynamo", recipes.onnx_dynamo),
-            Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
-            Route("torchscript", recipes.onnx_torchscript),
-            Route("ts2ep", recipes.onnx_ts2ep),
-            Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed),
-        ],
-        open_runner=OrtRunner,
-        finish=_finish,
-    ),
+class OnnxOptions(BaseModel):
+    """Options of an ONNX artifact: how it is exported (`opset`) and how onnxruntime runs it (runner options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opset: int = Field(DEFAULT_OPSET, ge=7, le=25, description="the ONNX opset to export to")
+    graph_optimization: OrtLevel = Field(
+        "all", description="onnxruntime's graph optimization level when the session opens the artifact")
+    intra_op_threads: int | None = Field(None, ge=0, description="onnxruntime's intra-op threads (0/unset: its "
+                                                                  "default)")
+
+
+def open_checked(path: str, device: str, options: dict[str, Any]) -> OrtRuntime:
+    """The onnxruntime session on the target device; never silently on the CPU for a cuda target."""
+    import onnxruntime as ort
+
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceUnavailableError(
+            "onnxruntime on this worker has no CUDAExecutionProvider, so the ONNX artifact cannot run on the "
+            "cuda target; portq refuses to report CPU numbers as GPU numbers",
+            step="session:onnx", hint="install onnxruntime-gpu on gpu workers",
+        )
+    runtime = runtimes.open_onnx(path, device, options)
+    used = runtime.providers
+    if device.startswith("cuda") and (not used or used[0] != "CUDAExecutionProvider"):
+        raise DeviceUnavailableError(f"onnxruntime fell back to {used} for a cuda target", step="session:onnx")
+    return runtime
+
+
+def _localise(source: Any, path: Path, runner: Any, ev: Any, parity: Any, tol: Any) -> tuple[Any, str]:
+    from portq.tasks.checks.divergence import localise_onnx
+
+    return localise_onnx(source, path, runner, ev, parity, tol)
+
+
+ONNX = FormatHandler(
+    format=Format.onnx,
+    filename=FILENAME,
+    routes=[
+        Route("dynamo", recipes.onnx_dynamo),
+        Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
+        Route("torchscript", recipes.onnx_torchscript),
+        Route("ts2ep", recipes.onnx_ts2ep),
+        Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed),
+    ],
+    opener=runtimes.open_onnx,
+    checked_open=open_checked,
+    options=OnnxOptions,
+    finish=_finish,
+    localise=_localise,
 )
+FORMATS.add(Format.onnx.value, ONNX)
+
+# Variants: each a name, and the options it fixes.
+ONNX.variants.add("opset17", Variant("opset17", "ONNX at opset 17, for runtimes that do not read opset 18 yet",
+                                     fixed={"opset": 17}))

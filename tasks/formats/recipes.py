@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from portq.tasks.formats.unfuse import unfused_table  # portq-only
 
 #: opset used when none is given
@@ -110,7 +109,28 @@ def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: 
 def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """torch.onnx's TorchScript-based exporter (dynamo=False) on the ScriptModule, nn.Module or program's module."""
     target = source.script if source.script is not None else source.module
+    if source.program is not None:
+        target = _EvalOnly(target)
     _onnx_export(target, args, path, opts, dynamo=False, dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
+
+
+def _EvalOnly(module: Any) -> Any:  # noqa: N802  (a class made on demand, so torch is imported late)
+    """An ExportedProgram's module refuses train(), which the TorchScript-based exporter calls to switch to eval
+    mode; the program is an inference graph already, so switching is a no-op."""
+    import torch
+
+    class EvalOnly(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any) -> Any:
+            return self.inner(*args)
+
+        def train(self, mode: bool = True) -> EvalOnly:
+            return self
+
+    return EvalOnly(module)
 
 
 def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
@@ -200,124 +220,3 @@ def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str,
     import torch
 
     torch._inductor.aoti_compile_and_package(exported_program(source, args, opts), package_path=path)
-
-
-# ------------------------------------------------------------------------------------------- checking
-
-def load_artifact(fmt: str, path: str, device: str) -> Any:
-    """A callable on torch tensors (onnx: a function over numpy arrays) for an artifact of `fmt`."""
-    import torch
-
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(path, providers=providers)
-        kept = {i.name for i in session.get_inputs()}
-
-        def run(*arrays: np.ndarray, names: list[str]) -> list[np.ndarray]:
-            return session.run(None, {n: a for n, a in zip(names, arrays) if n in kept})
-
-        return run
-    if fmt == "torchscript":
-        return torch.jit.load(path, map_location=device).eval()
-    if fmt == "pt2":
-        return torch.export.load(path).module()
-    if fmt == "aoti":
-        return torch._inductor.aoti_load_package(path)
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-def flatten(obj: Any, prefix: str = "output") -> list[tuple[str, np.ndarray]]:
-    """Nested tuples/lists/dicts of tensors -> [(output.0, array), (output.logits, array), ...]."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return [(prefix, (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy())]
-    if isinstance(obj, dict) or hasattr(obj, "to_tuple"):
-        return [kv for k, v in dict(obj.items()).items() for kv in flatten(v, f"{prefix}.{k}")]
-    if isinstance(obj, (tuple, list)):
-        return [kv for i, v in enumerate(obj) for kv in flatten(v, f"{prefix}.{i}")]
-    if obj is None:
-        return []
-    return [(prefix, np.asarray(obj))]
-
-
-class OutputCheck:
-    """One output's parity check over every sample, by the rule portq's report applies (`portq.tasks.checks.parity`).
-
-    `tol` is {"mode", "atol", "rtol", "q"}. Per element, in float64: the absolute error |a - r|; the relative
-    error |a - r| / |r|, unbounded where r == 0 and a != 0 (so such an element is judged on its absolute
-    error alone). NaN matches NaN and Inf the same Inf; any other pairing with a NaN or Inf fails the output
-    in every mode, and non-finite pairs are left out of the errors.
-    Mode `elementwise`: an element fails when its absolute error exceeds atol AND its relative error exceeds
-    rtol; the output passes when no element fails. Modes `max`, `mean`, `median`, `quantile` (q): the statistic
-    of the absolute errors and of the relative errors, pooled over every sample (the relative one leaving out
-    zero-reference elements); the output fails when the absolute statistic exceeds atol AND the relative one
-    exceeds rtol (an output whose reference is all zeros is judged on the absolute statistic alone).
-    """
-
-    def __init__(self, tol: dict[str, Any]) -> None:
-        self.mode = str(tol.get("mode") or "elementwise")
-        self.atol, self.rtol = float(tol["atol"]), float(tol["rtol"])
-        self.q = float(tol["q"]) if tol.get("q") is not None else 0.99
-        self.abs_parts: list[np.ndarray] = []
-        self.rel_parts: list[np.ndarray] = []
-        self.failing = 0
-        self.mismatches = 0
-        self.problems: list[str] = []
-
-    def describe(self) -> str:
-        stat = f"quantile q={self.q:g}" if self.mode == "quantile" else self.mode
-        return f"{stat} atol {self.atol:g} / rtol {self.rtol:g}"
-
-    def add(self, reference: np.ndarray, actual: np.ndarray) -> tuple[float, float, int]:
-        """Add one sample; returns its (max abs err, max rel err, elements failing the elementwise rule)."""
-        if reference.shape != actual.shape:
-            self.problems.append(f"shape {list(actual.shape)} != source {list(reference.shape)}")
-            return float("inf"), float("inf"), int(reference.size)
-        r, a = reference.astype(np.float64), actual.astype(np.float64)
-        finite = np.isfinite(r) & np.isfinite(a)
-        same_nonfinite = ~finite & ((np.isnan(r) & np.isnan(a)) | (r == a))
-        mismatched = ~finite & ~same_nonfinite
-        abs_err = np.abs(np.where(finite, a, 0.0) - np.where(finite, r, 0.0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel_err = np.where(finite & (r != 0), abs_err / np.abs(np.where(r != 0, r, 1.0)), 0.0)
-        rel_err = np.where(finite & (r == 0) & (abs_err > 0), np.inf, rel_err)
-        failing = ((abs_err > self.atol) & (rel_err > self.rtol)) | mismatched
-        self.failing += int(failing.sum())
-        self.mismatches += int(mismatched.sum())
-        self.abs_parts.append(abs_err[finite].ravel())
-        rel_finite = rel_err[finite & (r != 0)].ravel()
-        self.rel_parts.append(rel_finite)
-        return (float("inf") if mismatched.any() else float(abs_err.max()) if abs_err.size else 0.0,
-                float(rel_finite.max()) if rel_finite.size else 0.0, int(failing.sum()))
-
-    def _stat(self, values: np.ndarray) -> float:
-        if values.size == 0:
-            return 0.0
-        if self.mode == "max":
-            return float(values.max())
-        if self.mode == "mean":
-            return float(values.mean())
-        if self.mode == "median":
-            return float(np.median(values))
-        return float(np.quantile(values, self.q))
-
-    def verdict(self) -> tuple[bool, str]:
-        """(passed, why) over every sample added."""
-        bad = self.problems + ([f"{self.mismatches} NaN/Inf value(s) not matched by the source"]
-                               if self.mismatches else [])
-        if self.mode == "elementwise":
-            passed = self.failing == 0
-            why = f"{self.failing} element(s) over both atol and rtol"
-        else:
-            abs_all = np.concatenate(self.abs_parts) if self.abs_parts else np.zeros(0)
-            rel_all = np.concatenate(self.rel_parts) if self.rel_parts else np.zeros(0)
-            stat_abs = self._stat(abs_all)
-            stat_rel = self._stat(rel_all) if rel_all.size else (float("inf") if stat_abs > 0 else 0.0)
-            passed = not (stat_abs > self.atol and stat_rel > self.rtol)
-            stat = f"p{self.q * 100:g}" if self.mode == "quantile" else self.mode
-            why = f"{stat} abs err {stat_abs:.3g}, {stat} rel err {stat_rel:.3g}"
-        return passed and not bad, "; ".join([why, *bad])

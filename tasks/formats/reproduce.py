@@ -1,8 +1,11 @@
 """Reproduce scripts: beside each artifact, a small Python file that redoes its conversion and parity check by hand.
 
-`reproduce_<format>.py` carries a copy of the recipes portq ran (`portq.tasks.formats.recipes` and
-`unfuse`), the settings of the job, and reads the job's samples from `reproduce_inputs.npz` beside it. It
-needs torch and numpy (and onnxruntime for ONNX), not portq, so it can go into an upstream bug report.
+`<artifact id>/reproduce_<artifact id>.py` carries copies of the plain modules portq itself ran: how the
+source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes` and
+`unfuse`), how the artifact is opened and called (`portq.tasks.checks.runtimes`) and how each output is
+judged (`portq.tasks.checks.output_check`). It reads the job's samples from `reproduce_inputs.npz` in the
+job's folder. It needs torch and numpy (and onnxruntime for ONNX), not portq, so it can go into an
+upstream bug report.
 """
 
 from __future__ import annotations
@@ -10,27 +13,31 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from portq.tasks.execution.steps import StepContext
 
 INPUTS_FILE = "reproduce_inputs.npz"
 
 
-def script_name(fmt: str) -> str:
-    return f"reproduce_{fmt}.py"
+def script_name(artifact_id: str) -> str:
+    return f"reproduce_{artifact_id}.py"
 
 
 def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
     """All parity samples, as s<sample>_<input> arrays: written once per job, into its result folder, and
-    shared by every format's script (`portq.tasks.execution.run` writes it before the format steps)."""
+    shared by every artifact's script (`portq.tasks.execution.run` writes it before the artifact steps)."""
     path = directory / INPUTS_FILE
     arrays = {f"s{i}_{j}": a for i, sample in enumerate(samples) for j, a in enumerate(sample)}
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stubs type **kwds as bool
     return path
 
 
-def _module_source(module: Any) -> str:
+def module_source(module: ModuleType) -> str:
     """A module's source without its portq imports and `from __future__` line (the script has its own)."""
     lines = []
     for line in inspect.getsource(module).splitlines():
@@ -40,30 +47,21 @@ def _module_source(module: Any) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def render(
-    *, fmt: str, filename: str, route: str, recipe: str, kind: str, display: str, model_path: str,
-    arch: str | None, arch_kwargs: dict[str, Any], opts: dict[str, Any], tolerances: dict[str, dict[str, Any]],
-    default_tolerance: dict[str, Any], n_samples: int, n_inputs: int, export_sample: int, toolchain: dict[str, str],
-) -> str:
-    """The text of one reproduce script.
+def _section(module: ModuleType) -> str:
+    title = f" copied from {module.__name__} "
+    return f"# {title:-^110}\n{module_source(module)}"
 
-    `tolerances` maps each output's name to the check portq held it to ({"mode", "atol", "rtol", "q",
-    "origin"}); `default_tolerance` is the job's own, for an output the script meets that portq did not.
-    """
-    from portq.tasks.formats import recipes, unfuse
 
-    settings = {
-        "format": fmt, "route": route, "kind": kind, "model": model_path, "arch": arch, "arch_kwargs": arch_kwargs,
-        "opts": opts, "tolerances": tolerances, "tolerance": default_tolerance, "samples": n_samples,
-        "inputs": n_inputs, "export_sample": export_sample, "filename": filename,
-    }
+def render(*, settings: dict[str, Any], recipe_doc: str, tolerances: dict[str, dict[str, Any]], display: str,
+           toolchain: dict[str, str], modules: list[ModuleType]) -> str:
+    """The text of one reproduce script. `settings` is everything main() reads (JSON-able)."""
     made_with = ", ".join(f"{k} {v}" for k, v in toolchain.items() if k != "portq")
-    doc = (inspect.getdoc(getattr(recipes, recipe)) or "").splitlines()[0]
     checks = "\n".join(f"    {_doc_safe(name)}: {_describe(t)}" for name, t in tolerances.items())
     return _TEMPLATE.format(
-        fmt=fmt, display=display, route=route, route_doc=doc, checks=checks or "    (no outputs)",
-        made_with=made_with or "-", script=script_name(fmt), settings=json.dumps(settings, indent=1, sort_keys=True),
-        recipe=recipe, inputs_file=INPUTS_FILE, unfuse=_module_source(unfuse), recipes=_module_source(recipes),
+        artifact=settings["artifact"], display=_doc_safe(display), route=settings["route"], route_doc=recipe_doc,
+        checks=checks or "    (no outputs)", made_with=made_with or "-", script=script_name(settings["artifact"]),
+        settings=json.dumps(settings, indent=1, sort_keys=True), inputs_file=INPUTS_FILE,
+        modules="\n\n".join(_section(m) for m in modules),
     )
 
 
@@ -78,19 +76,14 @@ def _doc_safe(text: str) -> str:
     return text.replace("\\", "/").replace('"', "'")
 
 
-def write_script(directory: Path, **kw: Any) -> Path:
-    path = directory / script_name(kw["fmt"])
-    path.write_text(render(**kw))
-    return path
-
-
 _TEMPLATE = '''#!/usr/bin/env python3
-"""Redo portq's {fmt} conversion of {display} by hand, then its parity check.
+"""Redo portq's {artifact} artifact of {display} by hand, then its parity check.
 
 portq converted it by the route `{route}`: {route_doc}
-This script runs that same recipe (copied below) on the same example inputs, runs the new artifact on
-every sample portq checked ({inputs_file}, beside this file), and compares it with the source model by
-the check portq's report applied to each output (`OutputCheck` below says how each mode judges):
+This script builds the source the way portq did, runs that same recipe (copied below) on the same
+example inputs, runs the new artifact on every sample portq checked ({inputs_file}, in the job's
+folder), and compares it with the source model by the check portq's report applied to each output
+(`OutputCheck` below says how each mode judges):
 {checks}
 Exit status 0 when parity passes.
 
@@ -106,6 +99,7 @@ import importlib
 import json
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,81 +108,38 @@ import numpy as np
 SETTINGS = json.loads(r"""{settings}""")
 
 
-# ----------------------------------------------------------------- copied from portq.tasks.formats.unfuse
-{unfuse}
+{modules}
 
-# ---------------------------------------------------------------- copied from portq.tasks.formats.recipes
-{recipes}
-
-# ------------------------------------------------------------------------------------------- the source
-
-def load_source(path: str) -> Any:
-    """The source model as portq loaded it: .module (callable), .script, .program."""
-    import torch
-
-    kind = SETTINGS["kind"]
-    if kind == "torchscript":
-        script = torch.jit.load(path, map_location="cpu").eval()
-        return types.SimpleNamespace(module=script, script=script, program=None)
-    if kind == "exported_program":
-        program = torch.export.load(path)
-        return types.SimpleNamespace(module=program.module(), script=None, program=program)
-    if kind == "pickled_module":  # portq loaded it with --trust-pickle: this runs code from the file
-        return types.SimpleNamespace(module=torch.load(path, map_location="cpu", weights_only=False).eval(),
-                                     script=None, program=None)
-    if kind == "safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(path, device="cpu")
-    else:  # a state dict, or a training checkpoint holding one
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "weights"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    module_name, _, attr = SETTINGS["arch"].partition(":")
-    cls: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        cls = getattr(cls, part)
-    module = cls(**SETTINGS["arch_kwargs"])
-    if state and all(k.startswith("module.") for k in state):
-        state = {{k[len("module."):]: v for k, v in state.items()}}
-    module.load_state_dict(state, strict=True)
-    return types.SimpleNamespace(module=module.eval(), script=None, program=None)
-
+# ------------------------------------------------------------------------------------------- the check
 
 def main() -> int:
     import torch
 
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=SETTINGS["model"], help="the source model file")
+    parser.add_argument("--model", default=None, help="the source model file (default: where portq stored it)")
     parser.add_argument("--out", default=str(here / ("reproduced_" + SETTINGS["filename"])),
                         help="where to write the new artifact")
     cli = parser.parse_args()
     opts = SETTINGS["opts"]
     device = opts.get("device", "cpu")
-    data = np.load(here / "{inputs_file}")
+    inputs = here / "{inputs_file}"
+    data = np.load(inputs if inputs.exists() else here.parent / "{inputs_file}")
     samples = [[data[f"s{{i}}_{{j}}"] for j in range(SETTINGS["inputs"])] for i in range(SETTINGS["samples"])]
 
-    source = load_source(cli.model)
+    source = build_source(SETTINGS["source"], cli.model)
     source.module = source.module.to(device) if hasattr(source.module, "to") else source.module
-    example = tuple(torch.from_numpy(a).to(device) for a in samples[SETTINGS["export_sample"]])
-    {recipe}(source, example, cli.out, opts)
-    print(f"converted {{cli.model}} -> {{cli.out}} by route {{SETTINGS['route']}}")
+    source_runtime = TorchRuntime(source.module, device, move=False)
+    example = to_tensors(samples[SETTINGS["export_sample"]], device)
+    globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
+    print(f"converted the source -> {{cli.out}} by route {{SETTINGS['route']}}")
 
-    artifact = load_artifact(SETTINGS["format"], cli.out, device)
+    artifact = globals()[SETTINGS["opener"]](cli.out, device, SETTINGS["options"])
     checks: dict[str, OutputCheck] = {{}}
     passed = True
     for i, sample in enumerate(samples):
-        tensors = tuple(torch.from_numpy(a).to(device) for a in sample)
-        with torch.inference_mode():
-            reference = flatten(source.module(*tensors))
-            if SETTINGS["format"] == "onnx":
-                raw = artifact(*sample, names=opts["input_names"])
-                actual = [(n, np.asarray(a)) for (n, _), a in zip(reference, raw)]
-            else:
-                actual = flatten(artifact(*tensors))
+        reference = call(source_runtime, sample)
+        actual = call(artifact, sample)
         if len(actual) != len(reference):
             print(f"sample {{i}}: the artifact returns {{len(actual)}} outputs, the source {{len(reference)}}")
             passed = False
@@ -196,10 +147,17 @@ def main() -> int:
         for (name, ref), (_, act) in zip(reference, actual):
             tol = SETTINGS["tolerances"].get(name, SETTINGS["tolerance"])
             check = checks.setdefault(name, OutputCheck(tol))
-            abs_err, rel_err, failing = check.add(ref, act)
+            errors = check.add(ref, act, i)
             shape = "x".join(map(str, ref.shape))
-            line = f"sample {{i}} {{name}} [{{shape}}]: max abs err {{abs_err:.3g}}, max rel err {{rel_err:.3g}}"
+            if errors is None:
+                print(f"sample {{i}} {{name}} [{{shape}}]: shape {{list(act.shape)}} differs")
+                continue
+            abs_err = float(errors.abs_err.max()) if errors.abs_err.size else 0.0
+            rel = errors.rel_err[errors.finite & (ref.astype(np.float64) != 0)]
+            line = (f"sample {{i}} {{name}} [{{shape}}]: max abs err {{abs_err:.3g}}, max rel err "
+                    f"{{float(rel.max()) if rel.size else 0.0:.3g}}")
             if check.mode == "elementwise":  # the statistic modes judge all samples together, below
+                failing = int(errors.failing.sum())
                 line += " ok" if not failing else f" FAIL ({{failing}} elements over atol and rtol)"
             print(line)
     for name, check in checks.items():
@@ -215,29 +173,39 @@ if __name__ == "__main__":
 '''
 
 
-
-def write_for_artifact(
-    handler: Any, result: Any, req: Any, spec: Any, model: Any, evidence: Any, store: Any, precision: str
-) -> Path:
-    """Write `reproduce_<format>.py` beside a freshly exported artifact (the job writes the samples once).
+def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, precision: str) -> Path:
+    """Write `reproduce_<artifact id>.py` beside a freshly exported artifact (the job writes the samples once).
 
     The script holds each output to the tolerance the report held it to (mode, atol, rtol, q, per-output
     overrides included), so it passes exactly when the report's parity passes on the same numbers.
     """
+    from portq.tasks.checks import output_check, runtimes
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
     from portq.tasks.core.toolchain import toolchain
+    from portq.tasks.formats import recipes, unfuse
+    from portq.tasks.sources.builders import SOURCE_BUILDERS
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:
         return {"mode": t.mode.value, "atol": t.atol, "rtol": t.rtol, "q": t.q, "origin": t.origin}
 
-    tolerances = {name: plain(resolve(spec.tolerance, precision, name)) for name in evidence.output_names}
+    tolerance = ctx.spec.options.tolerance
+    ev = ctx.evidence
+    tolerances = {name: plain(resolve(tolerance, precision, name)) for name in ev.output_names}
     # the job's own tolerance, as parity.compare reports it: no per-output override leaks into it
-    default = plain(resolve(spec.tolerance.model_copy(update={"outputs": {}}), precision, ""))
+    default = plain(resolve(tolerance.model_copy(update={"outputs": {}}), precision, ""))
     route = handler.route(result.route)
-    return write_script(
-        result.path.parent, fmt=handler.format.value, filename=handler.filename, route=route.name,
-        recipe=route.recipe.__name__, kind=model.kind, display=spec.source.name,
-        model_path=store.url(spec.source.key), arch=spec.arch, arch_kwargs=spec.arch_kwargs, opts=req.opts(),
-        tolerances=tolerances, default_tolerance=default, n_samples=len(evidence.samples),
-        n_inputs=len(evidence.input_names), export_sample=evidence.export_index, toolchain=toolchain(),
-    )
+    builder = SOURCE_BUILDERS.get(ctx.spec.kind.value)
+    assert ctx.source is not None
+    settings = {
+        "artifact": ctx.artifact_id, "format": handler.format.value, "variant": ctx.request.variant,
+        "route": route.name, "recipe": route.recipe.__name__, "opener": handler.opener.__name__,
+        "filename": handler.filename, "source": builder.script_settings(ctx.spec, ctx.source, ctx.store),
+        "opts": req.opts(), "options": ctx.options, "tolerances": tolerances, "tolerance": default,
+        "samples": len(ev.samples), "inputs": len(ev.input_names), "export_sample": ev.export_index,
+    }
+    modules = [*builder.script_modules, unfuse, recipes, runtimes, output_check]
+    doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
+    path = result.path.parent / script_name(ctx.artifact_id)
+    path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,
+                           toolchain=toolchain(), modules=modules))
+    return path

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from portq.tasks.checks.runners import TorchRunner
+from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format
 from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route
 
 FILENAME = "model.torchscript.pt"
-
-
-def open_runner(path: Path, device: str) -> TorchRunner:
-    import torch
-
-    return TorchRunner(torch.jit.load(str(path), map_location=device).eval(), device, move=False)
 
 
 FORMATS.add(
@@ -28,6 +20,6 @@ FORMATS.add(
             Route("trace", recipes.torchscript_trace),
             Route("script", recipes.torchscript_script),
         ],
-        open_runner=open_runner,
+        opener=runtimes.open_torchscript,
     ),
 )

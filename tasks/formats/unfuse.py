@@ -93,7 +93,3 @@ def unfused_table() -> dict[Any, Any]:
     table[torch.ops.aten._native_multi_head_attention.default] = native_multi_head_attention
     table[torch.ops.aten._transformer_encoder_layer_fwd.default] = transformer_encoder_layer_fwd
     return table
-
-
-#: the fused ops this module knows how to take apart (names as the exporters print them)
-FUSED_OPS = ("aten::_native_multi_head_attention", "aten::_transformer_encoder_layer_fwd")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from portq.tasks.core.contract import (
     ArtifactReport,
     BatchReport,
-    Format,
     JobReport,
     JobStatus,
     LatencyReport,
@@ -27,17 +26,17 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-2 else f"{x:.{digits}f}"
 
 
-def mark_best(artifacts: list[ArtifactReport]) -> Format | None:
-    """Mark (and return) the fastest artifact that converted and passed parity: lowest p50 at the sample.
+def mark_best(artifacts: list[ArtifactReport]) -> str | None:
+    """Mark the fastest artifact that converted and passed parity (lowest p50 at the sample); return its id.
 
-    Ties go to the earlier format in the job's order. None when no artifact qualifies.
+    Ties go to the earlier artifact in the job's order. None when no artifact qualifies.
     """
     eligible = [a for a in artifacts if a.status is StepStatus.succeeded and a.parity is not None
                 and a.parity.passed and a.latency is not None]
     best = min(eligible, key=lambda a: a.latency.p50_ms if a.latency else 0.0, default=None)
     for a in artifacts:
         a.best = a is best
-    return best.format if best is not None else None
+    return best.id if best is not None else None
 
 
 def artifact_row(a: ArtifactReport) -> list[str]:
@@ -52,10 +51,10 @@ def artifact_row(a: ArtifactReport) -> list[str]:
     if a.parity and a.parity.first_divergence:
         d = a.parity.first_divergence
         note += f"; diverges at {d.node} ({d.op_type}{', ' + d.module if d.module else ''})"
-    return [a.format.value, a.status.value, parity, max_abs, p50, src, speedup, "best" if a.best else "", note]
+    return [a.id, a.status.value, parity, max_abs, p50, src, speedup, "best" if a.best else "", note]
 
 
-ARTIFACT_COLUMNS = ["format", "status", "parity", "max abs err", "p50 ms", "source p50 ms", "speedup", "best",
+ARTIFACT_COLUMNS = ["artifact", "status", "parity", "max abs err", "p50 ms", "source p50 ms", "speedup", "best",
                     "note"]
 
 
@@ -104,7 +103,7 @@ def job_facts(r: JobReport) -> list[Fact]:
              Fact("status", r.status.value + (" (cached)" if r.cached else ""), strong=True,
                   bad=r.status is JobStatus.failed)]
     if r.best:
-        facts.append(Fact("best pick", r.best.value, strong=True))
+        facts.append(Fact("best pick", r.best, strong=True))
     f = r.failure
     if f is not None:
         where = ", ".join(x for x in (f"step {f.step}" if f.step else "", f"file {f.file}" if f.file else "") if x)
@@ -126,6 +125,9 @@ def artifact_facts(a: ArtifactReport) -> list[Fact]:
     facts = []
     if a.error:
         facts.append(Fact("error", a.error, bad=True))
+    if a.variant != "default" or a.options:
+        options = ", ".join(f"{k}={v}" for k, v in a.options.items() if v is not None)
+        facts.append(Fact("variant", f"{a.format.value} {a.variant}" + (f" ({options})" if options else "")))
     if a.route:
         facts.append(Fact("route", a.route))
     if a.opset is not None:
@@ -259,7 +261,7 @@ def job_markdown(r: JobReport) -> str:
     out = [f"# portq job {r.job_id}: {r.model} -> {r.target.value}", "", *_md_facts(job_facts(r)), ""]
     out += [_table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts]), ""]
     for a in r.artifacts:
-        out += [f"## {a.format.value}" + (" (best pick)" if a.best else ""), ""]
+        out += [f"## {a.id}" + (" (best pick)" if a.best else ""), ""]
         facts = artifact_facts(a)
         if facts:
             out += [*_md_facts(facts), ""]

@@ -166,7 +166,7 @@ def _facts(facts: list[Fact]) -> str:
 
 
 def _artifact_html(a: ArtifactReport) -> list[str]:
-    out = [f"<h2>{_e(a.format.value)}{' — best pick' if a.best else ''}</h2>", _facts(artifact_facts(a))]
+    out = [f"<h2>{_e(a.id)}{' — best pick' if a.best else ''}</h2>", _facts(artifact_facts(a))]
     if a.attempts:
         out += ["<p class=\"muted\">Routes tried:</p>", table(ATTEMPT_COLUMNS, attempt_rows(a))]
     p = a.parity
@@ -188,7 +188,7 @@ def _artifact_html(a: ArtifactReport) -> list[str]:
         if lat.artifact and lat.source:
             plots = [svg_histograms([(n, t.histogram)], title=f"latency of {n} (share of runs, up to its p99)",
                                     x_label="ms per run", width=420)
-                     for n, t in ((f"{a.format.value} artifact", lat.artifact), ("source", lat.source))
+                     for n, t in ((f"{a.id} artifact", lat.artifact), ("source", lat.source))
                      if t.histogram]
             if plots:
                 out.append("<div class=\"plots\">" + "".join(f"<figure>{svg}</figure>" for svg in plots) + "</div>")
@@ -219,11 +219,11 @@ def batch_html(b: BatchReport) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
     body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts)}; store <code>{_e(b.store)}</code></p>",
             table(SUMMARY_COLUMNS, rows, best_rows)]
-    speedups = [(f"{j.model}/{a.format.value}", a.latency.speedup) for j in b.jobs for a in j.artifacts
+    speedups = [(f"{j.model}/{a.id}", a.latency.speedup) for j in b.jobs for a in j.artifacts
                 if a.latency is not None]
     if speedups:
         body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
-                             title="speedup over the source, x100 (100 = as fast)", x_label="model / format",
+                             title="speedup over the source, x100 (100 = as fast)", x_label="model / artifact",
                              width=max(420, 60 * len(speedups))))
     links = [f"<li><a href=\"{_e(j.report[:-len('.json')] + '.html')}\">{_e(j.model)} ({_e(j.target.value)})</a></li>"
              for j in b.jobs if j.report and j.report.endswith(".json")]

@@ -13,9 +13,7 @@ from typing import Any
 
 from portq.tasks.core.errors import ModelLoadError, UnsafeModelError, first_line
 from portq.tasks.sources.loading import LoadedModel, LoadRequest
-
-#: keys under which training checkpoints commonly keep the model's weights, most specific first
-CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "weights")
+from portq.tasks.sources.recipes import find_state_dict, strip_wrapper_prefix
 
 
 def load_torch_save(req: LoadRequest) -> LoadedModel:
@@ -34,14 +32,13 @@ def load_torch_save(req: LoadRequest) -> LoadedModel:
                      "with --trust-pickle if you trust where the file came from",
             ) from None
         obj = torch.load(str(req.path), map_location="cpu", weights_only=False)
-    notes = ["loaded with --trust-pickle (full unpickling)"] if req.trust_pickle else []
     if isinstance(obj, torch.nn.Module):
-        return LoadedModel(kind="pickled_module", module=obj, input_names=_forward_names(obj), notes=notes)
-    state = _find_state_dict(obj)
+        return LoadedModel(kind="pickled_module", module=obj, input_names=_forward_names(obj))
+    state = find_state_dict(obj)
     if state is None:
         raise ModelLoadError(f"torch.save file holds a {type(obj).__name__}, not a module, state dict or "
                              "checkpoint with a state dict", step="load", file=req.display)
-    return _build_from_state(req, state, kind="state_dict", notes=notes)
+    return _build_from_state(req, state, kind="state_dict")
 
 
 def load_safetensors(req: LoadRequest) -> LoadedModel:
@@ -52,20 +49,6 @@ def load_safetensors(req: LoadRequest) -> LoadedModel:
     except Exception as e:
         raise ModelLoadError(f"cannot read safetensors file: {first_line(e)}", step="load", file=req.display) from e
     return _build_from_state(req, state, kind="safetensors")
-
-
-def _find_state_dict(obj: Any) -> dict[str, Any] | None:
-    import torch
-
-    if not isinstance(obj, dict):
-        return None
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for key in CHECKPOINT_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            return inner
-    return None
 
 
 def import_arch(arch: str, display: str) -> Any:
@@ -86,7 +69,7 @@ def import_arch(arch: str, display: str) -> Any:
 
 
 def _build_from_state(
-    req: LoadRequest, state: dict[str, Any], kind: str, notes: list[str] | None = None
+    req: LoadRequest, state: dict[str, Any], kind: str
 ) -> LoadedModel:
     if not req.arch:
         raise ModelLoadError(f"file is a {kind.replace('_', ' ')} ({len(state)} tensors) with no model code",
@@ -98,15 +81,12 @@ def _build_from_state(
     except Exception as e:
         raise ModelLoadError(f"--arch {req.arch}: constructing it with {req.arch_kwargs} failed: {first_line(e)}",
                              step="load", file=req.display) from e
-    # training wrappers (DataParallel, DDP) prefix every key with "module."
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(strip_wrapper_prefix(state), strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f"weights do not fit --arch {req.arch}: {first_line(e)}", step="load",
                              file=req.display, hint="check --arch-kwargs against the checkpoint's config") from e
-    return LoadedModel(kind=kind, module=module, input_names=_forward_names(module), notes=list(notes or []))
+    return LoadedModel(kind=kind, module=module, input_names=_forward_names(module))
 
 
 def _forward_names(module: Any) -> list[str]:

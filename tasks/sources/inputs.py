@@ -102,12 +102,6 @@ def random_sample(
     return out
 
 
-def check_sample_fits(sig: InputSignature, sample: Sample, display: str) -> None:
-    if len(sample) != len(sig.specs):
-        raise InputError(f"{len(sample)} sample arrays for {len(sig.specs)} declared inputs", step="inputs",
-                         file=display)
-
-
 def resolve_signature(
     specs: list[InputSpec],
     npz: tuple[list[str], Sample] | None,

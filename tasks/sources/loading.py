@@ -28,7 +28,6 @@ class LoadedModel:
     example_inputs: tuple[Any, ...] | None = None
     program: Any = None  # torch.export.ExportedProgram, for .pt2
     script: Any = None  # torch.jit.ScriptModule, for TorchScript
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

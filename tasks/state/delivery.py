@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from portq.tasks.core.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, safe_name, utcnow
+from portq.tasks.core.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, read_versioned, safe_name, utcnow
 from portq.tasks.core.errors import InputError, StoreError, TransientError
-from portq.tasks.state import records as batches
+from portq.tasks.state import records
 from portq.tasks.state.store import Store, dead_letter_key, spec_key
 
 RETRY_HINT = "`portq retry {batch}` resubmits it"
@@ -35,9 +35,10 @@ class Admission:
 
 
 def admit(store: Store, spec: JobSpec, max_attempts: int) -> Admission:
-    """Decide what this delivery of `spec` does, from the job's state record."""
+    """Decide what this delivery of `spec` does, from the job's state record: the one place that decides,
+    for the queue's deliveries and the embedded default's runs alike."""
     try:
-        record = batches.read_record(store, spec.batch_id, spec.job_id)
+        record = records.read_record(store, spec.batch_id, spec.job_id)
     except StoreError as e:
         raise TransientError(e.cause, step="store") from e
     if record is None:
@@ -61,17 +62,15 @@ def worker_lost(store: Store, raw_spec: Any, cause: str, max_attempts: int) -> J
     spec = _spec_or_none(raw_spec)
     if spec is None:
         return None
-    record = batches.read_record(store, spec.batch_id, spec.job_id)
+    record = records.read_record(store, spec.batch_id, spec.job_id)
     if record is None or record.status.finished:
         return record
     cause = describe_loss(cause)
     if record.attempts >= max_attempts:
         return dead_letter(store, spec, record, f"the worker process died on each of its {record.attempts} "
                                                 f"attempts; the last time: {cause}")
-    record.status = JobStatus.queued
-    record.error = f"attempt {record.attempts} of {max_attempts} ended when {cause}; requeued"
-    batches.write_record(store, record)
-    return record
+    return records.transition(store, record, JobStatus.queued,
+                              error=f"attempt {record.attempts} of {max_attempts} ended when {cause}; requeued")
 
 
 def time_limit_exceeded(store: Store, raw_spec: Any, limit_s: float) -> JobRecord | None:
@@ -79,8 +78,8 @@ def time_limit_exceeded(store: Store, raw_spec: Any, limit_s: float) -> JobRecor
     spec = _spec_or_none(raw_spec)
     if spec is None:
         return None
-    record = batches.read_record(store, spec.batch_id, spec.job_id) or _new_record(spec)
-    if record.status.finished:
+    record = records.read_record(store, spec.batch_id, spec.job_id)
+    if record is not None and record.status.finished:
         return record
     return dead_letter(store, spec, record, f"exceeded the job time limit of {limit_s:g}s (PORTQ_TASK_TIME_LIMIT) "
                                             "and its process was killed")
@@ -89,33 +88,31 @@ def time_limit_exceeded(store: Store, raw_spec: Any, limit_s: float) -> JobRecor
 def terminated(store: Store, raw_spec: Any) -> JobRecord | None:
     """In the worker's main process: `portq cancel --terminate` killed the job's process."""
     spec = _spec_or_none(raw_spec)
-    record = batches.read_record(store, spec.batch_id, spec.job_id) if spec else None
-    if record is None or record.status in (JobStatus.succeeded, JobStatus.failed):
+    record = records.read_record(store, spec.batch_id, spec.job_id) if spec else None
+    if record is None or record.status.finished:  # already recorded (cancel --terminate marks it itself)
         return record
-    record.status, record.error = JobStatus.cancelled, "cancelled while running: its process was killed"
-    batches.write_record(store, record)
-    return record
+    return records.transition(store, record, JobStatus.cancelled,
+                              error="cancelled while running: its process was killed")
 
 
 def dead_letter(store: Store, spec: JobSpec, record: JobRecord | None, reason: str) -> JobRecord:
     """Record the job failed with `reason`, keeping its spec where `portq retry` finds it."""
-    record = record or _new_record(spec)
+    fresh = record is None
+    record = record or records.new_record(spec)
     key = dead_letter_key(spec.batch_id, spec.job_id)
     store.write_json(key, {"job_id": spec.job_id, "batch": spec.batch_id, "model": spec.model, "reason": reason,
                            "attempts": record.attempts, "worker": record.worker, "at": utcnow(),
                            "spec": spec.model_dump(mode="json")})
-    record.status, record.result, record.dead_letter = JobStatus.failed, None, key
-    record.error = f"{reason} (dead-lettered: {RETRY_HINT.format(batch=spec.batch_id)})"
-    batches.write_record(store, record)
-    return record
+    return records.transition(store, record, JobStatus.failed, fresh=fresh, result=None, dead_letter=key,
+                              error=f"{reason} (dead-lettered: {RETRY_HINT.format(batch=spec.batch_id)})")
 
 
 def refuse(store: Store, spec: JobSpec, reason: str) -> JobRecord:
     """A job that must not run here (over a size limit): failed at once, not retried."""
-    record = batches.read_record(store, spec.batch_id, spec.job_id) or _new_record(spec)
-    record.status, record.error, record.result = JobStatus.failed, reason, None
-    batches.write_record(store, record)
-    return record
+    record = records.read_record(store, spec.batch_id, spec.job_id)
+    fresh = record is None
+    return records.transition(store, record or records.new_record(spec), JobStatus.failed, fresh=fresh,
+                              error=reason, result=None)
 
 
 def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
@@ -127,11 +124,10 @@ def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
         return None
     model = raw.get("model")
     record = JobRecord(job_id=job_id, batch=batch, model=safe_name(model if isinstance(model, str) else "model"),
-                       source="?", target=Target.cpu, status=JobStatus.failed,
-                       error=InputError(f"the worker refused this job's message: {problem}",
-                                        step="receive").message)
-    batches.write_record(store, record)
-    return record
+                       source="?", target=Target.cpu, status=JobStatus.failed)
+    return records.transition(store, record, JobStatus.failed, fresh=True,
+                              error=InputError(f"the worker refused this job's message: {problem}",
+                                               step="receive").message)
 
 
 def write_spec(store: Store, spec: JobSpec) -> None:
@@ -139,10 +135,10 @@ def write_spec(store: Store, spec: JobSpec) -> None:
 
 
 def read_spec(store: Store, batch: str, job_id: str) -> JobSpec | None:
-    """The job's spec as submitted (or as its dead letter kept it)."""
+    """The job's spec as submitted (or as its dead letter kept it); OlderVersionError for an older portq's."""
     for key, pick in ((spec_key(batch, job_id), lambda d: d), (dead_letter_key(batch, job_id), lambda d: d["spec"])):
         if store.exists(key):
-            return JobSpec.model_validate(pick(store.read_json(key)))
+            return read_versioned(JobSpec, pick(store.read_json(key)), store.url(key))
     return None
 
 
@@ -172,8 +168,3 @@ def _spec_or_none(raw: Any) -> JobSpec | None:
         return JobSpec.model_validate(raw)
     except ValueError:
         return None
-
-
-def _new_record(spec: JobSpec) -> JobRecord:
-    return JobRecord(job_id=spec.job_id, batch=spec.batch_id, model=spec.model, source=spec.source.name,
-                     target=spec.target, status=JobStatus.queued)

@@ -1,15 +1,82 @@
 """Batches live in the store: one state record per job, so `status`, `report` and `--wait` need no broker,
 survive client restarts, and read the same in embedded and queued mode. No Celery chord or result backend.
+
+This module owns a record's state: every status change goes through `transition`, which checks it against
+`ALLOWED`:
+
+    (new) -> queued | failed                       submitted, or refused at submit / on arrival
+    queued -> running | succeeded | failed | cancelled   run; served from the cache; refused; cancelled
+    running -> running | succeeded | failed | cancelled | queued
+                                                   a new attempt after a lost worker; finished; killed;
+                                                   requeued for a retry
+    succeeded | failed | cancelled -> queued       `portq retry` resubmits it
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
-from portq.tasks.core.contract import BatchJob, BatchReport, JobRecord, JobReport, JobStatus, utcnow
-from portq.tasks.core.errors import InputError, StoreError
+from portq.tasks.core.contract import (
+    BatchJob,
+    BatchReport,
+    JobRecord,
+    JobReport,
+    JobSpec,
+    JobStatus,
+    read_versioned,
+    utcnow,
+)
+from portq.tasks.core.errors import InputError, PortqError, StoreError
 from portq.tasks.state.store import Store, record_key
 from pydantic import ValidationError
+
+_FINISHED = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+ALLOWED: dict[JobStatus | None, set[JobStatus]] = {
+    None: {JobStatus.queued, JobStatus.failed},
+    JobStatus.queued: {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled},
+    JobStatus.running: {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled,
+                        JobStatus.queued},
+    **{s: {JobStatus.queued} for s in _FINISHED},
+}
+
+
+class IllegalTransition(PortqError):
+    """A status change the job's life does not allow (a bug, or two writers disagreeing)."""
+
+    kind = "state"
+
+
+def new_record(spec: JobSpec, status: JobStatus = JobStatus.queued, error: str | None = None) -> JobRecord:
+    """A job's first record (not yet written)."""
+    return JobRecord(job_id=spec.job_id, batch=spec.batch_id, model=spec.model, source=spec.display,
+                     target=spec.target, kind=spec.kind, status=status, error=error)
+
+
+def transition(store: Store, record: JobRecord, to: JobStatus, *, fresh: bool = False, **fields: Any) -> JobRecord:
+    """Move a record to `to`, set `fields` (error, result, cached, worker, attempts, dead_letter) and write it.
+
+    `fresh`: the record was never written (its status is the one it starts in). The error is cleared unless
+    given; a move to running starts a new attempt.
+    """
+    current = None if fresh else record.status
+    if to not in ALLOWED[current]:
+        raise IllegalTransition(f"job {record.job_id} cannot go from {current.value if current else 'new'} to "
+                                f"{to.value}", step="state", hint="please report this with the batch's records")
+    record.status = to
+    record.error = fields.pop("error", None)
+    if to is JobStatus.running:
+        record.attempts += 1
+    for name, value in fields.items():
+        setattr(record, name, value)
+    write_record(store, record)
+    return record
+
+
+def reset(store: Store, record: JobRecord) -> JobRecord:
+    """Back to queued as if new (`portq retry`): attempts, result, worker and dead letter go."""
+    return transition(store, record, JobStatus.queued, result=None, cached=False, attempts=0, dead_letter=None,
+                      worker=None)
 
 
 def write_record(store: Store, record: JobRecord) -> None:
@@ -49,9 +116,11 @@ def require_batch(store: Store, batch: str) -> list[JobRecord]:
 
 
 def read_report(store: Store, record: JobRecord) -> JobReport | None:
+    """The job's report.json; an OlderVersionError when an older portq wrote it."""
     if not record.result or not store.exists(f"{record.result}/report.json"):
         return None
-    return JobReport.model_validate(store.read_json(f"{record.result}/report.json"))
+    key = f"{record.result}/report.json"
+    return read_versioned(JobReport, store.read_json(key), store.url(key))
 
 
 def counts(records: list[JobRecord]) -> dict[str, int]:
@@ -65,8 +134,8 @@ def batch_report(store: Store, batch: str) -> BatchReport:
     for r in records:
         report = read_report(store, r) if r.status.finished else None
         jobs.append(BatchJob(
-            job_id=r.job_id, model=r.model, source=r.source, target=r.target, status=r.status,
-            error=r.error, cached=r.cached,
+            job_id=r.job_id, kind=r.kind, model=r.model, source=r.source, target=r.target, status=r.status,
+            error=r.error, cached=r.cached, result=report.result if report else None,
             report=store.url(f"{r.result}/report.json") if report else None,
             artifacts=report.artifacts if report else [], best=report.best if report else None,
         ))

@@ -4,7 +4,6 @@ Layout under the store root:
 
     inputs/<sha256><suffix>            uploaded model files and sample .npz, content-addressed
     results/<job_key>/                 one job's artifacts, report.json (written last) and report.md
-    batches/<batch>/batch.json         the batch manifest written at submit
     batches/<batch>/jobs/<job_id>.json each job's state record
     batches/<batch>/specs/<job_id>.json each job's spec, as sent (what `portq retry` resubmits)
     batches/<batch>/dead/<job_id>.json  dead letters: jobs that ended without a report
@@ -51,10 +50,6 @@ def result_key(job_key: str) -> str:
     return f"results/{job_key}"
 
 
-def batch_key(batch: str) -> str:
-    return f"batches/{batch}/batch.json"
-
-
 def record_key(batch: str, job_id: str) -> str:
     return f"batches/{batch}/jobs/{job_id}.json"
 
@@ -83,6 +78,10 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
+
+    def __reduce__(self) -> tuple[type[Store], tuple[str]]:
+        # a step's child process opens the same store from its root (filesystem objects need not pickle)
+        return (Store, (self.root,))
 
     # ------------------------------------------------------------------------------------------ paths
     def _path(self, key: str) -> str:

@@ -13,10 +13,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from portq.tasks.core.contract import JobRecord, JobSpec, JobStatus, SourceRef, new_id, safe_name
+from portq.tasks.core.contract import (
+    ConvertSource,
+    JobKind,
+    JobOptions,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    SourceRef,
+    Target,
+    new_id,
+    safe_name,
+)
 from portq.tasks.core.errors import InputError, PortqError
-from portq.tasks.state import delivery
-from portq.tasks.state import records as batches
+from portq.tasks.state import delivery, records
 from portq.tasks.state.store import Store, input_key, sha256_file
 
 SIDECAR_SUFFIX = ".npz"
@@ -60,9 +70,13 @@ def check_model_path(path: Path, max_bytes: int) -> None:
 
 
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
-            max_bytes: int, max_sample_bytes: int | None = None) -> Submission:
-    """Build one JobSpec per model path and write its spec and `queued` record; bad paths become failed records."""
+            load: dict[str, Any] | None = None, force: bool = False, max_bytes: int,
+            max_sample_bytes: int | None = None) -> Submission:
+    """Build one `convert` JobSpec per model path and write its spec and `queued` record; bad paths become
+    failed records. `options` are the JobOptions fields (the sample is added per file); `load` the
+    ConvertSource fields (arch, arch_kwargs, trust_pickle)."""
     sub = Submission(batch=batch or new_batch_id())
+    JobOptions.model_validate(options)  # a bad option fails the whole submission before anything is uploaded
     for raw in paths:
         path = Path(raw)
         model = safe_name(path.stem if path.suffix else path.name)
@@ -75,15 +89,16 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
             if sidecar.is_file() and sidecar != path:
                 check_sample_path(sidecar, max_sample_bytes or max_bytes)
                 sample = _upload(store, sidecar)
-            spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, source=source, sample=sample, **options)
+            spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, kind=JobKind.convert, force=force,
+                           source=ConvertSource(model=source, **(load or {})),
+                           options=JobOptions.model_validate({**options, "sample": sample}))
         except PortqError as e:
             rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=str(path),
-                            target=options.get("target", "cpu"), status=JobStatus.failed, error=e.message)
-            batches.write_record(store, rec)
+                            target=Target(options.get("target", "cpu")), status=JobStatus.failed)
+            records.transition(store, rec, JobStatus.failed, fresh=True, error=e.message)
             sub.rejected.append(rec)
             continue
         delivery.write_spec(store, spec)  # what `portq retry` resubmits
-        batches.write_record(store, JobRecord(job_id=job_id, batch=sub.batch, model=model, source=source.name,
-                                              target=spec.target, status=JobStatus.queued))
+        records.transition(store, records.new_record(spec), JobStatus.queued, fresh=True)
         sub.specs.append(spec)
     return sub

@@ -1,6 +1,7 @@
 """The CLI in embedded mode (no broker): exit codes and outputs, through the real entry point."""
 
 import json
+import os
 import re
 
 import jsonschema
@@ -27,11 +28,13 @@ def test_submit_runs_here_and_reports(example_models, env):
     rep = run_cli("report", "demo", "--json", env=env)
     assert rep.returncode == 0
     doc = json.loads(rep.stdout)
-    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v1.json").read_text()))
-    assert doc["batch"] == "demo" and doc["counts"]["succeeded"] == 3
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v2.json").read_text()))
+    assert doc["batch"] == "demo" and doc["counts"]["succeeded"] == 3 and doc["schema_version"] == 2
     for job in doc["jobs"]:
         (art,) = job["artifacts"]
-        assert art["format"] == "onnx" and art["parity"]["passed"] is True
+        assert (art["id"], art["format"], art["variant"]) == ("onnx", "onnx", "default")
+        assert art["parity"]["passed"] is True and job["best"] == "onnx"
+        assert art["path"] == "onnx/model.onnx" and os.path.isfile(os.path.join(job["result"], art["path"]))
         assert art["latency"]["p50_ms"] > 0 and art["latency"]["source_p50_ms"] > 0
 
     st = run_cli("status", "demo", env=env)
@@ -68,7 +71,10 @@ def test_input_spec_and_tolerance_flags(tmp_path, env):
 
 @pytest.mark.parametrize("args, message", [
     (["--input", "ids:int64[2,4]"], "need a value range"),
-    (["--format", "gif"], "Invalid value for '--format'"),
+    (["--format", "gif"], "'gif' is not an artifact: a format (onnx, torchscript, pt2, aoti)"),
+    (["--format", "onnx.opset99"], "artifact onnx.opset99: unknown onnx variant 'opset99'; known: default, opset17"),
+    (["--format", "onnx.opset17", "--format", "onnx", "--opset", "3"], "artifact onnx: option opset: Input should be "
+                                                                        "greater than or equal to 7"),
     (["--target", "tpu"], "Invalid value for '--target'"),
 ])
 def test_bad_options_exit_2(example_models, env, args, message):

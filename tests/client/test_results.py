@@ -25,12 +25,12 @@ def batch(example_models, tmp_path_factory):
 
 def test_json_carries_best_and_the_new_evidence(batch):
     doc = json.loads(run_cli("report", "rep", "--json", env=batch).stdout)
-    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v1.json").read_text()))
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v2.json").read_text()))
     assert doc == json.loads(run_cli("report", "rep", "--format", "json", env=batch).stdout)
     (job,) = doc["jobs"]
-    arts = {a["format"]: a for a in job["artifacts"]}
+    arts = {a["id"]: a for a in job["artifacts"]}
     fastest = min(arts.values(), key=lambda a: a["latency"]["p50_ms"])
-    assert job["best"] == fastest["format"] and fastest["best"] is True
+    assert job["best"] == fastest["id"] and fastest["best"] is True
     assert sum(a["best"] for a in arts.values()) == 1
     onnx = arts["onnx"]
     (out,) = onnx["parity"]["outputs"]
@@ -49,7 +49,7 @@ def test_table_markdown_and_html(batch, tmp_path):
     table = run_cli("report", "rep", env=batch)
     assert table.returncode == 0 and "best" in table.stdout
     md = run_cli("report", "rep", "--format", "md", env=batch).stdout
-    assert md.startswith("# portq batch rep") and "| model | target | job status | format |" in md
+    assert md.startswith("# portq batch rep") and "| model | target | job status | artifact |" in md
     res = run_cli("report", "rep", "--format", "html", "-o", str(tmp_path / "s.html"), env=batch)
     assert res.returncode == 0
     page = (tmp_path / "s.html").read_text()
@@ -77,3 +77,22 @@ def test_job_html_has_the_plots(batch):
 def test_bad_tolerance_and_latency_flags_exit_2(example_models, tmp_path, flag, message):
     res = run_cli("submit", str(example_models["mlp"]), *flag, env={"PORTQ_STORE": str(tmp_path / "s")})
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_a_store_written_by_version_1_is_named_as_such(tmp_path):
+    """`portq report` on an older portq's batch says so in one line, instead of a validation dump."""
+    store = tmp_path / "old-store"
+    (store / "batches" / "old" / "jobs").mkdir(parents=True)
+    (store / "results" / "k1").mkdir(parents=True)
+    (store / "batches" / "old" / "jobs" / "j1.json").write_text(json.dumps({
+        "job_id": "j1", "batch": "old", "model": "mlp", "source": "mlp.pt", "target": "cpu", "status": "succeeded",
+        "result": "results/k1", "attempts": 1}))
+    (store / "results" / "k1" / "report.json").write_text(json.dumps({
+        "schema_version": 1, "job_id": "j1", "batch": "old", "model": "mlp", "source": "mlp.pt", "target": "cpu",
+        "status": "succeeded", "best": "onnx", "artifacts": [{"format": "onnx", "status": "succeeded",
+                                                              "path": "/old/results/k1/model.onnx"}]}))
+    res = run_cli("report", "old", env={"PORTQ_STORE": str(store)})
+    assert res.returncode == 1
+    assert "is a job report of schema version 1, written by an older portq; this portq reads version 2" in res.stderr
+    assert "submit the models again" in res.stderr and "Traceback" not in res.stderr
+    assert "validation error" not in res.stderr.lower() and res.stderr.count("\n") <= 3

@@ -56,9 +56,10 @@ def test_a_batch_of_hostile_jobs(example_models, tmp_path, queue_db, store_dir):
             conn.Producer(serializer="pickle").publish(
                 {"spec": Payload(message_ran)}, routing_key="cpu", exchange="",
                 headers={"task": "portq.convert", "id": "evil-pickle", "lang": "py", "argsrepr": "", "kwargsrepr": ""})
-            spec = {"job_id": "jtraversal01", "batch_id": "hostile", "model": "../../escaped",
-                    "source": {"key": "inputs/../../../escaped.pt", "name": "../../escaped.pt", "sha256": "0" * 64,
-                               "size": 1}}
+            spec = {"version": 2, "job_id": "jtraversal01", "batch_id": "hostile", "model": "../../escaped",
+                    "kind": "convert",
+                    "source": {"kind": "convert", "model": {"key": "inputs/../../../escaped.pt",
+                                                            "name": "../../escaped.pt", "sha256": "0" * 64, "size": 1}}}
             headers = {"task": "portq.convert", "lang": "py", "argsrepr": "", "kwargsrepr": ""}
             conn.Producer(serializer="json").publish(  # Celery's message body: [args, kwargs, embed]
                 [[], {"spec": spec}, {}], routing_key="cpu", exchange="", headers={**headers, "id": "evil-json"})
@@ -84,9 +85,10 @@ def test_a_batch_of_hostile_jobs(example_models, tmp_path, queue_db, store_dir):
     assert "exceeded the job time limit of 15s (PORTQ_TASK_TIME_LIMIT)" in sleeper and "portq retry hostile" in sleeper
 
     # a segfault inside one format's export costs that format only
-    crasher = {a["format"]: a for a in jobs["crasher"]["artifacts"]}
+    crasher = {a["id"]: a for a in jobs["crasher"]["artifacts"]}
     assert "step export:pt2" in crasher["pt2"]["error"] and "crashed with SIGSEGV" in crasher["pt2"]["error"]
-    assert crasher["torchscript"]["status"] == "succeeded" and Path(crasher["torchscript"]["path"]).is_file()
+    assert crasher["torchscript"]["status"] == "succeeded"
+    assert (Path(jobs["crasher"]["result"]) / crasher["torchscript"]["path"]).is_file()
 
     # a hung export is stopped at the step limit
     (hang,) = jobs["hanger"]["artifacts"]

@@ -6,6 +6,7 @@ import time
 import onnxruntime as ort
 import pytest
 import redis
+from portq.tasks.core.settings import redact_url
 
 from tests.conftest import run_cli
 
@@ -28,13 +29,13 @@ def test_submit_wait_through_redis_and_a_worker(example_models, start_worker, qu
     res = run_cli("submit", *map(str, example_models.values()), "--batch", "q", "--wait", "--timeout", "240",
                   env=env)
     assert res.returncode == 0, res.stderr + worker.output()
-    assert "queued 3 job(s) on redis://127.0.0.1:6379/" in res.stderr
+    assert f"queued 3 job(s) on {redact_url(queue_db)}; store: {store_dir}" in res.stderr
     doc = report(env, "q")
     assert doc["counts"]["succeeded"] == 3
     for job in doc["jobs"]:
         (art,) = job["artifacts"]
         assert art["parity"]["passed"] and art["latency"]["p50_ms"] > 0 and art["latency"]["source_p50_ms"] > 0
-        ort.InferenceSession(art["path"], providers=["CPUExecutionProvider"])  # loads
+        ort.InferenceSession(f"{job['result']}/{art['path']}", providers=["CPUExecutionProvider"])  # loads
         assert f"Task portq.convert[{job['job_id']}] received" in worker.output()
 
 

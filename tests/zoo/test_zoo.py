@@ -16,8 +16,8 @@ import pytest
 from portq.tasks.core.contract import Format, JobStatus, StepStatus
 from portq.tasks.execution.run import run_job
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
 
+from tests.jobs import prepare
 from tests.zoo.build import KINDS
 from tests.zoo.conftest import RESULTS
 from tests.zoo.models import ZOO
@@ -62,19 +62,19 @@ def test_zoo_file_converts(case: str, kind: str, zoo_file, tmp_path) -> None:
             problems.append(f"{art.format.value}: {reason}")
             continue
         assert art.attempts and art.attempts[-1].route == art.route and art.attempts[-1].error is None
-        assert art.reproduce and os.path.exists(art.reproduce)
+        assert art.reproduce and os.path.exists(report.url(art.reproduce))
         if zoo.dynamic:  # the sample, a random draw at its batch size and one at another batch size
             assert art.parity.samples >= 3
     assert not problems, f"{zoo.id}: " + "; ".join(problems)
     onnx_art = next(a for a in report.artifacts if a.format is Format.onnx)
-    _check_onnx_structure(onnx_art, zoo.dynamic)
+    _check_onnx_structure(report.url(onnx_art.path), onnx_art, zoo.dynamic)
     assert report.status is (JobStatus.failed if any(f.split(":")[1] == kind for f in spec.expected_failures)
                              else JobStatus.succeeded)
 
 
-def _check_onnx_structure(art, dynamic: bool) -> None:
+def _check_onnx_structure(path: str, art, dynamic: bool) -> None:
     """ONNX output names are the flattened source outputs' names; a dynamic batch is a named dim in the file."""
-    model = onnx.load(art.path, load_external_data=False)
+    model = onnx.load(path, load_external_data=False)
     assert [o.name for o in model.graph.output] == [o.name for o in art.parity.outputs]
     assert art.opset == 18 and art.route
     if dynamic:

@@ -11,8 +11,9 @@ from portq.tasks.core.contract import Format, InputSpec, JobStatus
 from portq.tasks.execution.run import run_job
 from portq.tasks.formats import FORMATS
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
 from torch import nn
+
+from tests.jobs import prepare
 
 FAST_LATENCY = {"warmup": 1, "runs": 2, "windows": 2, "min_window_ms": 0, "sweep": False}
 
@@ -172,7 +173,7 @@ def test_onnx_without_metadata_is_localised_by_value(tmp_path, monkeypatch):
     report = run_job_and_check_failed(tmp_path / "net.pt", tmp_path)
     (art,) = report.artifacts
     assert art.route == "torchscript"
-    proto = onnx.load(art.path)
+    proto = onnx.load(report.url(art.path))
     second_gemm = [n for n in proto.graph.node if n.op_type == "Gemm"][1]
     d = art.parity.first_divergence
     assert d is not None, art.parity.localisation

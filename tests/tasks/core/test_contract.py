@@ -3,25 +3,33 @@ from pathlib import Path
 
 import pytest
 from portq.tasks.core.contract import (
+    SAFE_ID,
     SCHEMAS,
-    Format,
+    ArtifactRequest,
+    ConvertSource,
     InputSpec,
+    JobKind,
+    JobOptions,
+    JobReport,
     JobSpec,
     SourceRef,
     Target,
     json_schema,
+    read_versioned,
     route_for,
     safe_name,
 )
+from portq.tasks.core.errors import OlderVersionError
 from pydantic import ValidationError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[3] / "tasks" / "core" / "schemas"
 
 
-def spec(**kw):
-    base = dict(job_id="j1", batch_id="b1", model="m",
-                source=SourceRef(key="inputs/abc.pt", name="m.pt", sha256="abc", size=3))
-    return JobSpec(**(base | kw))
+def spec(source_ref=None, **options):
+    ref = source_ref or SourceRef(key="inputs/abc.pt", name="m.pt", sha256="abc", size=3)
+    identity = {k: options.pop(k) for k in ("job_id", "batch_id", "model") if k in options}
+    base = dict(job_id="j1", batch_id="b1", model="m", source=ConvertSource(model=ref))
+    return JobSpec(**(base | identity), options=JobOptions(**options))
 
 
 def test_route_for_maps_targets_to_queues():
@@ -56,27 +64,83 @@ def test_input_spec_rejects_with_reason(text, fragment):
 
 def test_job_spec_is_strict_and_versioned():
     s = spec()
-    assert s.version == 1 and s.formats == [Format.onnx] and s.queue == "cpu"
+    assert s.version == 2 and s.kind is JobKind.convert and s.queue == "cpu"
+    assert [a.id for a in s.options.artifacts] == ["onnx"]
     roundtrip = JobSpec.model_validate(json.loads(s.model_dump_json()))
     assert roundtrip == s
     with pytest.raises(ValidationError):
-        JobSpec.model_validate({**s.model_dump(mode="json"), "version": 2})
+        JobSpec.model_validate({**s.model_dump(mode="json"), "version": 1})
     with pytest.raises(ValidationError):
         JobSpec.model_validate({**s.model_dump(mode="json"), "surprise": 1})
+    with pytest.raises(ValidationError):  # format options live in the artifact requests now
+        JobSpec.model_validate({**s.model_dump(mode="json"), "opset": 17})
     with pytest.raises(ValidationError, match="valid id"):
         spec(batch_id="../escape")
     with pytest.raises(ValidationError, match="safe path component"):
         spec(model="../../x")
 
 
+def test_identity_stays_apart_from_the_options():
+    s = spec(target="cuda", dynamic=["batch"])
+    assert set(JobSpec.model_fields) >= {"job_id", "batch_id", "model", "submitted_at", "kind", "source", "options"}
+    assert s.target is Target.cuda and s.queue == "gpu" and s.options.dynamic == ["batch"]
+    assert "job_id" not in JobOptions.model_fields and s.options.version == 2
+
+
 def test_job_key_depends_on_content_options_and_toolchain_only():
     tools = {"torch": "2.13.0"}
     a = spec()
     assert a.job_key(tools) == spec(job_id="j2", batch_id="other", model="renamed").job_key(tools)
-    assert a.job_key(tools) != spec(source=SourceRef(key="k", name="m.pt", sha256="def", size=3)).job_key(tools)
-    assert a.job_key(tools) != spec(formats=[Format.onnx, Format.pt2]).job_key(tools)
+    renamed_file = SourceRef(key="inputs/abc.pt", name="elsewhere/m2.pt", sha256="abc", size=3)
+    assert a.job_key(tools) == spec(source_ref=renamed_file).job_key(tools)
+    assert a.job_key(tools) != spec(source_ref=SourceRef(key="k", name="m.pt", sha256="def", size=3)).job_key(tools)
+    assert a.job_key(tools) != spec(artifacts=[{"format": "onnx"}, {"format": "pt2"}]).job_key(tools)
+    assert a.job_key(tools) != spec(artifacts=[{"format": "onnx", "variant": "opset17"}]).job_key(tools)
+    assert a.job_key(tools) != spec(artifacts=[{"format": "onnx", "options": {"opset": 17}}]).job_key(tools)
     assert a.job_key(tools) != spec(tolerance={"atol": 1e-3}).job_key(tools)
     assert a.job_key(tools) != a.job_key({"torch": "2.14.0"})
+
+
+@pytest.mark.parametrize("text, fmt, variant, artifact_id", [
+    ("onnx", "onnx", "default", "onnx"),
+    ("onnx.opset17", "onnx", "opset17", "onnx.opset17"),
+    ("torchscript", "torchscript", "default", "torchscript"),
+    ("aoti.max-autotune", "aoti", "max-autotune", "aoti.max-autotune"),
+])
+def test_artifact_ids_name_a_format_and_a_variant(text, fmt, variant, artifact_id):
+    request = ArtifactRequest.parse(text)
+    assert (request.format.value, request.variant, request.id) == (fmt, variant, artifact_id)
+    assert SAFE_ID.match(request.id)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("tflite", "not an artifact"),
+    ("onnx.Opset17", "not a valid name"),
+    ("onnx./x", "not a valid name"),
+    ("onnx.a/b", "not a valid name"),
+])
+def test_artifact_requests_refuse_what_cannot_be_a_path_component(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ArtifactRequest.parse(text)
+
+
+def test_an_artifact_asked_twice_differently_is_refused():
+    with pytest.raises(ValidationError, match="requested twice"):
+        JobOptions(artifacts=[{"format": "onnx", "options": {"opset": 17}}, {"format": "onnx"}])
+    assert len(JobOptions(artifacts=[{"format": "onnx"}, {"format": "onnx"}]).artifacts) == 1
+
+
+def test_data_from_an_older_portq_is_refused_in_a_sentence():
+    v1_report = {"schema_version": 1, "job_id": "j", "batch": "b", "model": "m", "source": "m.pt", "target": "cpu",
+                 "status": "succeeded", "best": "onnx", "artifacts": [{"format": "onnx", "status": "succeeded"}]}
+    with pytest.raises(OlderVersionError) as e:
+        read_versioned(JobReport, v1_report, "store/results/x/report.json")
+    assert "schema version 1, written by an older portq; this portq reads version 2" in e.value.message
+    assert "store/results/x/report.json" in e.value.message and "submit the models again" in e.value.message
+    v1_spec = {"version": 1, "job_id": "j", "batch_id": "b", "model": "m", "formats": ["onnx"]}
+    with pytest.raises(OlderVersionError, match="job spec of schema version 1"):
+        read_versioned(JobSpec, v1_spec, "specs/j.json")
+    assert read_versioned(JobSpec, spec().model_dump(mode="json"), "x") == spec()
 
 
 def test_safe_name_cannot_escape():

@@ -10,9 +10,9 @@ from portq.tasks.core.settings import Settings
 from portq.tasks.execution.isolation import ChildProcess, InProcess, isolation_for
 from portq.tasks.execution.run import run_job
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
 
 from tests.hostile import ARCH, write_state_dict
+from tests.jobs import prepare
 
 
 def job(store, path, formats, arch=None):
@@ -41,10 +41,11 @@ def test_a_segfault_during_export_costs_only_that_format(tmp_path):
     # the job is failed (one format failed) and keeps the artifact that worked, and nothing of the dead step
     assert report.status is JobStatus.failed and "onnx" in report.error
     folder = tmp_path / "store" / "failed" / spec.job_id
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "job.log", "model.torchscript.pt", "report.html", "report.json", "report.md", "reproduce_inputs.npz",
-        "reproduce_torchscript.py"]
-    assert ts.path == str(folder / "model.torchscript.pt")
+    assert report.result == str(folder)
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
+        "job.log", "report.html", "report.json", "report.md", "reproduce_inputs.npz", "torchscript",
+        "torchscript/model.torchscript.pt", "torchscript/reproduce_torchscript.py"]
+    assert ts.path == "torchscript/model.torchscript.pt" and report.url(ts.path) == str(folder / ts.path)
     log = (folder / "job.log").read_text()
     assert "Fatal Python error: Segmentation fault" in log and "hostile.py" in log  # the stack at the crash
 
@@ -80,9 +81,10 @@ def test_isolated_and_in_process_results_agree(example_models, tmp_path):
     assert a.status is b.status is StepStatus.succeeded
     assert (a.route, a.opset, a.size_bytes) == (b.route, b.opset, b.size_bytes)
     assert a.parity.max_abs_err == b.parity.max_abs_err and a.parity.samples == b.parity.samples
-    assert os.path.isfile(b.path) and b.path.startswith(str(tmp_path / "store2" / "results"))
+    assert a.path == b.path == "onnx/model.onnx"
+    assert os.path.isfile(away.url(b.path)) and away.result == str(tmp_path / "store2" / "results" / away.job_key)
     on_disk = json.loads((tmp_path / "store2" / "results" / away.job_key / "report.json").read_text())
-    assert on_disk["artifacts"][0]["path"] == b.path
+    assert on_disk["artifacts"][0]["path"] == b.path and on_disk["result"] == away.result
 
 
 def test_no_time_left_means_the_step_is_not_started(example_models, tmp_path):

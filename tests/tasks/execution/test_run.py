@@ -8,9 +8,11 @@ import pytest
 import torch
 from portq.tasks.core.contract import Format, InputSpec, JobStatus, StepStatus
 from portq.tasks.execution.run import run_job
+from portq.tasks.state import delivery
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
+
+from tests.jobs import prepare
 
 
 def submit(paths, store, **options):
@@ -29,10 +31,11 @@ def test_examples_convert_to_onnx_with_passing_parity(example_models, tmp_path):
         assert art.parity.passed and art.parity.samples >= 3
         assert art.latency.p50_ms > 0 and art.latency.source_p50_ms > 0
         # the artifact is where the report says, loads in onnxruntime and runs on the recorded inputs
-        session = ort.InferenceSession(art.path, providers=["CPUExecutionProvider"])
+        assert art.path == "onnx/model.onnx" and report.result == store.url(f"results/{report.job_key}")
+        session = ort.InferenceSession(report.url(art.path), providers=["CPUExecutionProvider"])
         assert len(session.get_outputs()) == len(art.parity.outputs)
-        on_disk = json.loads(open(report.job_key and store.url(f"results/{report.job_key}/report.json")).read())
-        assert on_disk["status"] == "succeeded"
+        on_disk = json.loads(open(store.url(f"results/{report.job_key}/report.json")).read())
+        assert on_disk["status"] == "succeeded" and on_disk["artifacts"][0]["path"] == "onnx/model.onnx"
 
 
 def test_reference_is_independent_of_portq(tmp_path):
@@ -49,7 +52,7 @@ def test_reference_is_independent_of_portq(tmp_path):
     report = run_job(spec, store)
     (art,) = report.artifacts
     expected = np.tanh(x @ x.T)
-    got = ort.InferenceSession(art.path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(report.url(art.path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert art.parity.samples == 1
     assert art.parity.max_abs_err == pytest.approx(float(np.abs(got - expected).max()), abs=1e-6)
 
@@ -69,18 +72,42 @@ def test_second_run_is_served_from_the_cache(example_models, tmp_path):
     first = run_job(submit([example_models["mlp"]], store).specs[0], store)
     second = run_job(submit([example_models["mlp"]], store).specs[0], store)
     assert not first.cached and second.cached
-    assert second.artifacts[0].path == first.artifacts[0].path
+    assert second.url(second.artifacts[0].path) == first.url(first.artifacts[0].path)
     forced = run_job(submit([example_models["mlp"]], store, force=True).specs[0], store)
-    assert not forced.cached and forced.artifacts[0].path != first.artifacts[0].path
+    assert not forced.cached and forced.result != first.result
+    assert forced.artifacts[0].path == first.artifacts[0].path  # relative inside each job's folder
 
 
 def test_redelivery_of_a_finished_job_does_not_run_it_again(example_models, tmp_path):
+    from portq.client.dispatch import run_here
+
     store = Store(str(tmp_path / "store"))
     (spec,) = submit([example_models["mlp"]], store).specs
     first = run_job(spec, store)
-    again = run_job(spec, store)
-    assert again.finished_at == first.finished_at
-    assert batches.read_record(store, spec.batch_id, spec.job_id).attempts == 1
+    assert not delivery.admit(store, spec, max_attempts=3).run
+    run_here([spec], store)  # the embedded default asks the same question
+    record = batches.read_record(store, spec.batch_id, spec.job_id)
+    assert record.attempts == 1 and record.status is JobStatus.succeeded
+    assert batches.read_report(store, record).finished_at == first.finished_at
+
+
+def test_a_variant_is_an_artifact_of_its_own(example_models, tmp_path):
+    """onnx.opset17 goes through the same path as onnx: its own folder, script, report entry and options."""
+    import onnx
+
+    store = Store(str(tmp_path / "store"))
+    (spec,) = submit([example_models["mlp"]], store, formats=["onnx", "onnx.opset17"]).specs
+    report = run_job(spec, store)
+    assert report.status is JobStatus.succeeded, report.error
+    arts = {a.id: a for a in report.artifacts}
+    assert set(arts) == {"onnx", "onnx.opset17"}
+    v17 = arts["onnx.opset17"]
+    assert (v17.format, v17.variant, v17.options["opset"], v17.opset) == (Format.onnx, "opset17", 17, 17)
+    assert v17.path == "onnx.opset17/model.onnx" and v17.reproduce == "onnx.opset17/reproduce_onnx.opset17.py"
+    versions = {i: [o.version for o in onnx.load(report.url(a.path)).opset_import if o.domain in ("", "ai.onnx")]
+                for i, a in arts.items()}
+    assert versions == {"onnx": [18], "onnx.opset17": [17]}
+    assert report.best in arts and arts[report.best].best
 
 
 def test_inputs_that_do_not_fit_the_model(example_models, tmp_path):
@@ -88,7 +115,7 @@ def test_inputs_that_do_not_fit_the_model(example_models, tmp_path):
     bad = InputSpec.parse("x:float32[4,63]")
     (spec,) = submit([example_models["mlp"]], store, inputs=[bad]).specs
     # the sidecar .npz wins for the sample; give a wrong one instead
-    spec.sample = None
+    spec.options.sample = None
     report = run_job(spec, store)
     assert report.status is JobStatus.failed
     assert report.failure.step == "inputs" and "mlp.pt" in report.error and "x:float32[4, 63]" in report.error
@@ -135,6 +162,7 @@ def test_a_format_that_cannot_run_here_is_skipped_with_its_reason(example_models
     (spec,) = submit([example_models["mlp"]], store, formats=[Format.onnx, Format.aoti]).specs
     report = run_job(spec, store)
     arts = {a.format: a for a in report.artifacts}
-    assert arts[Format.aoti].status is StepStatus.skipped and "C++ compiler" in arts[Format.aoti].error
+    aoti_art = arts[Format.aoti]
+    assert aoti_art.id == "aoti" and aoti_art.status is StepStatus.skipped and "C++ compiler" in aoti_art.error
     assert arts[Format.onnx].status is StepStatus.succeeded
     assert report.status is JobStatus.succeeded  # a skipped format is reported, not a failure

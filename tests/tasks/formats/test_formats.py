@@ -111,9 +111,9 @@ def _request(model: LoadedModel, shape: tuple[int, ...], dynamic: bool, out_dir:
 
 
 def _flat(out: Any) -> list[tuple[str, Any]]:
-    from portq.tasks.checks.runners import flatten_outputs
+    from portq.tasks.checks.runtimes import flatten
 
-    return flatten_outputs(out)
+    return flatten(out)
 
 
 @pytest.mark.parametrize("fmt, route", [pytest.param(*k, marks=[pytest.mark.slow] if k in SLOW_ROUTES else [])
@@ -134,9 +134,9 @@ def test_route_converts_its_small_model(fmt: str, route: str, tmp_path: Path) ->
         with torch.no_grad():
             expected = _flat(model.module(torch.from_numpy(sample[0])))
         got = call(runner, sample)
-        assert [n for n, _ in got] == [n for n, _ in expected] or fmt == "aoti"
+        assert [n for n, _ in got] == [n for n, _ in expected]
         for (_, a), (_, e) in zip(got, expected):
-            np.testing.assert_allclose(a, e.numpy(), atol=1e-4, rtol=1e-3)
+            np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-3)
 
 
 def test_onnx_ladder_finds_the_route_for_a_fused_kernel(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_onnx_ladder_finds_the_route_for_a_fused_kernel(tmp_path: Path) -> None:
     assert attempts["torchscript"].operator == "aten::_transformer_encoder_layer_fwd"
     assert attempts["ts2ep"].operator == "aten::_transformer_encoder_layer_fwd"
     assert attempts["ts2ep_decomposed"].error is None
-    assert all(a.seconds >= 0 for a in req.attempts)
+    assert all(a.seconds > 0 for a in req.attempts if a.applicable)
 
 
 def test_a_program_whose_kernels_dynamo_rejects_is_decomposed_first(tmp_path: Path) -> None:
@@ -205,10 +205,41 @@ def test_native_exporter_output_goes_to_the_log_not_the_terminal(capfd: pytest.C
 def test_opset_request_is_honoured(tmp_path: Path) -> None:
     import onnx
 
-    req = _request(_module(Small()), SMALL_X, False, tmp_path, opset=17)
+    req = _request(_module(Small()), SMALL_X, False, tmp_path, options={"opset": 17})
     result = FORMATS.get("onnx").export(req)
     assert result.opset == 17
     assert any(o.version == 17 for o in onnx.load(str(result.path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_a_file_at_another_opset_than_asked_is_not_the_artifact(tmp_path: Path) -> None:
+    """The dynamo exporter converts opset 18 down with onnx's version converter, which gives up on some graphs
+    with only a warning (seen on the example ConvNet): such a file fails its route, and the ladder goes on."""
+    import onnx
+    from onnx import helper
+    from portq.tasks.formats.onnx import _finish
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    req = ExportRequest(model=_module(Small()), args=(), input_names=["x"], output_names=["y"], dynamic={},
+                        out_dir=tmp_path, device="cpu", options={"opset": 17})
+    with pytest.raises(RuntimeError, match="the exporter wrote opset 18, not the requested 17"):
+        _finish(req, path, "dynamo")
+    req.options = {"opset": 18}
+    assert _finish(req, path, "dynamo").opset == 18
+
+
+def test_the_example_convnet_reaches_opset_17(example_models: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+    from portq.tasks.sources.loading import LoadRequest, load_model
+
+    model = load_model(LoadRequest(path=example_models["convnet"], display="convnet.pt2"))
+    req = _request(model, tuple(model.example_inputs[0].shape), False, tmp_path, options={"opset": 17})
+    result = FORMATS.get("onnx").export(req)
+    assert result.opset == 17
+    assert [o.version for o in onnx.load(str(result.path)).opset_import if o.domain in ("", "ai.onnx")] == [17]
 
 
 @pytest.mark.parametrize("text, reason, operator", [

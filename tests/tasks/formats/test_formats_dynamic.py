@@ -9,8 +9,9 @@ import torch
 from portq.tasks.core.contract import Format, InputSpec, JobStatus
 from portq.tasks.execution.run import run_job
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
 from torch import nn
+
+from tests.jobs import prepare
 
 
 class Pool(nn.Module):
@@ -42,11 +43,11 @@ def test_named_dims_export_dynamic_onnx_with_named_outputs(tmp_path):
     assert report.status is JobStatus.succeeded, report.error
     art = report.artifacts[0]
     assert art.parity.passed and art.parity.samples >= 2 and art.route == "ts2ep"
-    model = onnx.load(art.path)
+    model = onnx.load(report.url(art.path))
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
     assert dims == [["batch", "seq"], ["batch", "seq"]]
     assert [o.name for o in model.graph.output] == ["output.logits", "output.pooled"]
-    session = ort.InferenceSession(art.path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(report.url(art.path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"ids": np.zeros((5, 7), np.int64), "mask": np.ones((5, 7), np.int64)})
     assert out[0].shape == (5, 3)
 
@@ -59,7 +60,7 @@ def test_a_batch_of_one_still_exports_a_dynamic_batch(tmp_path):
                   formats=[Format.onnx, Format.pt2])
     assert report.status is JobStatus.succeeded, report.error
     onnx_art = report.artifacts[0]
-    first = onnx.load(onnx_art.path).graph.input[0].type.tensor_type.shape.dim[0]
+    first = onnx.load(report.url(onnx_art.path)).graph.input[0].type.tensor_type.shape.dim[0]
     assert first.dim_param, "exported at batch 1, the batch came out static"
     # a draw at batch 1 and one at batch 3; the exporters traced with the batch-3 one
     assert {a.parity.samples for a in report.artifacts} == {2}

@@ -13,8 +13,9 @@ import torch
 from portq.tasks.core.contract import Format, InputSpec, JobStatus
 from portq.tasks.execution.run import run_job
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
 from torch import nn
+
+from tests.jobs import prepare
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -55,11 +56,15 @@ def fused_job(tmp_path):
 def test_onnx_script_redoes_the_route_that_worked(fused_job):
     assert fused_job.status is JobStatus.succeeded, fused_job.error
     onnx_art = fused_job.artifacts[0]
-    assert onnx_art.route == "ts2ep_decomposed" and onnx_art.reproduce.endswith("reproduce_onnx.py")
-    text = Path(onnx_art.reproduce).read_text()
+    assert onnx_art.route == "ts2ep_decomposed" and onnx_art.reproduce == "onnx/reproduce_onnx.py"
+    script = fused_job.url(onnx_art.reproduce)
+    text = Path(script).read_text()
     assert not re.search(r"^\s*(from|import) portq", text, re.M), "the script must not need portq"
-    assert "onnx_ts2ep_decomposed(source, example, cli.out, opts)" in text
-    res = _run_script(onnx_art.reproduce)
+    settings = _settings(script)
+    assert (settings["recipe"], settings["opener"], settings["artifact"]) == ("onnx_ts2ep_decomposed", "open_onnx",
+                                                                              "onnx")
+    assert "def onnx_ts2ep_decomposed(" in text and "def open_onnx(" in text and "class OutputCheck" in text
+    res = _run_script(script)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "by route ts2ep_decomposed" in res.stdout and res.stdout.rstrip().endswith("parity passed")
     # every sample portq checked, at both batch sizes, every output
@@ -71,11 +76,10 @@ def test_script_fails_when_parity_fails(fused_job, tmp_path):
     """The script's check can fail: with zero tolerance, onnxruntime's float rounding differs from torch's."""
     onnx_art = fused_job.artifacts[0]
     strict = tmp_path / "reproduce_onnx.py"
-    text = Path(onnx_art.reproduce).read_text()
+    text = Path(fused_job.url(onnx_art.reproduce)).read_text()
     assert '"atol": 0.0001' in text and '"rtol": 0.001' in text
     strict.write_text(text.replace('"atol": 0.0001', '"atol": 0.0').replace('"rtol": 0.001', '"rtol": 0.0'))
-    (tmp_path / "reproduce_inputs.npz").write_bytes((Path(onnx_art.reproduce).parent / "reproduce_inputs.npz")
-                                                    .read_bytes())
+    (tmp_path / "reproduce_inputs.npz").write_bytes((Path(fused_job.result) / "reproduce_inputs.npz").read_bytes())
     res = _run_script(str(strict), "--out", str(tmp_path / "strict.onnx"))
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAIL" in res.stdout and res.stdout.rstrip().endswith("parity FAILED")
@@ -100,7 +104,7 @@ def test_state_dict_script_rebuilds_the_arch(tmp_path):
     report = run_job(sub.specs[0], store)
     (art,) = report.artifacts
     assert report.status is JobStatus.succeeded and art.route == "trace"
-    res = _run_script(art.reproduce)
+    res = _run_script(report.url(art.reproduce))
     assert res.returncode == 0 and "parity passed" in res.stdout, res.stdout + res.stderr
 
 
@@ -151,11 +155,11 @@ def test_script_checks_the_way_the_report_did(tmp_path, tolerance, passes):
     # the override decides the outcome
     assert out.max_abs_err == pytest.approx(5.0, rel=1e-3) and out.elements == 64
     assert art.parity.passed is passes and report.status is (JobStatus.succeeded if passes else JobStatus.failed)
-    settings = _settings(art.reproduce)
+    settings = _settings(report.url(art.reproduce))
     assert settings["tolerance"]["atol"] == 1e-4  # the job's own, whatever the overrides
     assert settings["tolerances"]["output"]["mode"] == out.tolerance.mode.value
     assert settings["tolerances"]["output"]["atol"] == out.tolerance.atol
-    res = _run_script(art.reproduce)
+    res = _run_script(report.url(art.reproduce))
     assert res.returncode == (0 if passes else 1), res.stdout + res.stderr
     assert res.stdout.rstrip().endswith("parity passed" if passes else "parity FAILED")
     if tolerance.get("mode") == "quantile":
@@ -179,32 +183,35 @@ def test_inputs_are_written_once_per_job(tmp_path, monkeypatch, isolated):
         "formats": [Format.torchscript, Format.pt2], "latency": {"warmup": 0, "runs": 1}})
     report = run_job(sub.specs[0], store, isolation=ChildProcess(time_limit_s=120) if isolated else None)
     assert report.status is JobStatus.succeeded, report.error
-    folder = Path(report.artifacts[0].path).parent
-    names = sorted(p.name for p in folder.iterdir())
-    assert names.count("reproduce_inputs.npz") == 1
-    assert {"reproduce_torchscript.py", "reproduce_pt2.py"} <= set(names)
+    folder = Path(report.result)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert [n for n in names if n.endswith(".npz")] == ["reproduce_inputs.npz"]
+    assert {"torchscript/reproduce_torchscript.py", "pt2/reproduce_pt2.py"} <= set(names)
     inputs = folder / "reproduce_inputs.npz"
     assert len(calls) == 1
     # written before the steps and never again: a step's rewrite would postdate the first artifact (an isolated
     # step starts a child, so its artifact is well after; in process, file times are only jiffy-coarse)
-    first = Path(report.artifacts[0].path).stat().st_mtime_ns
+    first = Path(report.url(report.artifacts[0].path)).stat().st_mtime_ns
     assert inputs.stat().st_mtime_ns < first if isolated else inputs.stat().st_mtime_ns <= first
     import numpy as np
 
     with np.load(inputs) as data:
         assert sorted(data.files) == [f"s{i}_0" for i in range(report.artifacts[0].parity.samples)]
-    res = _run_script(str(folder / "reproduce_pt2.py"))
+    res = _run_script(str(folder / "pt2" / "reproduce_pt2.py"))
     assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("mode, q", [("elementwise", None), ("max", None), ("mean", None), ("median", None),
                                      ("quantile", 0.9)])
 def test_script_check_is_the_reports_rule(mode, q):
-    """The script's OutputCheck passes exactly when parity.compare does: zero references, NaN/Inf, pooled samples."""
+    """The script's OutputCheck passes exactly when parity.compare does: zero references, NaN/Inf, pooled samples.
+
+    compare() judges through the same OutputCheck (the script carries a copy of its module); this holds the
+    report's wrapping of it (shape problems, statistics, overrides) to the rule itself."""
     import numpy as np
+    from portq.tasks.checks.output_check import OutputCheck
     from portq.tasks.checks.parity import compare
     from portq.tasks.core.contract import Tolerance
-    from portq.tasks.formats.recipes import OutputCheck
 
     rng = np.random.default_rng(0)
     outcomes = []

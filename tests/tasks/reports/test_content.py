@@ -20,12 +20,13 @@ from portq.tasks.core.contract import (
     StepStatus,
     Timing,
     ToleranceMode,
+    artifact_id,
 )
 from portq.tasks.reports.content import batch_markdown, job_markdown, mark_best
 from portq.tasks.reports.html import batch_html, job_html
 
 
-def art(fmt, p50, passed=True, status=StepStatus.succeeded):
+def art(fmt, p50, passed=True, status=StepStatus.succeeded, variant="default"):
     parity = ParityReport(passed=passed, atol=1e-4, rtol=1e-3, samples=1, seed=0, device="cpu", max_abs_err=0.0,
                           max_rel_err=0.0, outputs=[OutputParity(name="y<script>", shape=[1], dtype="float32",
                                                                  max_abs_err=0, max_rel_err=0, mean_abs_err=0,
@@ -33,18 +34,21 @@ def art(fmt, p50, passed=True, status=StepStatus.succeeded):
     latency = LatencyReport(device="cpu", warmup=1, runs=3, p50_ms=p50, p90_ms=p50, p99_ms=p50, mean_ms=p50,
                             source_p50_ms=2.0, source_p90_ms=2.0, source_p99_ms=2.0, source_mean_ms=2.0,
                             speedup=2.0 / p50)
-    return ArtifactReport(format=fmt, status=status, parity=parity, latency=latency)
+    return ArtifactReport(id=artifact_id(fmt, variant), format=fmt, variant=variant, status=status, parity=parity,
+                          latency=latency)
 
 
 def test_best_is_the_fastest_that_passed():
     arts = [art(Format.onnx, 1.0, passed=False), art(Format.torchscript, 1.5), art(Format.pt2, 1.2)]
-    assert mark_best(arts) is Format.pt2
+    assert mark_best(arts) == "pt2"
     assert [a.best for a in arts] == [False, False, True]
     assert mark_best([art(Format.onnx, 1.0, passed=False)]) is None
     failed = art(Format.onnx, 0.5, status=StepStatus.failed)
-    assert mark_best([failed, art(Format.pt2, 3.0)]) is Format.pt2
+    assert mark_best([failed, art(Format.pt2, 3.0)]) == "pt2"
     tie = [art(Format.onnx, 1.0), art(Format.pt2, 1.0)]
-    assert mark_best(tie) is Format.onnx  # ties go to the earlier format
+    assert mark_best(tie) == "onnx"  # ties go to the earlier artifact
+    variants = [art(Format.onnx, 1.0), art(Format.onnx, 0.8, variant="opset17")]
+    assert mark_best(variants) == "onnx.opset17"  # a variant is an artifact of its own
 
 
 def _job():

@@ -6,7 +6,8 @@ from portq.tasks.core.settings import Settings
 from portq.tasks.state import delivery
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
+
+from tests.jobs import prepare
 
 
 @pytest.fixture
