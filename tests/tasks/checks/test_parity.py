@@ -3,7 +3,8 @@ import statistics
 
 import numpy as np
 import pytest
-from portq.tasks.checks.parity import compare, elementwise_errors, error_histogram, topk_sets_equal
+from portq.tasks.checks.output_check import elementwise_errors
+from portq.tasks.checks.parity import compare, error_histogram, topk_sets_equal
 from portq.tasks.core.contract import OutputTolerance, Tolerance, ToleranceMode
 
 
