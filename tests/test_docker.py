@@ -408,8 +408,11 @@ def test_worker_deployment_runs_the_image_as_built(queue):
     assert "command" not in container
     cmd = exec_form(dockerfile(queue), "CMD")
     assert container["args"][:len(cmd)] == cmd
-    assert container["image"].endswith(f"/portq-{queue}:0.1.0")
-    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"]
+    image = container["image"]
+    assert re.search(rf"(^|/)portq-{queue}(:[\w.-]+)?(@sha256:[0-9a-f]{{64}})?$", image), image
+    (user,) = instructions(dockerfile(queue), "USER")
+    assert pod["securityContext"]["runAsUser"] == int(user.split(":")[0]) and pod["securityContext"]["runAsNonRoot"]
+    assert pod["securityContext"]["fsGroup"] == int(user.split(":")[1])  # the store volume is writable
     assert "livenessProbe" not in container  # a Redis outage must not kill running conversions
     probe = container["readinessProbe"]["exec"]["command"]
     expected = node_name(container["args"]).replace("%h", "$HOSTNAME")
