@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -74,6 +75,43 @@ def artifact_requests(ids: list[str], format_options: dict[str, dict[str, Any]])
     return requests
 
 
+def optimize_options(candidates: str | None, precisions: str | None, artifacts: list[ArtifactRequest],
+                     target: Target) -> dict[str, Any]:
+    """`--optimize` and `--precision` as the job's optimize options, refused here when no requested format has
+    such a variant or no variant computes in such a precision on the target."""
+    from portq.tasks.core.contract import OptimizeOptions
+    from portq.tasks.formats.selection import check_optimize
+
+    names = [c.strip() for c in (candidates or "auto").split(",") if c.strip()]
+    allowed = []
+    for text in (precisions or "").split(","):
+        if text.strip():
+            try:
+                allowed.append(Precision(text.strip()))
+            except ValueError:
+                raise ConfigError(f"--precision {text.strip()!r} is not one of fp16, bf16, int8",
+                                  step="submit") from None
+    options = OptimizeOptions(candidates=names, precisions=allowed)
+    check_optimize(options, list(dict.fromkeys(a.format for a in artifacts)), target.value)
+    return options.model_dump(mode="json", exclude={"calibration"})
+
+
+def calibration_files(paths: list[Path]) -> list[Path]:
+    """--calibration: files, or every .npz in a directory (name order)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob("*.npz"))
+            if not found:
+                raise ConfigError(f"--calibration {path}: the directory holds no .npz file", step="submit")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"--calibration {path}: no such file or directory", step="submit")
+    return files
+
+
 def validation_problems(e: ValidationError) -> str:
     """pydantic's errors as one line of portq's: where, and what is wrong (no documentation URLs)."""
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
@@ -130,9 +168,18 @@ def submit(
              "median or quantile of the errors. [default: the precision's, see README]")] = None,
     quantile: Annotated[float | None, typer.Option(help="q for --tolerance-mode quantile. [default: 0.99]")]
     = None,
-    precision: Annotated[Precision | None, typer.Option(help="Precision whose default tolerances apply. "
-                                                             "[default: inferred from the model's weights]")]
-    = None,
+    tolerance_precision: Annotated[Precision | None, typer.Option(
+        help="Hold every artifact to this precision's default tolerances. [default: each artifact's own "
+             "precision (an fp16 or int8 variant's), else inferred from the model's weights]")] = None,
+    optimize: Annotated[str | None, typer.Option(help="Also try optimization variants and pick the fastest that "
+                                                      "passes parity: 'auto' (the candidates for the target), or "
+                                                      "variant names, e.g. ort-all,int8-dynamic.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Lossy precisions --optimize may use, e.g. fp16,int8 "
+                                                       "(each judged against its precision's tolerance). "
+                                                       "[default: none: lossless variants only]")] = None,
+    calibration: Annotated[list[Path] | None, typer.Option(help="Static int8 calibration samples: an .npz file "
+                                                                "or a directory of them; repeatable. [default: the "
+                                                                "job's own samples]")] = None,
     output_tol: Annotated[list[str] | None, typer.Option("--output-tol", help="Per-output tolerance "
                           "'NAME:atol=1e-3,rtol=1e-2,mode=max' (NAME may be a pattern such as 'output.*'); "
                           "repeatable.")] = None,
@@ -164,7 +211,8 @@ def submit(
     }
     load = {"arch": arch, "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"), "trust_pickle": trust_pickle}
     tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
-                                             ("quantile", quantile), ("precision", precision)) if v is not None}
+                                             ("quantile", quantile), ("precision", tolerance_precision))
+                          if v is not None}
     if output_tol:
         tol["outputs"] = _output_tolerances(output_tol)
     if tol:
@@ -174,9 +222,12 @@ def submit(
         latency["batch_sizes"] = _batch_sizes(batch_sizes)
     if latency:
         options["latency"] = latency
+    if optimize or precision or calibration:
+        options["optimize"] = optimize_options(optimize, precision, options["artifacts"], target)
     st = Store(settings.store)
     try:
         sub = prepare(models, st, batch=batch, options=options, load=load, force=force,
+                      calibration=calibration_files(calibration or []),
                       max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
     except ValidationError as e:  # pydantic validation of the options
         raise ConfigError(validation_problems(e), step="submit") from None

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from portq.tasks.checks.latency import LatencyStats
-from portq.tasks.core.contract import Memory
+from portq.tasks.core.contract import InputSpec, Memory
 
 #: one sample: an array per forward argument, in order
 Sample = list[np.ndarray]
@@ -36,6 +36,7 @@ class SourceEvidence:
     memory: Memory | None = None  # while timing the source
     environment: dict[str, Any] = field(default_factory=dict)
     export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)
+    input_specs: list[InputSpec] = field(default_factory=list)  # each input's dtype, shape and dynamic dims
 
     @property
     def export_sample(self) -> Sample:

@@ -94,7 +94,8 @@ class TorchRuntime:
 class OrtRuntime:
     """An onnxruntime session for an ONNX artifact, with the session options the artifact asked for.
 
-    options: `graph_optimization` (disabled, basic, extended, layout, all; onnxruntime's default is all) and
+    options: `graph_optimization` (disabled, basic, extended, layout, all; onnxruntime's default is all),
+    `disabled_optimizers` (graph transformers not to run: an optimized file may say so) and
     `intra_op_threads` (0 or unset: onnxruntime's default).
     """
 
@@ -113,7 +114,9 @@ class OrtRuntime:
         if providers is None:
             providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else ["CPUExecutionProvider"]
         self.session_options = session_options
-        self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+        disabled = list(options.get("disabled_optimizers") or [])
+        self.session = ort.InferenceSession(str(path), session_options, providers=providers,
+                                            **({"disabled_optimizers": disabled} if disabled else {}))
         self.providers = self.session.get_providers()
         graph_inputs = [i.name for i in self.session.get_inputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -139,9 +142,13 @@ def open_onnx(path: str, device: str, options: dict[str, Any]) -> OrtRuntime:
 
 
 def open_torchscript(path: str, device: str, options: dict[str, Any]) -> TorchRuntime:
+    """options: `optimize_for_inference` (re-applied at every load: its MKLDNN rewrites cannot be saved)."""
     import torch
 
-    return TorchRuntime(torch.jit.load(str(path), map_location=device).eval(), device, move=False)
+    module = torch.jit.load(str(path), map_location=device).eval()
+    if options.get("optimize_for_inference"):
+        module = torch.jit.optimize_for_inference(module)
+    return TorchRuntime(module, device, move=False)
 
 
 def open_pt2(path: str, device: str, options: dict[str, Any]) -> TorchRuntime:

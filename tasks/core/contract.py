@@ -334,6 +334,25 @@ def artifact_id(fmt: Format | str, variant: str = DEFAULT_VARIANT) -> str:
     return value if variant == DEFAULT_VARIANT else f"{value}.{variant}"
 
 
+class OptimizeOptions(_Strict):
+    """`--optimize`: which optimization variants to try besides the requested artifacts, and which lossy
+    precisions the user allows. The job expands it on the worker, which knows the target and its hardware."""
+
+    candidates: list[str] = Field(default_factory=lambda: ["auto"], description="'auto', or variant names such "
+                                  "as ort-all, int8-dynamic (each tried for every requested format that has it)")
+    precisions: list[Precision] = Field(default_factory=list, description="lossy precisions allowed (fp16, bf16, "
+                                        "int8); lossless variants are always allowed")
+    calibration: list[SourceRef] = Field(default_factory=list, description="static quantization samples (.npz); "
+                                         "empty: the job's own samples")
+    repair: bool = Field(True, description="when a half-precision variant fails parity, try a mixed-precision one "
+                                           "that keeps the diverging nodes in float32")
+
+    @field_validator("precisions")
+    @classmethod
+    def _lossy_only(cls, v: list[Precision]) -> list[Precision]:
+        return [p for p in dict.fromkeys(v) if p is not Precision.fp32]
+
+
 class JobOptions(_Strict):
     """Everything about a job that changes its result, apart from its source: hashed into the job key."""
 
@@ -346,6 +365,7 @@ class JobOptions(_Strict):
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance())
     parity: ParityOptions = Field(default_factory=lambda: ParityOptions())
     latency: LatencyOptions = Field(default_factory=lambda: LatencyOptions())
+    optimize: OptimizeOptions | None = Field(None, description="optimization variants to try (--optimize)")
 
     @field_validator("artifacts")
     @classmethod
@@ -593,6 +613,16 @@ class RouteAttemptReport(_Report):
     seconds: float
 
 
+class OptimizationReport(_Report):
+    """How an optimization variant was made from its base artifact, and what the optimizer did."""
+
+    transform: str = Field(description="the optimization recipe (portq.tasks.formats.optimizations)")
+    base: str = Field(description="the artifact it was made from (its file, or the same export again)")
+    lossless: bool = True
+    facts: dict[str, Any] = Field(default_factory=dict, description="what the optimizer reports: node counts, "
+                                  "fused operators, nodes kept in float32, ...")
+
+
 class ArtifactReport(_Report):
     """One requested artifact: how it was made, and its parity and latency. Paths are relative to the job's
     result folder (`JobReport.result`), so they hold wherever the folder is published, copied or served."""
@@ -607,10 +637,14 @@ class ArtifactReport(_Report):
     route: str | None = None
     opset: int | None = None
     precision: Precision | None = Field(None, description="the precision the artifact computes in")
+    requested_by: str = Field("request", description="request (--format), optimize (an --optimize candidate), "
+                              "'base of <id>' (an optimization is made from it), or 'repair of <id>' (a "
+                              "mixed-precision retry of a half-precision variant that failed parity)")
     attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
     reproduce: str | None = Field(None, description="a script that redoes the conversion and parity check, "
                                                     "relative to the job's result folder")
     size_bytes: int | None = None
+    optimization: OptimizationReport | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
     best: bool = Field(False, description="the fastest artifact of its job that passed parity")

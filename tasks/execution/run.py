@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from portq.tasks.core.contract import (
     ArtifactReport,
@@ -33,6 +34,11 @@ from portq.tasks.core.errors import PortqError, StoreError, TransientError, firs
 from portq.tasks.core.toolchain import toolchain, worker_name
 from portq.tasks.execution.capture import captured
 from portq.tasks.execution.isolation import InProcess, Isolation
+
+if TYPE_CHECKING:
+    from portq.tasks.checks.evidence import SourceEvidence
+    from portq.tasks.formats.selection import Planned
+    from portq.tasks.sources.loading import LoadedModel
 from portq.tasks.state import records
 from portq.tasks.state.store import Store, result_key
 
@@ -143,12 +149,62 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 # ---------------------------------------------------------------------------------------------- the work
 
 
+def _run_planned(item: Planned, spec: JobSpec, store: Store, workdir: Path, evidence: SourceEvidence,
+                 model: LoadedModel, made: dict[str, ArtifactReport], isolation: Isolation) -> ArtifactReport:
+    """One planned artifact: skipped with its reason, failed on its options, or its step's report."""
+    from portq.tasks.execution.steps import StepContext, new_report, run_artifact
+    from portq.tasks.formats import FORMATS
+    from portq.tasks.formats.selection import variant_of
+
+    request = item.request
+    handler = FORMATS.get(request.format.value)
+    # decided here: no child process, no model rebuild, for an artifact that cannot run
+    reason = item.skip or handler.unsupported(spec.target)
+    if reason:
+        return _labelled(new_report(request, StepStatus.skipped, reason), item)
+    try:
+        resolved = handler.resolve(request)
+    except PortqError as e:
+        return _labelled(new_report(request, error=e.at(file=spec.display).message), item)
+    variant = variant_of(request)
+    base = None
+    if variant.base is not None:
+        fmt = request.format.value
+        base = made.get(fmt if variant.base == "default" else f"{fmt}.{variant.base}")
+    ctx = StepContext(spec=spec, request=request, options=resolved.options, evidence=evidence,
+                      out_dir=workdir / request.id, store=store, source=model,
+                      base_file=workdir / base.path if base and base.path else None,
+                      base_route=base.route if base else None, requested_by=item.requested_by)
+    # the isolation may run the step in a child process (a crash costs one artifact)
+    return _labelled(isolation.run_step(run_artifact, ctx), item)
+
+
+def _labelled(artifact: ArtifactReport, item: Planned) -> ArtifactReport:
+    """Say why the artifact is in the job (asked for, an --optimize candidate, a base, a repair)."""
+    artifact.requested_by = item.requested_by
+    return artifact
+
+
+def _repair_for(item: Planned, artifact: ArtifactReport, spec: JobSpec) -> Planned | None:
+    """A half-precision variant that failed parity gets its mixed-precision repair tried too (--optimize)."""
+    from portq.tasks.core.contract import ArtifactRequest
+    from portq.tasks.formats.selection import Planned, variant_of
+
+    optimize = spec.options.optimize
+    if optimize is None or not optimize.repair or artifact.parity is None or artifact.parity.passed:
+        return None
+    variant = variant_of(item.request)
+    if variant.repair is None:
+        return None
+    return Planned(ArtifactRequest(format=item.request.format, variant=variant.repair),
+                   requested_by=f"repair of {artifact.id}")
+
+
 def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation) -> None:
     from portq.tasks.checks.runners import torch_device
     from portq.tasks.execution.source_run import gather_evidence, resolve_inputs
-    from portq.tasks.execution.steps import StepContext, new_report, run_artifact
-    from portq.tasks.formats import FORMATS
     from portq.tasks.formats.reproduce import write_inputs
+    from portq.tasks.formats.selection import plan
     from portq.tasks.reports.content import mark_best
     from portq.tasks.sources.builders import build_source
 
@@ -160,19 +216,15 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     report.environment = evidence.environment
     # once per job, into the result folder: every artifact's reproduce script reads these samples
     write_inputs(workdir, evidence.samples)
-    for request in spec.options.artifacts:
-        handler = FORMATS.get(request.format.value)
-        reason = handler.unsupported(spec.target)
-        if reason:  # decided here: no child process, no model rebuild, for a format that cannot run
-            report.artifacts.append(new_report(request, StepStatus.skipped, reason))
-            continue
-        try:
-            resolved = handler.resolve(request)
-        except PortqError as e:
-            report.artifacts.append(new_report(request, error=e.at(file=spec.display).message))
-            continue
-        ctx = StepContext(spec=spec, request=request, options=resolved.options, evidence=evidence,
-                          out_dir=workdir / request.id, store=store, source=model)
-        # the isolation may run the step in a child process (a crash costs one artifact)
-        report.artifacts.append(isolation.run_step(run_artifact, ctx))
+    made: dict[str, ArtifactReport] = {}  # artifacts made so far, by id (an optimization's base)
+    queue = plan(spec.options, spec.target.value)
+    while queue:
+        item = queue.pop(0)
+        artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation)
+        report.artifacts.append(artifact)
+        if artifact.status is StepStatus.succeeded and artifact.path:
+            made[artifact.id] = artifact
+        repair = _repair_for(item, artifact, spec)
+        if repair is not None and all(p.id != repair.id for p in queue) and not report.artifact(repair.id):
+            queue.insert(0, repair)
     report.best = mark_best(report.artifacts)

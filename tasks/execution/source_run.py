@@ -26,6 +26,10 @@ def resolve_inputs(spec: JobSpec, store: Store, model: LoadedModel) -> InputSign
     sig = resolve_signature(options.inputs, npz, model.example_inputs, model.input_names, spec.display)
     apply_dynamic(sig, options.dynamic)
     check_dynamic_support(model.program, sig, spec.display)
+    if options.optimize is not None and options.optimize.calibration:
+        from portq.tasks.sources.calibration import read_calibration
+
+        read_calibration(options.optimize.calibration, store, sig)  # refused here, before any artifact
     return sig
 
 
@@ -65,4 +69,4 @@ def gather_evidence(spec: JobSpec, model: LoadedModel, sig: InputSignature, devi
                           input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
                           precision=infer_precision(model.module).value, user_samples=len(sig.samples),
                           batch_size=batch, sweep=sweep, memory=memory, environment=env,
-                          export_index=export_index)
+                          export_index=export_index, input_specs=list(sig.specs))

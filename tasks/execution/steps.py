@@ -10,12 +10,19 @@ may run it in a child process, which builds the source again through the job's s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from portq.tasks.checks.evidence import SourceEvidence
-from portq.tasks.core.contract import ArtifactReport, ArtifactRequest, JobSpec, Precision, StepStatus
+from portq.tasks.core.contract import (
+    ArtifactReport,
+    ArtifactRequest,
+    JobSpec,
+    OptimizationReport,
+    Precision,
+    StepStatus,
+)
 from portq.tasks.core.errors import PortqError, first_line
 from portq.tasks.sources.loading import LoadedModel
 from portq.tasks.state.store import Store
@@ -32,6 +39,9 @@ class StepContext:
     out_dir: Path  # the artifact's own folder, where the step writes its files
     store: Store
     source: LoadedModel | None = None  # not sent to a step's child process: it builds the source again
+    base_file: Path | None = None  # for an optimization: its base artifact's file, when the job made it
+    base_route: str | None = None  # ... and the export route that made it
+    requested_by: str = "request"  # request | optimize | base of <id> | repair of <id>
 
     @property
     def artifact_id(self) -> str:
@@ -70,21 +80,41 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     handler = FORMATS.get(ctx.request.format.value)
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance
     artifact = new_report(ctx.request, options=ctx.options)
+    variant = handler.variants.get(ctx.request.variant)
     step = ctx.step("export")
     try:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         req = ExportRequest(model=ctx.source, args=to_tensors(ev.export_sample, ev.device),
                             input_names=ev.input_names, output_names=ev.output_names, dynamic=ev.dynamic,
                             out_dir=ctx.out_dir, device=ev.device, options=ctx.options, display=ctx.display)
-        try:
-            result = handler.export(req)
-        finally:
-            artifact.attempts = attempt_reports(req)
-        artifact.route, artifact.opset = result.route, result.opset
-        precision = Precision(tolerance.precision or (handler.precision if handler.precision != "fp32"
-                                                      else ev.precision))
+        precision = Precision(tolerance.precision or variant.precision
+                              or (handler.precision if handler.precision != "fp32" else ev.precision))
         artifact.precision = precision
-        script = write_for_artifact(ctx, handler, result, req, precision.value)
+        transform = None
+        if variant.transform is None:
+            try:
+                result = handler.export(req)
+            finally:
+                artifact.attempts = attempt_reports(req)
+        else:
+            step = ctx.step("optimize")
+            try:
+                made = optimize(ctx, handler, variant, req, precision)
+            finally:
+                artifact.attempts = attempt_reports(req)
+            artifact.optimization = made.report
+            if made.result is None:  # the recipe does not apply to this model: skipped, with the reason it gave
+                artifact.status, artifact.error = StepStatus.skipped, made.skip
+                import shutil
+
+                shutil.rmtree(ctx.out_dir, ignore_errors=True)
+                return artifact
+            result, ctx.options, transform = made.result, made.options, (variant.transform, made.recipe_options)
+            artifact.options = made.options
+        artifact.route, artifact.opset = result.route, result.opset
+        step = ctx.step("export")
+        script = write_for_artifact(ctx, handler, result, req, precision.value, transform=transform,
+                                    recipe_modules=variant.recipe_modules)
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
         artifact.size_bytes = result.path.stat().st_size
@@ -110,7 +140,142 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         artifact.error = e.at(step=step, file=ctx.display).message
     except Exception as e:
         artifact.error = PortqError(f"{type(e).__name__}: {first_line(e)}", step=step, file=ctx.display).message
+    if artifact.path is None:  # nothing to keep: no folder of leftovers in the results
+        import shutil
+
+        shutil.rmtree(ctx.out_dir, ignore_errors=True)
     return artifact
+
+
+@dataclass
+class Optimized:
+    """What an optimization recipe made: the artifact (None when the recipe does not apply, with why), how it
+    was made, and the options to open it with."""
+
+    report: OptimizationReport
+    options: dict[str, Any]
+    result: Any = None  # ExportResult
+    skip: str | None = None
+    recipe_options: dict[str, Any] = field(default_factory=dict)
+
+
+def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: Precision) -> Optimized:
+    """Make an optimization variant from its base artifact's file (exported again here when the job has none)
+    with the variant's plain recipe."""
+    import shutil
+
+    from portq.tasks.formats import ExportResult
+    from portq.tasks.formats.recipes import NotApplicable
+
+    base_dir = ctx.out_dir / "base"
+    base_dir.mkdir(exist_ok=True)
+    if ctx.base_file is not None and ctx.base_file.exists():
+        base = base_dir / ctx.base_file.name
+        for f in ctx.base_file.parent.glob(ctx.base_file.name + "*"):  # the file and its external data
+            shutil.copyfile(f, base_dir / f.name)
+        route, opset = ctx.base_route or "", None
+    else:
+        exported = handler.export(replace_out_dir(req, base_dir))
+        base, route, opset = exported.path, exported.route, exported.opset
+    report = OptimizationReport(transform=variant.transform.__name__, base=_base_id(ctx, variant),
+                                lossless=variant.lossless)
+    out = ctx.out_dir / handler.filename
+    opts, notes = recipe_options(ctx, variant, precision, base)
+    try:
+        try:
+            facts = variant.transform(str(base), str(out), opts)
+        except NotApplicable as e:
+            return Optimized(report, ctx.options, skip=f"not applicable: {e}")
+        report.facts = {**_plain(facts), **({"notes": notes} if notes else {})}
+        options = handler.adopt(base, out, facts, ctx.options) if handler.adopt is not None else ctx.options
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return Optimized(report, options, ExportResult(path=out, route=route, opset=opset or _opset_of(out)),
+                     recipe_options=opts)
+
+
+def _base_id(ctx: StepContext, variant: Any) -> str:
+    fmt = ctx.request.format.value
+    return fmt if variant.base in (None, "default") else f"{fmt}.{variant.base}"
+
+
+def replace_out_dir(req: Any, out_dir: Path) -> Any:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(req, out_dir=out_dir, attempts=req.attempts)
+
+
+def recipe_options(ctx: StepContext, variant: Any, precision: Precision,
+                   base: Path) -> tuple[dict[str, Any], list[str]]:
+    """What the recipe reads: the artifact's options, the target, and the samples it needs as .npz files
+    in the artifact's folder (so the reproduce script finds them too); and notes for the report."""
+    from portq.tasks.checks.tolerances import resolve
+
+    notes: list[str] = []
+    opts: dict[str, Any] = {**ctx.options, "target": ctx.spec.target.value}
+    if "samples" in variant.needs:
+        tol = resolve(ctx.spec.options.tolerance.model_copy(update={"outputs": {}}), precision, "")
+        opts["samples"] = str(write_samples(ctx.out_dir / "samples.npz", ctx.evidence.samples,
+                                            ctx.evidence.input_names, base))
+        opts.update(atol=tol.atol, rtol=tol.rtol)
+    if "calibration" in variant.needs:
+        samples = calibration_samples(ctx)
+        if samples is None:
+            samples = list(ctx.evidence.samples)
+            notes.append(f"calibrated on the job's own {len(samples)} parity samples (no --calibration given): "
+                         "ranges from real data calibrate better")
+        opts["calibration"] = str(write_samples(ctx.out_dir / "calibration.npz", samples,
+                                                ctx.evidence.input_names, base))
+    return opts, notes
+
+
+def calibration_samples(ctx: StepContext) -> list[list[Any]] | None:
+    """The user's calibration samples (--calibration), else None; checked against the inputs at job start."""
+    from portq.tasks.sources.calibration import read_calibration
+    from portq.tasks.sources.inputs import InputSignature
+
+    refs = ctx.spec.options.optimize.calibration if ctx.spec.options.optimize else []
+    if not refs:
+        return None
+    return read_calibration(refs, ctx.store, InputSignature(specs=ctx.evidence.input_specs))
+
+
+def write_samples(path: Path, samples: list[list[Any]], names: list[str], model: Path) -> Path:
+    """Samples in the recipes' layout (s<i>_<j> and input_names), keeping only the inputs the model's graph
+    has (an exporter drops unused inputs)."""
+    import numpy as np
+
+    kept = _graph_inputs(model)
+    index = [j for j, n in enumerate(names) if kept is None or n in kept]
+    arrays = {f"s{i}_{k}": sample[j] for i, sample in enumerate(samples) for k, j in enumerate(index)}
+    np.savez(path, input_names=np.array([names[j] for j in index]), **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def _graph_inputs(model: Path) -> set[str] | None:
+    if model.suffix != ".onnx":
+        return None
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    return {i.name for i in proto.graph.input if i.name not in initializers}
+
+
+def _opset_of(path: Path) -> int | None:
+    if path.suffix != ".onnx":
+        return None
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _plain(facts: dict[str, Any]) -> dict[str, Any]:
+    """Facts as JSON can hold them (recipes return plain values; anything else becomes its text)."""
+    import json
+
+    return json.loads(json.dumps(facts, default=str))
 
 
 def localise(handler: Any, ctx: StepContext, path: Path, runner: Any, artifact: ArtifactReport) -> tuple[Any, str]:

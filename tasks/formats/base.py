@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from portq.tasks.checks.runners import Runner
@@ -91,13 +92,36 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: An optimization recipe: (the base artifact's file, the output file, options) -> facts
+Transform = Callable[[str, str, dict[str, Any]], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A named way to make an artifact of a format: the options it fixes (which a request may not override)."""
+    """A named way to make an artifact of a format: the options it fixes (which a request may not override),
+    and for an optimization, the base artifact it is made from and the plain recipe that makes it.
+
+    `precision` is what the artifact computes in (None: as its source), which picks its parity tolerance;
+    `candidate_for` are the targets where `--optimize auto` tries it; `auto_skip(target)` says why auto does
+    not try it on this worker (asked for by name, it runs anyway); `repair` names the variant to try when
+    this one fails parity.
+    """
 
     name: str
     description: str
     fixed: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    transform: Transform | None = None
+    recipe_modules: tuple[ModuleType, ...] = ()  # what a reproduce script carries to run `transform`
+    precision: str | None = None
+    candidate_for: frozenset[str] = frozenset()
+    auto_skip: Callable[[str], str | None] = lambda target: None
+    repair: str | None = None
+    needs: frozenset[str] = frozenset()  # "calibration": int8 static; "samples": the repair's parity samples
+
+    @property
+    def lossless(self) -> bool:
+        return self.precision in (None, "fp32")
 
 
 DEFAULT = Variant(DEFAULT_VARIANT, "the format's standard conversion")
@@ -138,6 +162,9 @@ class FormatHandler:
     checked_open: Callable[[str, str, dict[str, Any]], Runner] | None = None
     # first-divergence localisation when parity fails; None: the format keeps no intermediate values
     localise: Localiser | None = None
+    # after an optimization recipe wrote `out` from `base`: carry over what the format stamps on its files,
+    # and return the options to open it with (the recipe's facts may say how it must be opened)
+    adopt: Callable[[Path, Path, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
     variants: Registry[Variant] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
 For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
 
 Options (`OnnxOptions`): the opset, and onnxruntime's session settings for running the artifact.
-Variants: `opset17`.
+Variants: `opset17`, and the optimizations made from the default artifact by the recipes in
+`onnx_optimize` (ort-basic, ort-extended, ort-all, ort-transformer, slim) and `onnx_precision` (fp16,
+fp16-mixed, int8-dynamic, int8-static).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from portq.tasks.checks import runtimes
 from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
-from portq.tasks.formats import recipes
+from portq.tasks.formats import onnx_optimize, onnx_precision, recipes
 from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route, Variant
+from portq.tasks.formats.hardware import cpu_has_native_fp16
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Opset used when --opset is not given (every route honours it; the report records what the file holds).
@@ -83,6 +86,8 @@ class OnnxOptions(BaseModel):
     opset: int = Field(DEFAULT_OPSET, ge=7, le=25, description="the ONNX opset to export to")
     graph_optimization: OrtLevel = Field(
         "all", description="onnxruntime's graph optimization level when the session opens the artifact")
+    disabled_optimizers: list[str] = Field(default_factory=list, description="onnxruntime graph transformers "
+                                           "the session must not run (an optimized file says which)")
     intra_op_threads: int | None = Field(None, ge=0, description="onnxruntime's intra-op threads (0/unset: its "
                                                                   "default)")
 
@@ -102,6 +107,27 @@ def open_checked(path: str, device: str, options: dict[str, Any]) -> OrtRuntime:
     if device.startswith("cuda") and (not used or used[0] != "CUDAExecutionProvider"):
         raise DeviceUnavailableError(f"onnxruntime fell back to {used} for a cuda target", step="session:onnx")
     return runtime
+
+
+_LEVELS = {"ORT_DISABLE_ALL": "disabled", "ORT_ENABLE_BASIC": "basic", "ORT_ENABLE_EXTENDED": "extended",
+           "ORT_ENABLE_LAYOUT": "layout", "ORT_ENABLE_ALL": "all"}
+
+
+def _adopt(base: Path, out: Path, facts: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """After an optimization recipe: keep the base file's input names, and open the file the way the recipe
+    says it must be opened (`load_with`: an offline-optimized graph is not optimized again)."""
+    import onnx
+
+    base_meta = {p.key: p.value for p in onnx.load(str(base), load_external_data=False).metadata_props}
+    model = onnx.load(str(out), load_external_data=False)
+    if META_INPUTS in base_meta and not any(p.key == META_INPUTS for p in model.metadata_props):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_INPUTS, base_meta[META_INPUTS]
+        onnx.save(model, str(out))
+    load_with = facts.get("load_with") or {}
+    level = _LEVELS.get(str(load_with.get("graph_optimization_level")), options.get("graph_optimization", "all"))
+    disabled = sorted(set(options.get("disabled_optimizers") or []) | set(load_with.get("disabled_optimizers") or []))
+    return {**options, "graph_optimization": level, "disabled_optimizers": disabled}
 
 
 def _localise(source: Any, path: Path, runner: Any, ev: Any, parity: Any, tol: Any) -> tuple[Any, str]:
@@ -125,9 +151,50 @@ ONNX = FormatHandler(
     options=OnnxOptions,
     finish=_finish,
     localise=_localise,
+    adopt=_adopt,
 )
 FORMATS.add(Format.onnx.value, ONNX)
 
-# Variants: each a name, and the options it fixes.
-ONNX.variants.add("opset17", Variant("opset17", "ONNX at opset 17, for runtimes that do not read opset 18 yet",
-                                     fixed={"opset": 17}))
+# Variants: each a name, and the options it fixes; optimizations name their base and recipe. Measured on
+# 2 CPU cores (README, Optimization): which candidates `--optimize auto` tries per target follows from it.
+_GRAPH = (onnx_optimize,)
+_LOSSY = (onnx_optimize, onnx_precision)
+CPU, CUDA = frozenset({"cpu"}), frozenset({"cuda"})
+
+
+def _no_native_fp16(target: str) -> str | None:
+    if target == "cpu" and not cpu_has_native_fp16():
+        return ("onnxruntime's CPU provider computes fp16 through casts to fp32 on this CPU (no AVX-512 FP16): "
+                "never faster; ask for onnx.fp16 by name to measure it anyway")
+    return None
+
+
+for variant in (
+    Variant("opset17", "ONNX at opset 17, for runtimes that do not read opset 18 yet", fixed={"opset": 17}),
+    Variant("ort-basic", "onnxruntime's basic graph optimizations (constant folding, redundant nodes), saved "
+            "offline", base="default", transform=onnx_optimize.ort_basic, recipe_modules=_GRAPH),
+    Variant("ort-extended", "onnxruntime's extended optimizations (operator fusions) saved offline, portable; "
+            "layout transforms applied when it loads", base="default", transform=onnx_optimize.ort_extended,
+            recipe_modules=_GRAPH, candidate_for=CPU),
+    Variant("ort-all", "every onnxruntime optimization saved offline, layout transforms included: NCHWc "
+            "weights reordered for this host's SIMD width, so serve it on the same kind of CPU",
+            base="default", transform=onnx_optimize.ort_all, recipe_modules=_GRAPH, candidate_for=CPU),
+    Variant("ort-transformer", "onnxruntime's transformer fusions (Attention, LayerNorm, Gelu; Optimum's O2) on "
+            "transformer-like graphs", base="default", transform=onnx_optimize.ort_transformer,
+            recipe_modules=_GRAPH, candidate_for=CPU | CUDA),
+    Variant("slim", "onnxslim graph simplification", base="default", transform=onnx_optimize.onnxslim,
+            recipe_modules=_GRAPH),
+    Variant("fp16", "float16 weights and activations (inputs and outputs stay float32), with onnxruntime's "
+            "op block list", base="default", transform=onnx_precision.fp16, recipe_modules=_LOSSY,
+            precision="fp16", candidate_for=CPU | CUDA, auto_skip=_no_native_fp16, repair="fp16-mixed"),
+    Variant("fp16-mixed", "float16 with the nodes where fp16 diverges kept in float32 (the repair of a failing "
+            "fp16 variant)", base="default", transform=onnx_precision.fp16_repair_recipe, recipe_modules=_LOSSY,
+            precision="fp16", needs=frozenset({"samples"})),
+    Variant("int8-dynamic", "int8 weights, activations quantized at run time (MatMul and Gemm; never Conv, "
+            "which is slower so on CPUs)", base="default", transform=onnx_precision.int8_dynamic,
+            recipe_modules=_LOSSY, precision="int8", candidate_for=CPU),
+    Variant("int8-static", "int8 QDQ, per-channel weights, activation ranges calibrated on samples "
+            "(--calibration, else the job's own)", base="default", transform=onnx_precision.int8_static,
+            recipe_modules=_LOSSY, precision="int8", candidate_for=CPU, needs=frozenset({"calibration"})),
+):
+    ONNX.variants.add(variant.name, variant)

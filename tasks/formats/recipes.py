@@ -197,6 +197,20 @@ def torchscript_trace(source: Any, args: tuple[Any, ...], path: str, opts: dict[
     torch.jit.save(traced, path)
 
 
+def torchscript_frozen(in_path: str, out_path: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """torch.jit.freeze of a TorchScript artifact (parameters inlined as constants, Conv+BN folded). The frozen
+    module is what is saved: `torch.jit.optimize_for_inference`'s MKLDNN rewrites cannot be serialized, so
+    the artifact is opened with `optimize_for_inference` applied at load (its option of that name)."""
+    import torch
+
+    module = torch.jit.load(in_path, map_location="cpu").eval()
+    frozen = torch.jit.freeze(module)
+    torch.jit.save(frozen, out_path)
+    count = sum(1 for _ in frozen.graph.nodes())
+    return {"graph_nodes_before": sum(1 for _ in module.inlined_graph.nodes()), "graph_nodes_after": count,
+            "load_with": {"optimize_for_inference": True}}
+
+
 def torchscript_script(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """torch.jit.script of the Python nn.Module."""
     import torch

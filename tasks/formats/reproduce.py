@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from portq.tasks.execution.steps import StepContext
 
 INPUTS_FILE = "reproduce_inputs.npz"
+#: recipe options that name a data file the step wrote into the artifact's folder
+_DATA_FILES = ("calibration", "samples")
 
 
 def script_name(artifact_id: str) -> str:
@@ -38,12 +40,16 @@ def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
 
 
 def module_source(module: ModuleType) -> str:
-    """A module's source without its portq imports and `from __future__` line (the script has its own)."""
-    lines = []
-    for line in inspect.getsource(module).splitlines():
-        if "portq-only" in line or line.startswith("from __future__"):
-            continue
-        lines.append(line)
+    """A module's source without its imports from portq, lines marked `portq-only`, and its `from __future__`
+    line (the script has its own): the modules a script carries define what they import from each other."""
+    import ast
+
+    text = inspect.getsource(module)
+    dropped: set[int] = set()
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("portq", "__future__"):
+            dropped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    lines = [line for i, line in enumerate(text.splitlines(), 1) if i not in dropped and "portq-only" not in line]
     return "\n".join(lines).strip() + "\n"
 
 
@@ -60,7 +66,7 @@ def render(*, settings: dict[str, Any], recipe_doc: str, tolerances: dict[str, d
     return _TEMPLATE.format(
         artifact=settings["artifact"], display=_doc_safe(display), route=settings["route"], route_doc=recipe_doc,
         checks=checks or "    (no outputs)", made_with=made_with or "-", script=script_name(settings["artifact"]),
-        settings=json.dumps(settings, indent=1, sort_keys=True), inputs_file=INPUTS_FILE,
+        settings=json.dumps(settings, indent=1, sort_keys=True), inputs_file=INPUTS_FILE, data_files=_DATA_FILES,
         modules="\n\n".join(_section(m) for m in modules),
     )
 
@@ -131,8 +137,18 @@ def main() -> int:
     source.module = source.module.to(device) if hasattr(source.module, "to") else source.module
     source_runtime = TorchRuntime(source.module, device, move=False)
     example = to_tensors(samples[SETTINGS["export_sample"]], device)
-    globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
-    print(f"converted the source -> {{cli.out}} by route {{SETTINGS['route']}}")
+    if SETTINGS["transform"]:  # an optimization: export the base artifact, then run the optimization recipe
+        out = Path(cli.out)
+        base = str(out.with_name(out.stem + ".base" + out.suffix))
+        globals()[SETTINGS["recipe"]](source, example, base, opts)
+        topts = {{k: (str(here / v) if k in {data_files!r} else v) for k, v in SETTINGS["transform_opts"].items()}}
+        facts = globals()[SETTINGS["transform"]](base, cli.out, topts)
+        print(f"converted the source by route {{SETTINGS['route']}}, then {{SETTINGS['transform']}} -> {{cli.out}}")
+        print("optimizer facts: " + json.dumps({{k: facts[k] for k in sorted(facts) if k != "load_with"}},
+                                              default=str)[:600])
+    else:
+        globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
+        print(f"converted the source -> {{cli.out}} by route {{SETTINGS['route']}}")
 
     artifact = globals()[SETTINGS["opener"]](cli.out, device, SETTINGS["options"])
     checks: dict[str, OutputCheck] = {{}}
@@ -173,7 +189,9 @@ if __name__ == "__main__":
 '''
 
 
-def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, precision: str) -> Path:
+def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, precision: str,
+                       transform: tuple[Any, dict[str, Any]] | None = None,
+                       recipe_modules: tuple[ModuleType, ...] = ()) -> Path:
     """Write `reproduce_<artifact id>.py` beside a freshly exported artifact (the job writes the samples once).
 
     The script holds each output to the tolerance the report held it to (mode, atol, rtol, q, per-output
@@ -202,8 +220,13 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         "filename": handler.filename, "source": builder.script_settings(ctx.spec, ctx.source, ctx.store),
         "opts": req.opts(), "options": ctx.options, "tolerances": tolerances, "tolerance": default,
         "samples": len(ev.samples), "inputs": len(ev.input_names), "export_sample": ev.export_index,
+        "transform": None, "transform_opts": {},
     }
-    modules = [*builder.script_modules, unfuse, recipes, runtimes, output_check]
+    if transform is not None:  # an optimization: the base export, then the recipe (its data files beside)
+        fn, opts = transform
+        settings["transform"] = fn.__name__
+        settings["transform_opts"] = {k: (Path(v).name if k in _DATA_FILES else v) for k, v in opts.items()}
+    modules = [*builder.script_modules, unfuse, recipes, *recipe_modules, runtimes, output_check]
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

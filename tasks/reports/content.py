@@ -48,6 +48,10 @@ def artifact_row(a: ArtifactReport) -> list[str]:
     src = _fmt(a.latency.source_p50_ms) if a.latency else "-"
     speedup = f"{a.latency.speedup:.2f}x" if a.latency else "-"
     note = a.error or (f"route {a.route}" if a.route else "")
+    if a.optimization is not None and a.status is not StepStatus.skipped:
+        note += f" + {a.optimization.transform}"
+    if a.latency and a.latency.speedup < 1.0 and a.status is StepStatus.succeeded:
+        note += "; slower than the source"
     if a.parity and a.parity.first_divergence:
         d = a.parity.first_divergence
         note += f"; diverges at {d.node} ({d.op_type}{', ' + d.module if d.module else ''})"
@@ -104,6 +108,9 @@ def job_facts(r: JobReport) -> list[Fact]:
                   bad=r.status is JobStatus.failed)]
     if r.best:
         facts.append(Fact("best pick", r.best, strong=True))
+    verdict = speed_verdict(r)
+    if verdict:
+        facts.append(Fact("speed", verdict, bad=verdict.startswith("no artifact")))
     f = r.failure
     if f is not None:
         where = ", ".join(x for x in (f"step {f.step}" if f.step else "", f"file {f.file}" if f.file else "") if x)
@@ -120,6 +127,21 @@ def job_facts(r: JobReport) -> list[Fact]:
     return facts
 
 
+def speed_verdict(r: JobReport) -> str | None:
+    """Whether anything the job made beats the source model (p50 at the sample), said plainly."""
+    timed = [a for a in r.artifacts if a.latency is not None and a.status is StepStatus.succeeded]
+    if not timed:
+        return None
+    passing = [a for a in timed if a.parity is not None and a.parity.passed]
+    fastest = max(passing or timed, key=lambda a: a.latency.speedup if a.latency else 0.0)
+    assert fastest.latency is not None
+    if fastest.latency.speedup >= 1.0:
+        return f"{fastest.id} is {fastest.latency.speedup:.2f}x the source's speed" + (
+            "" if passing else " (but it failed parity)")
+    return (f"no artifact is faster than the source model: the best, {fastest.id}, runs at "
+            f"{fastest.latency.speedup:.2f}x its speed; serve the PyTorch model, or try --optimize")
+
+
 def artifact_facts(a: ArtifactReport) -> list[Fact]:
     """An artifact's own lines: the route that made it, its opset, size, file and reproduce script."""
     facts = []
@@ -128,8 +150,21 @@ def artifact_facts(a: ArtifactReport) -> list[Fact]:
     if a.variant != "default" or a.options:
         options = ", ".join(f"{k}={v}" for k, v in a.options.items() if v is not None)
         facts.append(Fact("variant", f"{a.format.value} {a.variant}" + (f" ({options})" if options else "")))
+    if a.requested_by != "request":
+        facts.append(Fact("why", {"optimize": "an --optimize candidate"}.get(a.requested_by, a.requested_by)))
     if a.route:
         facts.append(Fact("route", a.route))
+    o = a.optimization
+    if o is not None:
+        facts.append(Fact("optimization", f"{o.transform} on {o.base}" + ("" if o.lossless else " (lossy)")))
+        kept = o.facts.get("node_block_list")
+        if kept:
+            facts.append(Fact("kept in float32", f"{len(kept)} node(s): " + ", ".join(kept[:20])
+                              + (" ..." if len(kept) > 20 else "")))
+        summary = optimization_summary(o.facts)
+        if summary:
+            facts.append(Fact("optimizer", summary))
+        facts += [Fact("note", n) for n in o.facts.get("notes", [])]
     if a.opset is not None:
         facts.append(Fact("opset", str(a.opset)))
     if a.size_bytes is not None:
@@ -139,6 +174,22 @@ def artifact_facts(a: ArtifactReport) -> list[Fact]:
     if a.reproduce:
         facts.append(Fact("reproduce", a.reproduce))
     return facts
+
+
+def optimization_summary(facts: dict[str, object]) -> str:
+    """The optimizer's own facts worth a line: node counts, fused operators, host-specific layout."""
+    parts = []
+    if "nodes_before" in facts and "nodes_after" in facts:
+        parts.append(f"nodes {facts['nodes_before']} -> {facts['nodes_after']}")
+    fused = facts.get("fused")
+    if isinstance(fused, dict) and fused:
+        parts.append("fused " + ", ".join(f"{k} {v}" for k, v in fused.items() if v))
+    if facts.get("hardware_specific"):
+        parts.append("weights laid out for this host's CPU (serve on the same kind of CPU)")
+    if "passed" in facts and "history" in facts:
+        parts.append(f"repair {'passed' if facts['passed'] else 'did not pass'} after "
+                     f"{len(facts['history'])} conversion(s)")  # type: ignore[arg-type]
+    return "; ".join(parts)
 
 
 ATTEMPT_COLUMNS = ["route", "outcome", "seconds"]

@@ -70,13 +70,19 @@ def check_model_path(path: Path, max_bytes: int) -> None:
 
 
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
-            load: dict[str, Any] | None = None, force: bool = False, max_bytes: int,
-            max_sample_bytes: int | None = None) -> Submission:
+            load: dict[str, Any] | None = None, force: bool = False, calibration: list[Path] | None = None,
+            max_bytes: int, max_sample_bytes: int | None = None) -> Submission:
     """Build one `convert` JobSpec per model path and write its spec and `queued` record; bad paths become
     failed records. `options` are the JobOptions fields (the sample is added per file); `load` the
-    ConvertSource fields (arch, arch_kwargs, trust_pickle)."""
+    ConvertSource fields (arch, arch_kwargs, trust_pickle); `calibration` files go to the optimize options."""
     sub = Submission(batch=batch or new_batch_id())
     JobOptions.model_validate(options)  # a bad option fails the whole submission before anything is uploaded
+    if calibration:
+        refs = []
+        for path in calibration:
+            check_sample_path(path, max_sample_bytes or max_bytes)
+            refs.append(_upload(store, path).model_dump(mode="json"))
+        options = {**options, "optimize": {**(options.get("optimize") or {}), "calibration": refs}}
     for raw in paths:
         path = Path(raw)
         model = safe_name(path.stem if path.suffix else path.name)

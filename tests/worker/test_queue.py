@@ -101,3 +101,20 @@ def test_a_pickled_message_is_rejected_unrun(example_models, start_worker, queue
     assert res.returncode == 0, res.stderr
     assert not marker.exists()
     assert "ContentDisallowed" in worker.output() or "Refusing to deserialize" in worker.output()
+
+
+def test_optimize_through_redis_and_a_worker(example_models, start_worker, queue_db, store_dir):
+    """--optimize on the queue: the candidates run in the worker's isolated steps, and the report ranks them."""
+    worker = start_worker("cpu")
+    env = cli_env(queue_db, store_dir)
+    res = run_cli("submit", str(example_models["convnet"]), "--batch", "opt", "--optimize", "ort-all,int8-dynamic",
+                  "--precision", "int8", "--runs", "6", "--wait", "--timeout", "300", env=env)
+    assert res.returncode == 0, res.stderr + worker.output()
+    (job,) = report(env, "opt")["jobs"]
+    arts = {a["id"]: a for a in job["artifacts"]}
+    assert set(arts) == {"onnx", "onnx.ort-all", "onnx.int8-dynamic"}
+    for name in ("onnx.ort-all", "onnx.int8-dynamic"):
+        assert arts[name]["status"] == "succeeded" and arts[name]["parity"]["passed"], arts[name]["error"]
+        assert arts[name]["optimization"]["base"] == "onnx" and arts[name]["requested_by"] == "optimize"
+    assert arts["onnx.int8-dynamic"]["parity"]["precision"] == "int8"
+    assert job["best"] in arts and arts[job["best"]]["best"]

@@ -1,0 +1,618 @@
+"""Lossless ONNX optimization recipes: onnxruntime's graph optimizer saved offline, its transformer
+fusions, onnxslim. portq's optimization variants run them, and each variant's reproduce script carries a
+copy of this file's source (and of `onnx_precision` for the lossy ones) and runs them the same way.
+
+Each recipe is a plain function `recipe(in_path, out_path, opts) -> facts` that reads an fp32 ONNX model
+written by torch.onnx (external data allowed), writes the optimized model to `out_path` and returns a
+small JSON-able dict of facts (node counts, fused operators, ...). Every facts dict carries `load_with`:
+how a consumer must open the artifact (graph optimization level, disabled optimizers), since some
+choices hold only if the loader honours them. So this module stands alone: the standard library at the
+top, onnx/onnxruntime/onnxslim inside functions, never portq; every recipe is deterministic given its
+inputs. A recipe that does not apply to the model raises `NotApplicable`.
+
+Measured on 2 shared CPU cores, onnxruntime 1.32 (see the README's optimization section): offline
+ORT_ENABLE_ALL files carry NCHWc weights reordered for the host's SIMD width (`hardware_specific`);
+ORT's CPU SkipLayerNormalization kernel is 5-8x slower than Add + LayerNormalization, so that fusion is
+disabled for CPU targets (`SLOW_CPU_FUSIONS`); files saved offline are loaded with optimizations off.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from portq.tasks.formats.recipes import NotApplicable
+
+FP16_MAX = 65504.0
+
+# ORT graph transformers that make CPU inference *slower* (measured, onnxruntime 1.32,
+# AVX-512 host): the CPU SkipLayerNormalization kernel is 5-8x slower than the
+# Add + LayerNormalization it replaces (256x128: 170us vs 31us; 512x1024: 2.6ms vs 0.32ms),
+# costing 15-25% end to end on BERT-like models. Disabled by default for target "cpu";
+# opts["avoid_slow_cpu_fusions"]=False restores ORT's default. Re-measure on upgrades.
+SLOW_CPU_FUSIONS = ("SkipLayerNormFusion",)
+
+# Ops that ORT's CPU EP cannot run in fp16 *and* that the converter's default list misses
+# would be added here; in onnxruntime 1.32 the CPU EP inserts fp32 casts itself, so none.
+_CPU_EXTRA_FP16_BLOCK: list = []
+
+
+# ============================================================================ helpers
+def _load(path: str):
+    """Load an ONNX model including external data (torch.onnx writes <name>.data for >2GB)."""
+    import onnx
+
+    return onnx.load(path, load_external_data=True)
+
+
+def _has_external_data(path: str) -> bool:
+    """True if any initializer of the model at `path` lives in an external file."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer)
+
+
+def _weights_bytes(model) -> int:
+    """Approximate initializer payload; ModelProto.ByteSize() is unreliable past 2GB."""
+    return sum(len(t.raw_data) or 4 * max(len(t.float_data), len(t.int64_data) * 2) for t in model.graph.initializer)
+
+
+def _save(model, out_path: str, external: bool | None = None) -> bool:
+    """Save `model`; external=None: use a single external data file only when needed
+    (protobuf's 2GB cap). Variants pass True when their input had external data, so the
+    output keeps the input's layout.
+
+    The .data file is deleted first because onnx *appends* to an existing external file."""
+    import onnx
+
+    if external is None:
+        external = _weights_bytes(model) > 1_800_000_000
+    data_name = os.path.basename(out_path) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), data_name)
+    if os.path.exists(data_path):
+        os.remove(data_path)
+    if external:
+        onnx.save_model(model, out_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model, out_path)
+    return bool(external)
+
+
+def _op_counts(model) -> dict:
+    """{op_type (domain-prefixed when not ai.onnx): count} of the main graph."""
+    out: dict = {}
+    for n in model.graph.node:
+        key = f"{n.domain}:{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _graph_facts(before, after) -> dict:
+    """Node counts and the op types whose counts changed (the interesting part of a rewrite)."""
+    a, b = _op_counts(before), _op_counts(after)
+    changed = {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed}
+
+
+def _ensure_node_names(model) -> int:
+    """Give unnamed nodes a stable unique name (block lists and nodes_to_exclude match names)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    fixed = 0
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            n.name, fixed = name, fixed + 1
+            seen.add(name)
+    return fixed
+
+
+def _avoid(opts: dict) -> list:
+    """Optimizers to disable for this target (see SLOW_CPU_FUSIONS)."""
+    cpu = opts.get("target", "cpu") == "cpu" and not opts.get("use_gpu", False)
+    return list(SLOW_CPU_FUSIONS) if cpu and opts.get("avoid_slow_cpu_fusions", True) else []
+
+
+def _load_with(opts: dict, level: str = "ORT_ENABLE_ALL", disabled=()) -> dict:
+    """How a consumer must open the artifact: {graph_optimization_level, disabled_optimizers}.
+
+    Part of every variant's facts, because some choices only hold if the loader honours
+    them (an ORT-saved graph must not be re-optimized; a graph built without
+    SkipLayerNormalization would get it re-fused by ORT's online optimizer)."""
+    dis = sorted(set(disabled) | set(opts.get("load_disabled_optimizers", [])) | set(_avoid(opts)))
+    return {"graph_optimization_level": level, "disabled_optimizers": dis}
+
+
+def session_for(path: str, load_with: dict, threads: int = 0):
+    """InferenceSession honouring a variant's facts['load_with'] (CPU EP)."""
+    return _session(path, load_with.get("graph_optimization_level", "ORT_ENABLE_ALL"), threads,
+                    load_with.get("disabled_optimizers"))
+
+
+def _session(path_or_bytes, level: str = "ORT_ENABLE_ALL", threads: int = 0, disabled_optimizers=None,
+             quiet: bool = False):
+    """CPU InferenceSession with an explicit optimization level (by enum name).
+
+    quiet=True silences ORT's own error log for sessions that are expected to fail."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.log_severity_level = 4 if quiet else 3
+    if threads:
+        so.intra_op_num_threads = threads
+    kw = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"], **kw)
+
+
+def _dummy_feeds(sess, seed: int = 0) -> dict:
+    """Random feeds for a smoke run (float: N(0,1); ints: zeros/ones, valid for ids & masks)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    feeds: dict = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        t = dt.get(i.type, np.float32)
+        if np.issubdtype(t, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(t)
+        else:
+            feeds[i.name] = np.ones(shape, t)
+    return feeds
+
+
+def load_samples(npz_path: str) -> list:
+    """Read calibration/parity samples: arrays s<i>_<j> (sample i, input j) + `input_names`."""
+    import numpy as np
+
+    z = np.load(npz_path, allow_pickle=False)
+    names = [str(x) for x in z["input_names"]]
+    n = 1 + max(int(k[1:].split("_")[0]) for k in z.files if k.startswith("s"))
+    return [{nm: z[f"s{i}_{j}"] for j, nm in enumerate(names)} for i in range(n)]
+
+
+def save_samples(npz_path: str, samples: list) -> str:
+    """Inverse of load_samples (used by tests/bench to write the calibration file)."""
+    import numpy as np
+
+    names = list(samples[0])
+    arrays = {f"s{i}_{j}": s[nm] for i, s in enumerate(samples) for j, nm in enumerate(names)}
+    np.savez(npz_path, input_names=np.array(names), **arrays)
+    return npz_path
+
+
+def _toposort(graph) -> None:
+    """Reorder graph.node topologically in place (the fp16 converter appends its Casts at
+    the end; ORT tolerates that, onnx.checker and most other tools do not)."""
+    avail = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in avail for i in n.input):
+                ordered.append(n)
+                avail.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # cycle or outer-scope inputs (subgraphs): keep as is
+            ordered.extend(rest)
+            break
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# ====================================================================== ORT offline
+def _ort_offline(in_path: str, out_path: str, level: str, opts: dict) -> dict:
+    """Let onnxruntime optimize at `level` and serialize the result (offline mode).
+
+    opts: disabled_optimizers (list of ORT transformer names), portable (ort_all only),
+    external_data (force side file), load_level (what facts['load_with'] tells the
+    loader; default ORT_DISABLE_ALL; ORT_ENABLE_ALL on an ort_extended file = portable
+    artifact + host-specific layout transforms done at load), target / avoid_slow_cpu_fusions.
+
+    Why: the saved graph skips optimization time at load and is what portq can inspect
+    and hash. Load it with ORT_DISABLE_ALL (see facts): re-optimizing an ORT-saved graph
+    is unnecessary and, in ORT 1.32, can fail (MatMulAddFusion "Attempt to replace the
+    existing tensor" on re-load of an ORT_ENABLE_BASIC save of a dynamo BERT)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.optimized_model_filepath = out_path
+    so.log_severity_level = 3
+    external = bool(opts.get("external_data", _has_external_data(in_path)))
+    data_name = os.path.basename(out_path) + ".data"
+    if external:  # >2GB models: ORT must write initializers to a side file itself
+        data_path = os.path.join(os.path.dirname(os.path.abspath(out_path)), data_name)
+        if os.path.exists(data_path):
+            os.remove(data_path)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    disabled = list(opts.get("disabled_optimizers", [])) + _avoid(opts)
+    if level == "ORT_ENABLE_ALL" and opts.get("portable", False):
+        disabled.append("NchwcTransformer")  # NCHWc weights are reordered for this CPU's SIMD width
+    kw = {"disabled_optimizers": disabled} if disabled else {}
+    ort.InferenceSession(in_path, so, providers=["CPUExecutionProvider"], **kw)
+
+    before, after = onnx.load(in_path, load_external_data=False), onnx.load(out_path, load_external_data=False)
+    facts = _graph_facts(before, after)
+    domains = sorted({n.domain for n in after.graph.node if n.domain})
+    facts.update({
+        "ort_level": level,
+        "ort_version": ort.__version__,
+        "external_data": external,
+        "contrib_domains": domains,
+        # Extended+ fusions emit com.microsoft ops that only the EP they were made for runs.
+        "ep_specific": level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_LAYOUT", "ORT_ENABLE_ALL"),
+        # NCHWc (com.microsoft.nchwc) ops carry weights reordered for this CPU's block size
+        # (16 floats on AVX-512, 8 on AVX2): shapes unchanged, so a wrong host gives silently
+        # wrong numbers rather than a load error.
+        "hardware_specific": "com.microsoft.nchwc" in domains,
+        "disabled_optimizers": disabled,
+        "load_with": (_load_with(opts, opts["load_level"]) if "load_level" in opts
+                      else {"graph_optimization_level": "ORT_DISABLE_ALL", "disabled_optimizers": []}),
+    })
+    _session(out_path, "ORT_DISABLE_ALL")  # proves the saved file reloads on this host
+    facts["reload_ok"] = True
+    return facts
+
+
+def ort_basic(in_path: str, out_path: str, opts: dict) -> dict:
+    """ORT basic level (constant folding, redundant-node removal): EP independent, portable."""
+    return _ort_offline(in_path, out_path, "ORT_ENABLE_BASIC", opts)
+
+
+def ort_extended(in_path: str, out_path: str, opts: dict) -> dict:
+    """ORT extended level (Conv+act, Gemm+act, LayerNorm/SkipLN/Gelu/Attention fusions).
+
+    Output uses com.microsoft contrib ops for the CPU EP; portable across x86 CPUs."""
+    return _ort_offline(in_path, out_path, "ORT_ENABLE_EXTENDED", opts)
+
+
+def ort_all(in_path: str, out_path: str, opts: dict) -> dict:
+    """ORT all levels incl. NCHWc layout transforms. Host-specific unless opts['portable']
+
+    (which disables NchwcTransformer so the file is safe to move to another CPU)."""
+    return _ort_offline(in_path, out_path, "ORT_ENABLE_ALL", opts)
+
+
+# ================================================================ transformer fusions
+def transformer_profile(model) -> dict:
+    """Cheap structural test for "transformer-like": normalisation + softmax attention.
+
+    Counts LayerNormalization (or the decomposed ReduceMean/Sub/Pow/Sqrt form older
+    exporters emit), Softmax, and MatMuls whose *both* operands are activations (QK^T and
+    attn@V). transformer_like = softmax>=1 and activation-matmuls>=2 and some layernorm."""
+    inits = {t.name for t in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    ops = _op_counts(model)
+    act_mm = sum(1 for n in model.graph.node if n.op_type == "MatMul"
+                 and not any(i in inits or i in consts for i in n.input))
+    ln = ops.get("LayerNormalization", 0) + ops.get("com.microsoft:SkipLayerNormalization", 0)
+    decomposed_ln = min(ops.get("ReduceMean", 0) // 2, ops.get("Sqrt", 0))
+    gelu = ops.get("Erf", 0) + ops.get("Tanh", 0)
+    heads = _guess_heads(model)
+    return {
+        "layernorm": ln, "decomposed_layernorm": decomposed_ln, "softmax": ops.get("Softmax", 0),
+        "activation_matmuls": act_mm, "gelu_like": gelu, "guessed_num_heads": heads,
+        "transformer_like": ops.get("Softmax", 0) >= 1 and act_mm >= 2 and (ln + decomposed_ln) >= 1,
+    }
+
+
+def _guess_heads(model) -> int:
+    """num_heads from the first 4-D Reshape target [B, S, H, Dh] feeding a Transpose(0,2,1,3).
+
+    Informational only: passing num_heads=0/hidden_size=0 lets ORT read them from the
+    same Reshape constants during attention fusion, which is what we do."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in model.graph.node:
+        if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in inits:
+            shape = numpy_helper.to_array(inits[n.input[1]]).tolist()
+            perm_ok = any(c.op_type == "Transpose"
+                          and [a.ints for a in c.attribute if a.name == "perm"] == [[0, 2, 1, 3]]
+                          for c in consumers.get(n.output[0], []))
+            if len(shape) == 4 and perm_ok and shape[2] > 0:
+                return int(shape[2])
+    return 0
+
+
+def _canonicalize_for_fusion(model) -> dict:
+    """Rewrite dynamo-exporter idioms into the shapes ORT's Python fusions pattern-match.
+
+    1. Constant nodes -> initializers (TorchScript exports; fusions look up initializers).
+    2. Unsqueeze with several constant axes -> chain of single-axis Unsqueezes. The dynamo
+       exporter emits `mask[:, None, None, :]` as one Unsqueeze(axes=[1,2]); the BERT
+       attention fusion only accepts the Unsqueeze->Unsqueeze mask path and otherwise
+       silently skips Attention fusion ("failed to match mask path")."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    stats = {"constants_to_initializers": 0, "unsqueeze_split": 0}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            g.initializer.append(t)
+            stats["constants_to_initializers"] += 1
+        else:
+            keep.append(n)
+    inits = {t.name: t for t in g.initializer}
+    new_nodes = []
+    for n in keep:
+        if n.op_type == "Unsqueeze" and len(n.input) == 2 and n.input[1] in inits:
+            axes = numpy_helper.to_array(inits[n.input[1]]).astype("int64").tolist()
+            if len(axes) > 1 and all(a >= 0 for a in axes):
+                cur = n.input[0]
+                for k, a in enumerate(sorted(axes)):
+                    ax_name = f"{n.name or n.output[0]}_axis{k}"
+                    g.initializer.append(numpy_helper.from_array(np.array([a], "int64"), ax_name))
+                    out = n.output[0] if k == len(axes) - 1 else f"{n.output[0]}_u{k}"
+                    new_nodes.append(helper.make_node("Unsqueeze", [cur, ax_name], [out], name=f"{n.name}_{k}"))
+                    cur = out
+                stats["unsqueeze_split"] += 1
+                continue
+        new_nodes.append(n)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return stats
+
+
+def _scalar_const(name: str, inits: dict):
+    """Float value of a scalar (or 1-element) initializer, else None."""
+    from onnx import numpy_helper
+
+    if name not in inits:
+        return None
+    a = numpy_helper.to_array(inits[name])
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+
+def _fuse_sdpa_to_mha(model) -> int:
+    """Rewrite decomposed scaled-dot-product attention into com.microsoft.MultiHeadAttention.
+
+    Targets what ORT's BERT Attention fusion cannot match, e.g. nn.MultiheadAttention /
+    F.scaled_dot_product_attention exported by dynamo at opset 18:
+        MatMul(Mul?(q4, c1), Mul?(kT4, c2)) -> (Mul|Div c3)? -> (Add bias4)? -> Softmax(-1) -> MatMul(., v4)
+    with q4 [B,N,S,H], kT4 [B,N,H,L], v4 [B,N,L,H] (static shapes from ONNX shape inference).
+    Replacement: q4 -> Transpose(0,2,1,3) -> Reshape[0,0,N*H] as BSD query, K/V passed
+    in BNSH (MHA's "pre-projected" cross-attention form, supported by the CPU kernel),
+    scale = c1*c2*c3, additive mask -> attention_bias, output reshaped back to [B,N,S,H].
+    Returns the number of fused attentions. Experimental: see FINDINGS.md for the effect."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return 0
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def single(name, op):
+        n = producer.get(name)
+        return n if n is not None and n.op_type == op and len(consumers.get(name, [])) == 1 else None
+
+    def strip_scale(name):
+        n = producer.get(name)
+        if n is not None and n.op_type == "Mul" and len(consumers.get(name, [])) == 1:
+            for a, b in ((0, 1), (1, 0)):
+                c = _scalar_const(n.input[b], inits)
+                if c is not None:
+                    return n.input[a], c, [n]
+        return name, 1.0, []
+
+    removed: set = set()
+    added: list = []
+    fused = 0
+    for sm in list(g.node):
+        if sm.op_type != "Softmax" or any(a.name == "axis" and a.i not in (-1, 3) for a in sm.attribute):
+            continue
+        pv = consumers.get(sm.output[0], [])
+        if len(pv) != 1 or pv[0].op_type != "MatMul" or pv[0].input[0] != sm.output[0]:
+            continue
+        pv = pv[0]
+        cur, dead, scale, bias = sm.input[0], [sm, pv], 1.0, None
+        add = single(cur, "Add")
+        if add is not None:
+            for a, b in ((0, 1), (1, 0)):
+                made_by = producer.get(add.input[a])
+                if made_by is not None and made_by.op_type in ("MatMul", "Mul", "Div"):
+                    cur, bias = add.input[a], add.input[b]
+                    dead.append(add)
+                    break
+            else:
+                continue
+        for op in ("Mul", "Div"):
+            n = single(cur, op)
+            c = _scalar_const(n.input[1], inits) if n is not None else None
+            if c:
+                scale *= c if op == "Mul" else 1.0 / c
+                cur = n.input[0]
+                dead.append(n)
+                break
+        qk = single(cur, "MatMul")
+        if qk is None:
+            continue
+        dead.append(qk)
+        q4, c1, d1 = strip_scale(qk.input[0])
+        kt4, c2, d2 = strip_scale(qk.input[1])
+        v4 = pv.input[1]
+        sq, sk, sv = shapes.get(q4, []), shapes.get(kt4, []), shapes.get(v4, [])
+        if not (len(sq) == len(sk) == len(sv) == 4 and all(sq) and all(sk) and all(sv)):
+            continue
+        b, heads, s, h = sq
+        if sk[2] != h or sv[3] != h or sv[1] != heads or sk[1] != heads:
+            continue
+        if bias is not None:
+            sb = shapes.get(bias, [])
+            if len(sb) != 4 or sb[2:] != [s, sk[3]] or sb[1] not in (1, heads):
+                continue
+        dead += d1 + d2
+        scale *= c1 * c2
+        tag = f"sdpa_mha_{fused}"
+        shp_q = numpy_helper.from_array(np.array([0, 0, heads * h], "int64"), f"{tag}_shape_q")
+        shp_o = numpy_helper.from_array(np.array([0, 0, heads, h], "int64"), f"{tag}_shape_o")
+        g.initializer.extend([shp_q, shp_o])
+        added += [
+            helper.make_node("Transpose", [q4], [f"{tag}_q_bsnh"], perm=[0, 2, 1, 3], name=f"{tag}_tq"),
+            helper.make_node("Reshape", [f"{tag}_q_bsnh", shp_q.name], [f"{tag}_q"], name=f"{tag}_rq"),
+            helper.make_node("Transpose", [kt4], [f"{tag}_k"], perm=[0, 1, 3, 2], name=f"{tag}_tk"),
+            helper.make_node("MultiHeadAttention", [f"{tag}_q", f"{tag}_k", v4, "", "", bias or ""],
+                             [f"{tag}_o"], domain="com.microsoft", num_heads=heads, scale=scale, name=tag),
+            helper.make_node("Reshape", [f"{tag}_o", shp_o.name], [f"{tag}_o_bsnh"], name=f"{tag}_ro"),
+            helper.make_node("Transpose", [f"{tag}_o_bsnh"], [pv.output[0]], perm=[0, 2, 1, 3], name=f"{tag}_to"),
+        ]
+        removed.update(id(n) for n in dead)
+        fused += 1
+    if fused:
+        keep = [n for n in g.node if id(n) not in removed] + added
+        del g.node[:]
+        g.node.extend(keep)
+        _toposort(g)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return fused
+
+
+def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
+    """onnxruntime.transformers fusions (Attention, LayerNorm, SkipLayerNorm, (Bias)Gelu),
+    i.e. Optimum's O2 (O3 = opts['gelu_approximation']=True -> FastGelu, slightly lossy).
+
+    Steps: transformer_like check -> _canonicalize_for_fusion (makes Attention fusion fire
+    on dynamo exports) -> optimize_model(model_type, num_heads=0, hidden_size=0: inferred
+    from the q/k/v Reshape constants) for each candidate opt_level -> optional
+    _fuse_sdpa_to_mha when no Attention was fused -> keep the smallest candidate that
+    loads under ORT_ENABLE_ALL and matches the input model on random feeds.
+
+    opts: model_type ('bert' covers BERT/RoBERTa/ViT-style encoders; 'gpt2' decoders),
+    num_heads / hidden_size, opt_level (default: try 0 and 1; 2+ disables Attention fusion
+    on these graphs because ORT's own MatMul/Transpose fusions run first), use_gpu,
+    force (skip the transformer_like check), embed_layer_norm (default False, as Optimum:
+    EmbedLayerNormalization breaks int8 quantization), skip_layer_norm (default: False for
+    target cpu, see SLOW_CPU_FUSIONS; False keeps Add+LayerNormalization and tells the
+    loader to disable SkipLayerNormFusion), target ('cpu'|'cuda'),
+    sdpa_fusion (default False; True adds
+    a _fuse_sdpa_to_mha candidate, 'only' forces it)."""
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = _load(in_path)
+    canon = _canonicalize_for_fusion(model) if opts.get("canonicalize", True) else {}
+    prof = transformer_profile(model)
+    if not prof["transformer_like"] and not opts.get("force", False):
+        found = ", ".join(f"{k} {v}" for k, v in prof.items() if k in ("softmax", "activation_matmuls", "layernorm"))
+        raise NotApplicable(f"not transformer-like (needs softmax attention and layer normalization; found {found})")
+    model_type = opts.get("model_type", "bert")
+    fo = FusionOptions(model_type)
+    fo.enable_embed_layer_norm = bool(opts.get("embed_layer_norm", False))
+    fo.enable_gelu_approximation = bool(opts.get("gelu_approximation", False))
+    keep_skip_ln = bool(opts.get("skip_layer_norm", "SkipLayerNormFusion" not in _avoid(opts)))
+    fo.enable_skip_layer_norm = fo.enable_bias_skip_layer_norm = keep_skip_ln
+    levels = [int(opts["opt_level"])] if "opt_level" in opts else [0, 1]
+    tol = 1e-2 if fo.enable_gelu_approximation else 1e-3
+    tried, best = [], None
+    with tempfile.TemporaryDirectory() as td:
+        srcs = {"plain": os.path.join(td, "canon.onnx")}
+        external = _save(model, srcs["plain"], _has_external_data(in_path) or None)
+        if opts.get("sdpa_fusion", False):
+            # before optimize_model: afterwards contrib ops hide the shapes it needs.
+            # Re-load: an external-data save has pointed the proto's tensors at canon's file.
+            model = _load(srcs["plain"])
+            n_mha = _fuse_sdpa_to_mha(model)
+            if n_mha:
+                srcs["sdpa"] = os.path.join(td, "canon_sdpa.onnx")
+                _save(model, srcs["sdpa"], external or None)
+                if opts["sdpa_fusion"] == "only":
+                    del srcs["plain"]
+        for kind, src in srcs.items():
+            for lvl in levels:
+                opt = optimize_model(src, model_type=model_type, num_heads=int(opts.get("num_heads", 0)),
+                                     hidden_size=int(opts.get("hidden_size", 0)), optimization_options=fo,
+                                     opt_level=lvl, use_gpu=bool(opts.get("use_gpu", False)))
+                fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+                if kind == "sdpa":
+                    fused["MultiHeadAttention(sdpa)"] = n_mha
+                cand = os.path.join(td, f"cand_{kind}{lvl}.onnx")
+                _save(opt.model, cand, external or None)
+                check = _check_equivalent(in_path, cand, tol)
+                n = len(opt.model.graph.node)
+                tried.append({"source": kind, "opt_level": lvl, "nodes": n, "fused": fused, **check})
+                if check["ok"] and (best is None or n < best[1]):
+                    best = (lvl, n, fused, cand)
+        if best is None:
+            raise RuntimeError(f"no fused candidate loads and matches: {tried}")
+        # re-load: saving with external data rewrites the proto's tensors to point at cand's file
+        _save(_load(best[3]), out_path, external or None)
+    after = onnx.load(out_path, load_external_data=False)
+    facts = _graph_facts(onnx.load(in_path, load_external_data=False), after)
+    heads = sorted({a.i for n in after.graph.node if n.op_type in ("Attention", "MultiHeadAttention")
+                    for a in n.attribute if a.name == "num_heads"})
+    facts.update({"profile": prof, "canonicalize": canon, "fused": best[2], "opt_level": best[0],
+                  "candidates": tried, "model_type": model_type, "attention_num_heads": heads,
+                  "lossy": fo.enable_gelu_approximation,
+                  "load_with": _load_with(opts, disabled=() if keep_skip_ln else ("SkipLayerNormFusion",))})
+    if keep_skip_ln:
+        facts["load_with"]["disabled_optimizers"] = [d for d in facts["load_with"]["disabled_optimizers"]
+                                                     if d != "SkipLayerNormFusion"]
+    return facts
+
+
+def _check_equivalent(ref_path: str, test_path: str, tol: float) -> dict:
+    """Load `test_path` under ORT_ENABLE_ALL (what a consumer does) and compare with the
+    reference on two random feeds; guards against fusions that load but compute wrong."""
+    import numpy as np
+
+    try:
+        a, b = _session(ref_path, "ORT_DISABLE_ALL"), _session(test_path, "ORT_ENABLE_ALL", quiet=True)
+        err = 0.0
+        for seed in (0, 1):
+            feeds = _dummy_feeds(a, seed)
+            for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
+                scale = max(1.0, float(np.abs(x).max()))
+                err = max(err, float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / scale)
+        return {"ok": err <= tol, "rel_err": err}
+    except Exception as e:  # noqa: BLE001
+        return {"ok": False, "error": str(e)[:200]}
+
+
+# ========================================================================= onnxslim
+def onnxslim(in_path: str, out_path: str, opts: dict) -> dict:
+    """onnxslim graph simplification (constant folding, dead/identity removal, fusion of
+    Conv+BN, Gemm patterns, shape-op cleanup). EP independent, exact up to fp rounding."""
+    import onnxslim as slim
+
+    model = _load(in_path)
+    kw = {k: opts[k] for k in ("skip_fusion_patterns", "no_constant_folding", "skip_optimizations") if k in opts}
+    out = slim.slim(model, **kw)
+    external = _save(out, out_path, _has_external_data(in_path) or None)
+    facts = _graph_facts(model, out)
+    facts.update({"onnxslim_version": getattr(slim, "__version__", "?"), "external_data": external,
+                  "load_with": _load_with(opts)})
+    return facts

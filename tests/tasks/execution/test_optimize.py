@@ -1,0 +1,144 @@
+"""--optimize end to end in process: candidates per target, lossy ones only with their precision, the fastest
+that passes picked, an overflowing fp16 variant caught by parity and repaired, calibration checked first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from portq.tasks.core.contract import JobStatus, StepStatus
+from portq.tasks.execution.run import run_job
+from portq.tasks.state.store import Store
+
+from tests.jobs import prepare
+from tests.models_optimize import Fp16Overflow, ResidualCNN, randomize_batchnorm
+
+FAST = {"latency": {"warmup": 1, "runs": 6, "min_window_ms": 2, "max_seconds": 5}}
+
+
+def _save(tmp_path: Path, name: str, model: torch.nn.Module, x: torch.Tensor) -> Path:
+    path = tmp_path / f"{name}.pt2"
+    torch.export.save(torch.export.export(model.eval(), (x,)), path)
+    return path
+
+
+def _run(path: Path, store: Store, **options):
+    (spec,) = prepare([str(path)], store, batch="opt", options={**FAST, **options}).specs
+    return run_job(spec, store)
+
+
+def test_auto_tries_the_targets_candidates_and_picks_the_fastest_that_passes(tmp_path):
+    torch.manual_seed(0)
+    path = _save(tmp_path, "cnn", randomize_batchnorm(ResidualCNN(width=8, blocks=1)), torch.randn(2, 3, 16, 16))
+    store = Store(str(tmp_path / "store"))
+    report = _run(path, store, optimize={"candidates": ["auto"]})
+    assert report.status is JobStatus.succeeded, report.error
+    arts = {a.id: a for a in report.artifacts}
+    assert {"onnx", "onnx.ort-extended", "onnx.ort-all"} <= set(arts)
+    assert arts["onnx.ort-extended"].requested_by == "optimize" and arts["onnx"].requested_by == "request"
+    for name in ("onnx.ort-extended", "onnx.ort-all"):
+        a = arts[name]
+        assert a.status is StepStatus.succeeded and a.parity.passed, a.error
+        assert a.optimization.base == "onnx" and a.optimization.lossless and a.route == arts["onnx"].route
+        assert a.optimization.facts["nodes_before"] >= a.optimization.facts["nodes_after"]
+        assert a.path == f"{name}/model.onnx" and Path(report.url(a.reproduce)).is_file()
+    # a CNN is not transformer-like: that candidate says so instead of failing
+    assert arts["onnx.ort-transformer"].status is StepStatus.skipped
+    assert "not transformer-like" in arts["onnx.ort-transformer"].error
+    # lossy candidates are not tried without their precision, and the report says how to allow them
+    for lossy in ("onnx.int8-dynamic", "onnx.int8-static"):
+        assert arts[lossy].status is StepStatus.skipped and "--precision int8" in arts[lossy].error
+    passing = [a for a in report.artifacts if a.parity is not None and a.parity.passed and a.latency]
+    fastest = min(passing, key=lambda a: a.latency.p50_ms)
+    assert report.best == fastest.id and arts[report.best].best
+
+
+def test_lossy_variants_run_only_with_their_precision_and_are_judged_by_it(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    path = _save(tmp_path, "mlp", mlp, torch.randn(4, 32))
+    store = Store(str(tmp_path / "store"))
+    report = _run(path, store, optimize={"candidates": ["int8-dynamic", "int8-static"], "precisions": ["int8"]})
+    arts = {a.id: a for a in report.artifacts}
+    for name in ("onnx.int8-dynamic", "onnx.int8-static"):
+        a = arts[name]
+        assert a.status is StepStatus.succeeded, a.error
+        assert a.precision.value == "int8" and a.parity.precision.value == "int8" and a.parity.mode.value == "quantile"
+        assert not a.optimization.lossless and a.parity.max_abs_err > 0
+    static = arts["onnx.int8-static"]
+    assert any("calibrated on the job's own" in n for n in static.optimization.facts["notes"])
+    assert (Path(report.url(static.path)).parent / "calibration.npz").is_file()
+
+
+def test_an_overflowing_fp16_variant_is_caught_never_picked_and_repaired(tmp_path):
+    torch.manual_seed(0)
+    path = _save(tmp_path, "overflow", Fp16Overflow(), torch.randn(4, 32))
+    store = Store(str(tmp_path / "store"))
+    report = _run(path, store, optimize={"candidates": ["fp16"], "precisions": ["fp16"]})
+    arts = {a.id: a for a in report.artifacts}
+    fp16, mixed = arts["onnx.fp16"], arts["onnx.fp16-mixed"]
+    assert fp16.status is StepStatus.succeeded and not fp16.parity.passed  # converted, and parity caught it
+    assert any(o.nonfinite_mismatches or o.nan_artifact or o.inf_artifact for o in fp16.parity.outputs)
+    assert not fp16.best and report.best != "onnx.fp16"
+    assert mixed.requested_by == "repair of onnx.fp16" and mixed.parity.passed, mixed.error
+    kept = mixed.optimization.facts["node_block_list"]
+    assert kept and mixed.optimization.facts["passed"]
+    assert mixed.latency.p50_ms > 0  # what the repair cost is measured like any artifact
+    text = Path(report.result, "report.md").read_text()
+    assert "kept in float32" in text and kept[0] in text
+    assert report.status is JobStatus.failed  # the plain fp16 artifact failed parity: the job says so
+
+
+class Head(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_calibration_that_does_not_fit_the_inputs_is_refused_before_any_artifact(tmp_path):
+    torch.manual_seed(0)
+    path = _save(tmp_path, "head", Head(), torch.randn(4, 32))
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, x=np.zeros((4, 31), np.float32))
+    store = Store(str(tmp_path / "store"))
+    (spec,) = prepare([str(path)], store, batch="cal", calibration=[bad],
+                      options={**FAST, "optimize": {"candidates": ["int8-static"], "precisions": ["int8"]}}).specs
+    report = run_job(spec, store)
+    assert report.status is JobStatus.failed and report.artifacts == []
+    assert report.failure.step == "calibration" and report.failure.file == str(bad)
+    assert "calibration input x has shape [4, 31], the model's is [4, 32]" in report.error
+
+
+def test_when_nothing_beats_the_source_the_report_says_so():
+    from portq.tasks.core.contract import ArtifactReport, JobReport, LatencyReport, ParityReport
+    from portq.tasks.reports.content import job_markdown
+
+    lat = LatencyReport(device="cpu", warmup=1, runs=3, p50_ms=2.0, p90_ms=2.0, p99_ms=2.0, mean_ms=2.0,
+                        source_p50_ms=1.0, source_p90_ms=1.0, source_p99_ms=1.0, source_mean_ms=1.0, speedup=0.5)
+    parity = ParityReport(passed=True, atol=1e-4, rtol=1e-3, samples=1, seed=0, device="cpu", max_abs_err=0.0,
+                          max_rel_err=0.0, outputs=[])
+    art = ArtifactReport(id="onnx", format="onnx", status=StepStatus.succeeded, parity=parity, latency=lat)
+    text = job_markdown(JobReport(job_id="j", batch="b", model="m", source="m.pt", target="cpu",
+                                  status=JobStatus.succeeded, artifacts=[art], best="onnx"))
+    assert "no artifact is faster than the source model: the best, onnx, runs at 0.50x its speed" in text
+    assert "slower than the source" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optimize", "turbo"], "--optimize turbo: no such optimization variant for onnx; known: auto, fp16, "),
+    (["--optimize", "auto", "--precision", "bf16"], "--precision bf16: no optimization variant of onnx computes in "
+                                                    "bf16 on cpu"),
+    (["--precision", "fp64"], "--precision 'fp64' is not one of fp16, bf16, int8"),
+    (["--calibration", "/nonexistent/calib"], "--calibration /nonexistent/calib: no such file or directory"),
+])
+def test_bad_optimization_options_are_refused_before_work_starts(example_models, tmp_path, args, message):
+    from tests.conftest import run_cli
+
+    res = run_cli("submit", str(example_models["mlp"]), *args, env={"PORTQ_STORE": str(tmp_path / "s")})
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "s" / "inputs").exists()  # nothing was uploaded
