@@ -1,6 +1,7 @@
 """ONNX: exported by torch.onnx through a ladder of routes, run in onnxruntime on the target device.
 
 Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
+  passthrough        an ONNX source file as it is (`portq optimize`); not applicable to PyTorch sources
   dynamo             torch.onnx.export(dynamo=True) on the nn.Module or ExportedProgram
   dynamo_decomposed  the ExportedProgram decomposed first (fused fast-path kernels rewritten), then dynamo
   torchscript        torch.onnx.export(dynamo=False), the TorchScript-based exporter: on a ScriptModule, an
@@ -41,7 +42,7 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     wanted = req.options.get("opset") or DEFAULT_OPSET
-    if opset != wanted:
+    if opset != wanted and route != "passthrough":  # an ONNX source keeps its own opset
         # the dynamo exporter writes opset 18 and converts down with onnx's version converter, which fails on
         # some graphs with only a warning; an artifact at another opset than asked for is not the artifact
         raise RuntimeError(f"the exporter wrote opset {opset}, not the requested {wanted} (onnx's version "
@@ -140,6 +141,7 @@ ONNX = FormatHandler(
     format=Format.onnx,
     filename=FILENAME,
     routes=[
+        Route("passthrough", recipes.onnx_passthrough),
         Route("dynamo", recipes.onnx_dynamo),
         Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
         Route("torchscript", recipes.onnx_torchscript),

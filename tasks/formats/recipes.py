@@ -87,8 +87,27 @@ def _onnx_export(target: Any, args: tuple[Any, ...], path: str, opts: dict[str, 
                       input_names=opts["input_names"], output_names=opts["output_names"], verbose=False, **kw)
 
 
+def onnx_passthrough(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+    """The source ONNX file itself (external data, if any, written beside it): what `portq optimize` starts from."""
+    import os
+
+    import onnx
+
+    if getattr(source, "onnx", None) is None:
+        raise NotApplicable("the source is not an ONNX file")
+    model = onnx.load(source.onnx, load_external_data=True)
+    external = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
+    onnx.save_model(model, path, save_as_external_data=external, location=os.path.basename(path) + ".data")
+
+
+def _torch_source(source: Any) -> None:
+    if getattr(source, "onnx", None) is not None:
+        raise NotApplicable("the source is already ONNX (only the passthrough route applies)")
+
+
 def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """torch.onnx's dynamo exporter on the nn.Module (or the ExportedProgram)."""
+    _torch_source(source)
     if source.script is not None:
         raise NotApplicable("the dynamo exporter does not take TorchScript modules")
     if source.program is not None:
@@ -100,6 +119,7 @@ def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, A
 
 def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """The program decomposed first (fused kernels included), then the dynamo exporter."""
+    _torch_source(source)
     if source.script is not None:
         raise NotApplicable("TorchScript sources take the ts2ep routes")
     _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
@@ -108,6 +128,7 @@ def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: 
 
 def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """torch.onnx's TorchScript-based exporter (dynamo=False) on the ScriptModule, nn.Module or program's module."""
+    _torch_source(source)
     target = source.script if source.script is not None else source.module
     if source.program is not None:
         target = _EvalOnly(target)
@@ -135,6 +156,7 @@ def _EvalOnly(module: Any) -> Any:  # noqa: N802  (a class made on demand, so to
 
 def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """A TorchScript archive converted to an ExportedProgram (TS2EPConverter), then the dynamo exporter."""
+    _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
     _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True, external_data=False)
@@ -142,6 +164,7 @@ def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, An
 
 def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """TorchScript -> ExportedProgram, decomposed (fused kernels rewritten into plain ops), then dynamo."""
+    _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
     _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
@@ -177,6 +200,7 @@ def torchscript_trace(source: Any, args: tuple[Any, ...], path: str, opts: dict[
     With dynamic dims, the module is traced at two sizes: a trace that records a size as a constant (its
     code differs between the sizes) would compute garbage, or crash, at other sizes, so it is refused.
     """
+    _torch_source(source)
     import torch
 
     if source.script is not None:
@@ -224,6 +248,7 @@ def torchscript_script(source: Any, args: tuple[Any, ...], path: str, opts: dict
 
 def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """The program as saved, torch.export of the module, or TorchScript -> ExportedProgram; torch.export.save."""
+    _torch_source(source)
     import torch
 
     torch.export.save(exported_program(source, args, opts), path)
@@ -231,6 +256,7 @@ def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, An
 
 def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
     """The ExportedProgram compiled by AOTInductor into a package for the target device."""
+    _torch_source(source)
     import torch
 
     torch._inductor.aoti_compile_and_package(exported_program(source, args, opts), package_path=path)

@@ -28,6 +28,7 @@ class LoadedModel:
     example_inputs: tuple[Any, ...] | None = None
     program: Any = None  # torch.export.ExportedProgram, for .pt2
     script: Any = None  # torch.jit.ScriptModule, for TorchScript
+    onnx: str | None = None  # the file, for an ONNX source (`portq optimize`)
 
 
 @dataclass
@@ -79,10 +80,12 @@ def detect_kind(path: Path, display: str) -> str:
             return "safetensors"
     if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
         return "torch_save"  # legacy (non-zip) torch.save pickle
+    if head[:1] == b"\x08" and is_onnx(path):  # a ModelProto starts with its ir_version field
+        return "onnx"
     raise ModelLoadError("not a PyTorch model file (no TorchScript, ExportedProgram, torch.save or safetensors "
                          "header found)", step="load", file=display,
                          hint="portq takes torch.jit.save archives, torch.export.save .pt2 files, state dicts "
-                              "with --arch, and safetensors with --arch")
+                              "with --arch, safetensors with --arch, and ONNX files (portq optimize)")
 
 
 def load_model(req: LoadRequest) -> LoadedModel:
@@ -99,6 +102,40 @@ def load_model(req: LoadRequest) -> LoadedModel:
         model.module.eval()
     return model
 
+
+
+def is_onnx(path: Path) -> bool:
+    """An ONNX model file (its graph parses and has nodes)."""
+    try:
+        import onnx
+
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:
+        return False
+
+
+@LOADERS.register("onnx")
+def _load_onnx(req: LoadRequest) -> LoadedModel:
+    """An ONNX file as a source (`portq optimize`): run by onnxruntime; its example inputs follow its graph
+    (dims without a fixed size at 2, integers 0 and 1) unless --input or a sidecar .npz says otherwise."""
+    import numpy as np
+    import onnx
+    import torch
+    from portq.tasks.sources.recipes import onnx_module
+
+    proto = onnx.load(str(req.path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    example = []
+    for value in inputs:
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        shape = [d.dim_value if d.dim_value > 0 else 2 for d in tensor.shape.dim]
+        array = (np.random.default_rng(0).standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
+                 else np.zeros(shape, dtype=dtype))
+        example.append(torch.from_numpy(array))
+    return LoadedModel(kind="onnx", module=onnx_module(str(req.path)), input_names=[i.name for i in inputs],
+                       example_inputs=tuple(example), onnx=str(req.path))
 
 
 @LOADERS.register("torchscript")

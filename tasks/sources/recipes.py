@@ -4,7 +4,8 @@ source exactly as portq did.
 
 So this module stands alone: it imports torch, numpy and safetensors inside functions, never portq.
 `build_source(settings, path)` returns an object with `.module` (eager callable), `.script` (ScriptModule
-or None) and `.program` (ExportedProgram or None), which is what every export recipe takes.
+or None), `.program` (ExportedProgram or None) and, for an ONNX file, `.onnx` (its path), which is what
+every export recipe takes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ def import_arch(arch: str) -> Any:
     return target
 
 
+def onnx_module(path: str) -> Any:
+    """An ONNX model as a callable on torch tensors (onnxruntime on the CPU), so that an ONNX file can be a
+    source: its outputs are the reference an optimized copy of it is held to."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    class OnnxModule:
+        def __init__(self) -> None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            # named as portq flattens outputs (output.<key>), so the artifact's outputs carry the same names
+            self.outputs = [o.name.removeprefix("output.") for o in self.session.get_outputs()]
+
+        def __call__(self, *args: Any) -> dict[str, Any]:
+            feed = {n: np.ascontiguousarray(a.detach().cpu().numpy()) for n, a in zip(self.inputs, args)}
+            return {k: torch.from_numpy(np.asarray(o)) for k, o in zip(self.outputs, self.session.run(None, feed))}
+
+        def to(self, device: Any) -> OnnxModule:  # the reference runs on the CPU, whatever the target
+            return self
+
+        def eval(self) -> OnnxModule:
+            return self
+
+    return OnnxModule()
+
+
 def build_source(settings: dict[str, Any], path: str | None = None) -> Any:
     """The source model as portq loaded it. settings: {"kind", "model", "arch", "arch_kwargs"}; `path`
     overrides settings["model"] (the file's location in the store)."""
@@ -57,6 +87,8 @@ def build_source(settings: dict[str, Any], path: str | None = None) -> Any:
 
     path = path or settings["model"]
     kind = settings["kind"]
+    if kind == "onnx":
+        return types.SimpleNamespace(module=onnx_module(path), script=None, program=None, onnx=path)
     if kind == "torchscript":
         script = torch.jit.load(path, map_location="cpu").eval()
         return types.SimpleNamespace(module=script, script=script, program=None)

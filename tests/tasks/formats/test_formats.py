@@ -76,11 +76,25 @@ def _fused_program() -> LoadedModel:
     return LoadedModel(kind="exported_program", module=program.module(), program=program, input_names=["x"])
 
 
+def _onnx_file() -> LoadedModel:
+    """An ONNX file as a source (portq optimize), written from Small with a dynamic batch."""
+    import tempfile
+
+    from portq.tasks.sources.loading import LoadRequest, load_model
+
+    path = Path(tempfile.mkdtemp()) / "small.onnx"
+    torch.onnx.export(Small().eval(), (torch.randn(*SMALL_X),), str(path), input_names=["x"], dynamo=True,
+                      output_names=["output.logits", "output.top"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                      external_data=False)
+    return load_model(LoadRequest(path=path, display="small.onnx"))
+
+
 SMALL_X = (2, 6)
 FUSED_X = (2, 5, 16)
 
 #: (format, route) -> (source builder, example input shape, dynamic batch)
 ROUTE_CASES: dict[tuple[str, str], tuple[Callable[[], LoadedModel], tuple[int, ...], bool]] = {
+    ("onnx", "passthrough"): (_onnx_file, SMALL_X, True),
     ("onnx", "dynamo"): (lambda: _module(Small()), SMALL_X, True),
     ("onnx", "dynamo_decomposed"): (_fused_program, FUSED_X, False),
     ("onnx", "torchscript"): (lambda: _module(nn.Sequential(nn.Linear(6, 3), nn.GELU())), SMALL_X, True),
@@ -146,7 +160,8 @@ def test_onnx_ladder_finds_the_route_for_a_fused_kernel(tmp_path: Path) -> None:
     result = FORMATS.get("onnx").export(req)
     assert result.route == "ts2ep_decomposed" and result.opset == 18
     attempts = {a.route: a for a in req.attempts}
-    assert list(attempts) == ["dynamo", "dynamo_decomposed", "torchscript", "ts2ep", "ts2ep_decomposed"]
+    assert list(attempts) == ["passthrough", "dynamo", "dynamo_decomposed", "torchscript", "ts2ep",
+                              "ts2ep_decomposed"]
     assert not attempts["dynamo"].applicable and attempts["dynamo"].error.startswith("not applicable")
     assert attempts["torchscript"].operator == "aten::_transformer_encoder_layer_fwd"
     assert attempts["ts2ep"].operator == "aten::_transformer_encoder_layer_fwd"
@@ -158,7 +173,7 @@ def test_a_program_whose_kernels_dynamo_rejects_is_decomposed_first(tmp_path: Pa
     req = _request(_fused_program(), FUSED_X, False, tmp_path)
     result = FORMATS.get("onnx").export(req)
     assert result.route == "dynamo_decomposed"
-    assert "aten::_transformer_encoder_layer_fwd" in req.attempts[0].error
+    assert "aten::_transformer_encoder_layer_fwd" in req.attempts[1].error  # [0]: passthrough, not applicable
 
 
 class Eigh(nn.Module):
