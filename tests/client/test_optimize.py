@@ -27,5 +27,6 @@ def test_a_portq_artifact_is_optimized_against_itself_with_its_jobs_inputs(examp
 def test_a_file_that_is_not_onnx_is_refused_before_work_starts(example_models, tmp_path):
     res = run_cli("optimize", str(example_models["mlp"]), env={"PORTQ_STORE": str(tmp_path / "store")})
     assert res.returncode == 2
-    assert f"{example_models['mlp']} is not an ONNX file" in res.stderr and "portq submit MODEL --optimize" in res.stderr
+    assert f"{example_models['mlp']} is not an ONNX file" in res.stderr
+    assert "portq submit MODEL --optimize" in res.stderr
     assert not (tmp_path / "store").exists()
