@@ -8,7 +8,8 @@ artifacts, inputs, tolerances, parity and latency options). Each requested artif
 variant with that format's options, named by an artifact id (`onnx`, `onnx.opset17`).
 
 A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what `portq report BATCH --json`
-prints. Both reports are published as JSON Schema files under `schemas/`.
+prints; a `Comparison` and a `SeriesHistory` are what `portq compare` and `portq history` print as JSON. All
+of them are published as JSON Schema files under `schemas/`.
 
 This module imports neither torch nor Celery: the CLI and the worker's main process both load it.
 """
