@@ -50,7 +50,7 @@ class Settings(BaseModel):
     step_time_limit: int | None = Field(None, ge=1, description="limit per isolated format step, seconds; "
                                                                 "default: what is left of the job's time limit")
     step_memory_limit: int | None = Field(None, ge=1, description="resident memory limit per isolated step, bytes")
-    nightly_manifests: list[str] = Field(default_factory=list, description="manifests Celery beat submits "
+    nightly_manifests: tuple[str, ...] = Field((), description="manifests Celery beat submits "
                                          "(paths the workers see; comma-separated in the environment)")
     nightly_schedule: str = Field("0 2 * * *", description="when beat submits them: a crontab line "
                                   "(minute hour day-of-month month day-of-week), the beat process's time zone")
