@@ -1,7 +1,8 @@
 """`portq`: the command line. One error boundary (`main`): a PortqError becomes `[error] ...` on stderr
 and exit code 1 (2 for bad settings or options); nothing else prints tracebacks at users.
 
-Exit codes: 0 success; 1 a job failed or an operation failed; 2 bad usage or settings.
+Exit codes: 0 success; 1 a job failed or an operation failed (`compare`: something regressed); 2 bad usage
+or settings (`compare`: batches that cannot be compared).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def error(message: str) -> None:
     """The one way errors reach the user: `[error] ...` on stderr, never parsed as markup."""
     err.print(f"[bold red]\\[error][/] {escape(message)}")
 
+
+def warning(message: str) -> None:
+    """Something the user should know that does not stop the command: `[warning] ...` on stderr."""
+    err.print(f"[yellow]\\[warning][/] {escape(message)}")
+
 BrokerOpt = Annotated[
     str | None,
     typer.Option("--broker", envvar="PORTQ_BROKER_URL", show_envvar=True,
@@ -50,7 +56,7 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 
 def main() -> None:
-    from portq.client import control, optimize, pool, results, submit  # noqa: F401  (command registration)
+    from portq.client import control, nightly, optimize, pool, results, submit  # noqa: F401  (command registration)
 
     try:
         rc = app(standalone_mode=False)

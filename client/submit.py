@@ -1,4 +1,5 @@
-"""`portq submit`: one job per model file, onto the queue or run here; `--wait` follows the batch."""
+"""`portq submit`: one job per model file (or per model and target of a manifest), onto the queue or run here;
+`--wait` follows the batch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve
+from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve, warning
 from portq.client.render import summary_table
-from portq.tasks.core.contract import ArtifactRequest, InputSpec, JobRecord, Precision, Target, ToleranceMode
+from portq.tasks.core.contract import ArtifactRequest, InputSpec, JobRecord, JobSpec, Precision, Target, ToleranceMode
 from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.settings import Settings
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
 from portq.tasks.state.submission import prepare
@@ -51,28 +53,6 @@ def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
                               step="submit")
         overrides[name.strip()] = fields
     return overrides
-
-
-def artifact_requests(ids: list[str], format_options: dict[str, dict[str, Any]]) -> list[ArtifactRequest]:
-    """`--format` values (a format, or `format.variant`) as artifact requests, each checked against its format's
-    registry of variants and options before anything is uploaded. `format_options` are flags such as --opset
-    (None: not given); they apply to each request of that format whose variant does not fix them."""
-    from portq.tasks.formats import FORMATS
-
-    requests = []
-    for text in ids:
-        try:
-            request = ArtifactRequest.parse(text)
-        except ValueError as e:
-            raise ConfigError(str(e), step="submit") from None
-        handler = FORMATS.get(request.format.value)
-        variant = handler.variants.get(request.variant) if request.variant in handler.variants else None
-        flags = {k: v for k, v in format_options.get(request.format.value, {}).items()
-                 if v is not None and not (variant and k in variant.fixed)}
-        request = request.model_copy(update={"options": flags})
-        handler.resolve(request)  # unknown variant or bad option: a ConfigError naming the known ones
-        requests.append(request)
-    return requests
 
 
 def optimize_options(candidates: str | None, precisions: str | None, artifacts: list[ArtifactRequest],
@@ -141,8 +121,12 @@ def _json_object(text: str | None, flag: str) -> dict[str, Any]:
 
 @app.command()
 def submit(
-    models: Annotated[list[str], typer.Argument(help="Model files: TorchScript archives, .pt2 ExportedPrograms, "
-                                                     "state dicts or safetensors (with --arch).")],
+    models: Annotated[list[str] | None, typer.Argument(help="Model files: TorchScript archives, .pt2 "
+                                                            "ExportedPrograms, state dicts or safetensors (with "
+                                                            "--arch).", show_default=False)] = None,
+    manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="Submit a nightly manifest (YAML: model "
+                                                                         "globs and their options) as one batch of "
+                                                                         "its series, instead of MODELS.")] = None,
     target: Annotated[Target, typer.Option(help="Serving device: cpu routes to the `cpu` queue, cuda to `gpu`.")]
     = Target.cpu,
     formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Artifact to produce: a format "
@@ -203,7 +187,27 @@ def submit(
     store: StoreOpt = None,
 ) -> None:
     """Enqueue one conversion job per model file (or run them here when no broker is configured)."""
+    from portq.tasks.formats import artifact_requests
+
     settings = resolve(broker, store)
+    if manifest is not None:
+        given = [flag for flag, value, default in (
+            ("MODELS", models, None), ("--target", target, Target.cpu), ("--format", formats, None),
+            ("--input", inputs, None), ("--dynamic", dynamic, None), ("--atol", atol, None), ("--rtol", rtol, None),
+            ("--tolerance-mode", tolerance_mode, None), ("--quantile", quantile, None),
+            ("--precision", precision, None), ("--tolerance-precision", tolerance_precision, None),
+            ("--optimize", optimize, None), ("--calibration", calibration, None),
+            ("--output-tol", output_tol, None), ("--no-localise", localise, True),
+            ("--opset", opset, None), ("--seed", seed, 0), ("--runs", runs, None), ("--warmup", warmup, None),
+            ("--batch-sizes", batch_sizes, None), ("--arch", arch, None), ("--arch-kwargs", arch_kwargs, None),
+            ("--trust-pickle", trust_pickle, False)) if value != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be combined with --manifest: the manifest gives every "
+                              "job its models and options", step="submit",
+                              hint="set them in the manifest's `defaults` or in a group")
+        raise typer.Exit(_submit_manifest(manifest, settings, batch=batch, force=force, wait=wait, timeout=timeout))
+    if not models:
+        raise ConfigError("nothing to submit: give model files, or --manifest FILE", step="submit")
     options: dict[str, Any] = {
         "target": target, "artifacts": artifact_requests(formats or ["onnx"], {"onnx": {"opset": opset}}),
         "inputs": _parse_inputs(inputs or []), "dynamic": dynamic or [],
@@ -234,21 +238,43 @@ def submit(
     out.print(f"batch {sub.batch}")
     for rec in sub.rejected:
         error(rec.error or "")
+    raise typer.Exit(_send(sub.specs, sub.batch, st, settings, wait=wait, timeout=timeout))
+
+
+def _submit_manifest(manifest: Path, settings: Settings, *, batch: str | None, force: bool, wait: bool,
+                     timeout: float) -> int:
+    """One night of a manifest: its jobs as one new batch of its series (portq.tasks.execution.night)."""
+    from portq.tasks.execution.night import submit_night
+
+    st = Store(settings.store)
+    night = submit_night(manifest, st, max_bytes=settings.max_model_bytes,
+                         max_sample_bytes=settings.max_sample_bytes, force=force, batch=batch)
+    out.print(f"batch {night.batch}")
+    err.print(f"series {night.series}: {len(night.specs)} job(s) from {manifest} (`portq history {night.series}`)")
+    for text in night.warnings:
+        warning(text)
+    for rec in night.rejected:
+        error(rec.error or "")
+    return _send(night.specs, night.batch, st, settings, wait=wait, timeout=timeout)
+
+
+def _send(specs: list[JobSpec], batch: str, st: Store, settings: Settings, *, wait: bool, timeout: float) -> int:
+    """Onto the queue, or run here without a broker (then always followed to the end); the exit code."""
     if settings.embedded:
-        err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.root}")
-        _run_embedded(sub.specs, st, settings)
+        err.print(f"running {len(specs)} job(s) here (no broker configured); store: {st.root}")
+        _run_embedded(specs, st, settings)
         wait = True
     else:
         from portq.client.dispatch import enqueue
 
-        enqueue(sub.specs, settings, st)
-        err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
+        enqueue(specs, settings, st)
+        err.print(f"queued {len(specs)} job(s) on {settings.broker_display}; store: {st.root}")
     if not wait:
-        return
-    raise typer.Exit(see_through(st, sub.batch, timeout))
+        return 0
+    return see_through(st, batch, timeout)
 
 
-def _run_embedded(specs: list[Any], st: Store, settings: Any) -> None:
+def _run_embedded(specs: list[JobSpec], st: Store, settings: Settings) -> None:
     from portq.client.dispatch import run_here
     from rich.progress import Progress
 
@@ -289,6 +315,10 @@ def finish(st: Store, batch: str) -> int:
     """Print the batch summary; 1 if any job failed."""
     report = batches.batch_report(st, batch)
     out.print(summary_table(report))
+    hits = sum(j.cached for j in report.jobs)
+    if hits:
+        err.print(f"{hits} of {report.counts['total']} job(s) were cache hits (unchanged model and options: served "
+                  "from the cache, not converted again)")
     failed = report.counts.get("failed", 0)
     if failed:
         total = report.counts["total"]

@@ -19,3 +19,16 @@ def test_exactly_two_commands_and_ci_runs_the_test_one():
     assert "portq examples" in main_cmd and "portq submit" in main_cmd
     assert "pytest" in test_cmd
     assert test_cmd in (ROOT / ".ci/run").read_text()
+
+
+def test_the_nightly_manifest_example_is_a_valid_manifest(tmp_path):
+    from portq.tasks.core.manifest import load_manifest
+
+    section = (ROOT / "README.md").read_text().split("## Nightly batches", 1)[1]
+    example = re.search(r"```yaml\n(.+?)```", section, flags=re.S).group(1)
+    for rel in ("vision/resnet.pt2", "text/bert.pt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "nightly.yaml").write_text(example)
+    plan = load_manifest(tmp_path / "nightly.yaml")
+    assert plan.series == "vision" and [len(g.paths) for g in plan.groups] == [1, 1]

@@ -1,6 +1,7 @@
 """The Celery application: JSON-only messages, late acknowledgement, one task prefetched per process.
 
-`celery -A portq.worker.app worker -Q cpu` works as well as `portq worker --queue cpu`. Settings come
+`celery -A portq.worker.app worker -Q cpu` works as well as `portq worker --queue cpu`, and
+`celery -A portq.worker.app beat` schedules nightly manifests (`portq.worker.beat`). Settings come
 from the environment (PORTQ_*), resolved once when this module is imported; invalid settings stop the
 worker from starting with a message saying which one. A worker also refuses to start when its
 effective hard time limit (after Celery's own `--time-limit`) is not below the visibility timeout.
@@ -99,9 +100,10 @@ def make_app(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
     # An attribute, not a conf key: `celery inspect conf` would show a conf key, password and all.
     app.portq_settings = settings  # type: ignore[attr-defined]
-    from portq.worker import task  # registers the task on this app
+    from portq.worker import beat, task
 
     task.register(app)
+    beat.register(app, settings)  # the nightly task, and beat's schedule where manifests are configured
     return app
 
 

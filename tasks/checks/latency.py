@@ -24,7 +24,17 @@ from typing import Any
 
 import numpy as np
 from portq.tasks.checks.runners import Runner
-from portq.tasks.core.contract import Histogram, LatencyOptions, LatencyReport, Memory, SweepPoint, Timing, json_float
+from portq.tasks.core.contract import (
+    BUSY_NOTE,
+    DISTURBED_NOTE,
+    Histogram,
+    LatencyOptions,
+    LatencyReport,
+    Memory,
+    SweepPoint,
+    Timing,
+    json_float,
+)
 from portq.tasks.core.errors import first_line
 
 HISTOGRAM_BINS = 20
@@ -227,13 +237,13 @@ def interference_notes(measurements: dict[str, LatencyStats], environment: dict[
     cpus = (environment.get("cpu") or {}).get("affinity") or (environment.get("cpu") or {}).get("logical_cores")
     load = environment.get("load_average_1m")
     if load is not None and cpus and load > cpus:
-        notes.append(f"the machine was busy when the source was timed (load average {load:g} on {cpus} CPUs): "
+        notes.append(f"{BUSY_NOTE} when the source was timed (load average {load:g} on {cpus} CPUs): "
                      "latencies may be inflated and speedups distorted")
     for name, stats in measurements.items():
         fastest = min(stats.samples_ms)
         if fastest > 0 and stats.p50_ms > DISTURBED_RATIO * fastest:
             notes.append(f"{name}: the median run ({stats.p50_ms:.3g} ms) is {stats.p50_ms / fastest:.0f}x the "
-                         f"fastest ({fastest:.3g} ms): runs were disturbed (other load, throttling, thread "
+                         f"fastest ({fastest:.3g} ms): {DISTURBED_NOTE} (other load, throttling, thread "
                          "oversubscription)")
     return notes
 

@@ -8,7 +8,8 @@ artifacts, inputs, tolerances, parity and latency options). Each requested artif
 variant with that format's options, named by an artifact id (`onnx`, `onnx.opset17`).
 
 A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what `portq report BATCH --json`
-prints. Both reports are published as JSON Schema files under `schemas/`.
+prints; a `Comparison` and a `SeriesHistory` are what `portq compare` and `portq history` print as JSON. All
+of them are published as JSON Schema files under `schemas/`.
 
 This module imports neither torch nor Celery: the CLI and the worker's main process both load it.
 """
@@ -106,6 +107,18 @@ def safe_name(name: str, fallback: str = "model") -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
     cleaned = cleaned.replace("..", "_")
     return cleaned[:100] or fallback
+
+
+#: a model's example inputs beside it: `<stem>.npz`
+SIDECAR_SUFFIX = ".npz"
+
+
+def model_name(path: str) -> str:
+    """A job's model name: the file's stem (`models/mlp.pt` -> `mlp`), made safe as a path component."""
+    from pathlib import PurePath
+
+    p = PurePath(path)
+    return safe_name(p.stem if p.suffix else p.name)
 
 
 def _check_id(value: str) -> str:
@@ -580,6 +593,12 @@ class Memory(_Report):
     cuda_used_mb: float | None = Field(None, description="device memory in use after warm-up minus before")
 
 
+#: How the latency notes that mark a disturbed measurement begin or read (`portq.tasks.checks.latency` writes
+#: them); readers such as `portq compare` find them by these, not by parsing prose.
+BUSY_NOTE = "the machine was busy"
+DISTURBED_NOTE = "runs were disturbed"
+
+
 class LatencyReport(_Report):
     device: str
     warmup: int
@@ -742,10 +761,135 @@ class BatchReport(_Report):
     jobs: list[BatchJob]
 
 
+# ------------------------------------------------------------------------------------------ nightly batches
+
+NIGHTLY_SCHEMA_VERSION: Literal[1] = 1
+
+
+class SeriesEntry(_Report):
+    """One night of a series, as the store's index keeps it (`series/<series>/<batch>.json`)."""
+
+    version: Literal[1] = NIGHTLY_SCHEMA_VERSION
+    series: str
+    batch: str
+    submitted_at: str = Field(default_factory=utcnow)
+    manifest: str = Field(description="the manifest file the night was submitted from")
+    manifest_sha256: str | None = None
+    jobs: int = Field(0, description="jobs queued (or run here)")
+    rejected: int = Field(0, description="paths refused at submit (recorded as failed jobs)")
+    warnings: list[str] = Field(default_factory=list, description="e.g. globs that matched no file")
+
+    @field_validator("series", "batch")
+    @classmethod
+    def _ids_are_safe(cls, v: str) -> str:
+        return _check_id(v)
+
+
+class NightSummary(_Report):
+    """A night as `portq history` lists it: its index entry and what its jobs came to."""
+
+    batch: str
+    submitted_at: str
+    manifest: str
+    counts: dict[str, int] = Field(description="jobs by status, and total")
+    cache_hits: int = Field(description="jobs served from the content cache (unchanged model and options)")
+    converted: int = Field(description="jobs that ran a conversion (finished, not from the cache)")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SeriesHistory(_Report):
+    """What `portq history SERIES --format json` prints: the series' nights, oldest first."""
+
+    schema_version: Literal[1] = NIGHTLY_SCHEMA_VERSION
+    series: str
+    store: str
+    nights: list[NightSummary]
+
+
+class Verdict(str, Enum):
+    """What `portq compare` concludes for one model x target x artifact (worst first)."""
+
+    regression = "regression"
+    inconclusive = "inconclusive"
+    improvement = "improvement"
+    unchanged = "unchanged"
+    added = "added"
+    removed = "removed"
+
+
+class CompareRules(_Report):
+    """The thresholds a comparison applied (see `portq.tasks.reports.compare`)."""
+
+    latency_threshold: float = Field(0.10, gt=0, description="a latency change must exceed this share of the "
+                                                             "baseline's p50 (and the measurements' spread)")
+    error_factor: float = Field(10.0, gt=1, description="parity's max abs error must grow beyond this factor "
+                                                        "(from at least 1% of atol) to count as worse")
+
+
+class LatencyComparison(_Report):
+    """The artifact's p50 at the sample's batch size, baseline against new, judged against the noise."""
+
+    verdict: Verdict
+    baseline_p50_ms: float
+    new_p50_ms: float
+    change: float = Field(description="new p50 / baseline p50 - 1")
+    baseline_range_ms: list[float] = Field(description="[low, high]: the medians of the windows the p50 is taken "
+                                                       "over, or a 95% interval from std and runs")
+    new_range_ms: list[float]
+    baseline_disturbed: list[str] = Field(default_factory=list, description="why the baseline cannot be trusted "
+                                                                            "alone: unstable, busy machine...")
+    new_disturbed: list[str] = Field(default_factory=list)
+    reason: str
+
+
+class ParityComparison(_Report):
+    verdict: Verdict
+    baseline_passed: bool
+    new_passed: bool
+    baseline_max_abs_err: float
+    new_max_abs_err: float
+    growth: float | None = Field(None, description="new max abs error / baseline's (from at least 1% of atol)")
+    reason: str
+
+
+class ArtifactComparison(_Report):
+    """One model x target x artifact across two batches. `artifact` is null for a job with no artifacts."""
+
+    model: str
+    target: Target
+    artifact: str | None = None
+    verdict: Verdict
+    reasons: list[str] = Field(default_factory=list, description="one sentence per finding")
+    baseline_source: str | None = None
+    new_source: str | None = None
+    baseline_status: str | None = Field(None, description="the artifact's status (or the job's, without one)")
+    new_status: str | None = None
+    cached: bool = Field(False, description="the new job was served from the content cache")
+    parity: ParityComparison | None = None
+    latency: LatencyComparison | None = None
+
+
+class Comparison(_Report):
+    """What `portq compare --format json` prints. `regressed` is what its exit code says (1 when true)."""
+
+    schema_version: Literal[1] = NIGHTLY_SCHEMA_VERSION
+    baseline: str
+    new: str
+    store: str
+    series: str | None = None
+    rules: CompareRules
+    regressed: bool
+    counts: dict[str, int] = Field(description="rows by verdict")
+    notes: list[str] = Field(default_factory=list, description="e.g. a model whose source path changed")
+    rows: list[ArtifactComparison]
+
+
 SCHEMAS: dict[str, type[BaseModel]] = {
     f"batch-report.v{REPORT_SCHEMA_VERSION}.json": BatchReport,
     f"job-report.v{REPORT_SCHEMA_VERSION}.json": JobReport,
     f"job-spec.v{JOB_SPEC_VERSION}.json": JobSpec,
+    f"comparison.v{NIGHTLY_SCHEMA_VERSION}.json": Comparison,
+    f"series-history.v{NIGHTLY_SCHEMA_VERSION}.json": SeriesHistory,
 }
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -763,7 +907,8 @@ def read_versioned(model: type[_M], data: Any, where: str) -> _M:
     expected = model.model_fields[field].default
     found = data.get(field) if isinstance(data, dict) else None
     if isinstance(found, int) and found != expected:
-        what = {JobSpec: "job spec", JobReport: "job report", BatchReport: "batch report"}.get(model, model.__name__)
+        what = {JobSpec: "job spec", JobReport: "job report", BatchReport: "batch report",
+                SeriesEntry: "series entry"}.get(model, model.__name__)
         age = "an older" if found < expected else "a newer"
         raise OlderVersionError(
             f"{where} is a {what} of schema version {found}, written by {age} portq; this portq reads version "

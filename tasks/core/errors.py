@@ -57,6 +57,13 @@ class ConfigError(PortqError):
     kind = "config"
 
 
+class UsageError(ConfigError):
+    """A command's arguments name something that is not there or cannot be used so (an unknown batch, a batch
+    compared with itself); the CLI exits with 2, as for bad options."""
+
+    kind = "usage"
+
+
 class InputError(PortqError):
     """The submitted file or its example inputs cannot be used (missing, unreadable, wrong shape...)."""
 

@@ -30,6 +30,8 @@ ENV = {
     "PORTQ_ISOLATE": "isolate",
     "PORTQ_STEP_TIME_LIMIT": "step_time_limit",
     "PORTQ_STEP_MEMORY_LIMIT": "step_memory_limit",
+    "PORTQ_NIGHTLY_MANIFESTS": "nightly_manifests",
+    "PORTQ_NIGHTLY_SCHEDULE": "nightly_schedule",
 }
 
 
@@ -48,6 +50,25 @@ class Settings(BaseModel):
     step_time_limit: int | None = Field(None, ge=1, description="limit per isolated format step, seconds; "
                                                                 "default: what is left of the job's time limit")
     step_memory_limit: int | None = Field(None, ge=1, description="resident memory limit per isolated step, bytes")
+    nightly_manifests: tuple[str, ...] = Field((), description="manifests Celery beat submits "
+                                         "(paths the workers see; comma-separated in the environment)")
+    nightly_schedule: str = Field("0 2 * * *", description="when beat submits them: a crontab line "
+                                  "(minute hour day-of-month month day-of-week), the beat process's time zone")
+
+    @field_validator("nightly_manifests", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [part.strip() for part in v.split(",") if part.strip()]
+        return v
+
+    @field_validator("nightly_schedule")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a crontab line: five fields, minute hour day-of-month month "
+                             "day-of-week, e.g. '0 2 * * *'")
+        return v
 
     @field_validator("broker_url")
     @classmethod

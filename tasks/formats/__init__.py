@@ -11,8 +11,9 @@ from portq.tasks.formats.base import (
     FormatHandler,
     Route,
     RoutesExhausted,
+    artifact_requests,
     attempt_reports,
 )
 
 __all__ = ["FORMATS", "ExportRequest", "ExportResult", "FormatHandler", "Route",
-           "RoutesExhausted", "attempt_reports"]
+           "RoutesExhausted", "artifact_requests", "attempt_reports"]

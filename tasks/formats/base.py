@@ -308,3 +308,24 @@ def attempt_reports(req: ExportRequest) -> list[RouteAttemptReport]:
 
 
 FORMATS: Registry[FormatHandler] = Registry("format")
+
+
+def artifact_requests(ids: list[str], format_options: dict[str, dict[str, Any]],
+                      step: str = "submit") -> list[ArtifactRequest]:
+    """Artifact ids (a format, or `format.variant`) as requests, each checked against its format's registry of
+    variants and options before anything is uploaded. `format_options` (format -> options; a None value: not
+    given) apply to each request of that format whose variant does not fix them. Raises ConfigError."""
+    requests = []
+    for text in ids:
+        try:
+            request = ArtifactRequest.parse(text)
+        except ValueError as e:
+            raise ConfigError(str(e), step=step) from None
+        handler = FORMATS.get(request.format.value)
+        variant = handler.variants.get(request.variant) if request.variant in handler.variants else None
+        flags = {k: v for k, v in format_options.get(request.format.value, {}).items()
+                 if v is not None and not (variant and k in variant.fixed)}
+        request = request.model_copy(update={"options": flags})
+        handler.resolve(request)  # unknown variant or bad option: a ConfigError naming the known ones
+        requests.append(request)
+    return requests

@@ -62,7 +62,7 @@ ARTIFACT_COLUMNS = ["artifact", "status", "parity", "max abs err", "p50 ms", "so
                     "note"]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(cell: str) -> str:
         return cell.replace("|", "\\|").replace("\n", " ")
 
@@ -310,26 +310,27 @@ def _md_facts(facts: list[Fact]) -> list[str]:
 
 def job_markdown(r: JobReport) -> str:
     out = [f"# portq job {r.job_id}: {r.model} -> {r.target.value}", "", *_md_facts(job_facts(r)), ""]
-    out += [_table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts]), ""]
+    out += [markdown_table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts]), ""]
     for a in r.artifacts:
         out += [f"## {a.id}" + (" (best pick)" if a.best else ""), ""]
         facts = artifact_facts(a)
         if facts:
             out += [*_md_facts(facts), ""]
         if a.attempts:
-            out += ["Routes tried:", "", _table(ATTEMPT_COLUMNS, attempt_rows(a)), ""]
+            out += ["Routes tried:", "", markdown_table(ATTEMPT_COLUMNS, attempt_rows(a)), ""]
         if a.parity:
             p = a.parity
             out += [f"### parity {'passed' if p.passed else 'FAILED'}", "", parity_summary(p), "",
-                    _table(PARITY_COLUMNS, parity_rows(p)), "", PARITY_LEGEND, ""]
+                    markdown_table(PARITY_COLUMNS, parity_rows(p)), "", PARITY_LEGEND, ""]
             notes = parity_notes(p)
             if notes:
                 out += [*_md_facts(notes), ""]
         if a.latency:
             lat = a.latency
-            out += [f"### latency on {lat.device}", "", _table(*timing_table(lat)), "", latency_headline(lat), ""]
+            out += [f"### latency on {lat.device}", "", markdown_table(*timing_table(lat)), "", latency_headline(lat),
+                    ""]
             if lat.sweep:
-                out += [_table(SWEEP_COLUMNS, sweep_rows(lat)), ""]
+                out += [markdown_table(SWEEP_COLUMNS, sweep_rows(lat)), ""]
             out += [*_md_facts(latency_facts(lat)), ""]
     if r.environment:
         out += ["## environment", "", environment_line(r.environment), ""]
@@ -373,6 +374,12 @@ def summary_rows(b: BatchReport) -> list[list[str]]:
     return rows
 
 
-def batch_markdown(b: BatchReport) -> str:
+def counts_line(b: BatchReport) -> str:
+    """The batch's jobs by status, and how many were cache hits (served from the cache, not converted again)."""
     counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
-    return f"# portq batch {b.batch}\n\n{counts}\n\n{_table(SUMMARY_COLUMNS, summary_rows(b))}\n"
+    hits = sum(j.cached for j in b.jobs)
+    return counts + (f"; {hits} cache hit(s): {', '.join(j.model for j in b.jobs if j.cached)}" if hits else "")
+
+
+def batch_markdown(b: BatchReport) -> str:
+    return f"# portq batch {b.batch}\n\n{counts_line(b)}\n\n{markdown_table(SUMMARY_COLUMNS, summary_rows(b))}\n"

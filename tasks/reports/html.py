@@ -1,6 +1,8 @@
-"""Self-contained HTML reports: one page per job (report.html) and a batch summary page.
+"""Self-contained HTML reports: one page per job (report.html), a batch summary page, and the nightly pages
+(`portq compare --format html`, `portq history --format html`).
 
-Plots are inline SVG drawn here (latency distribution per artifact, absolute-error histogram per output);
+Plots are inline SVG drawn here (latency distribution per artifact, absolute-error histogram per output, each
+model's p50 and parity error across a series' nights);
 no scripts, fonts or stylesheets are fetched, so a page opens the same offline, from a CI artifact or an
 object store. Every value from a report is escaped.
 """
@@ -8,9 +10,11 @@ object store. Every value from a report is escaped.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 
-from portq.tasks.core.contract import ArtifactReport, BatchReport, Histogram, JobReport
+from portq.tasks.core.contract import ArtifactReport, BatchReport, Comparison, Histogram, JobReport, SeriesHistory
+from portq.tasks.reports.compare import COMPARE_COLUMNS, comparison_headline, comparison_rows, rules_line
 from portq.tasks.reports.content import (
     ARTIFACT_COLUMNS,
     ATTEMPT_COLUMNS,
@@ -23,6 +27,7 @@ from portq.tasks.reports.content import (
     artifact_facts,
     artifact_row,
     attempt_rows,
+    counts_line,
     environment_line,
     job_facts,
     latency_facts,
@@ -35,6 +40,7 @@ from portq.tasks.reports.content import (
     timing_table,
     toolchain_line,
 )
+from portq.tasks.reports.history import HISTORY_COLUMNS, Trend, history_rows, history_warnings
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2328;max-width:1200px}
@@ -42,7 +48,7 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #dde
 h3{font-size:15px}table{border-collapse:collapse;margin:8px 0 14px;font-size:13px}
 th,td{border:1px solid #dde1e4;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f5f7}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#18794e;font-weight:600}
-.fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.muted{color:#5f6b73}
+.fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.regression{background:#fdecec}.muted{color:#5f6b73}
 .plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0}figcaption{font-size:12px;color:#5f6b73}
 code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 """
@@ -55,17 +61,19 @@ def _e(x: object) -> str:
 
 
 def _cell(text: str) -> str:
-    cls = {"pass": "pass", "FAIL": "fail", "failed": "fail", "succeeded": "pass", "best": "pass"}.get(text)
+    cls = {"pass": "pass", "FAIL": "fail", "failed": "fail", "succeeded": "pass", "best": "pass",
+           "regression": "fail", "improvement": "pass"}.get(text)
     numeric = text[:1].isdigit() and not text.endswith("windows)")
     attrs = f' class="{cls}"' if cls else ' class="num"' if numeric else ""
     return f"<td{attrs}>{_e(text)}</td>"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[int] | None = None) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[int] | None = None,
+          row_class: str = "best") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
-        cls = ' class="best"' if best_rows and i in best_rows else ""
+        cls = f' class="{row_class}"' if best_rows and i in best_rows else ""
         body.append(f"<tr{cls}>" + "".join(_cell(c) for c in row) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -137,6 +145,61 @@ def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_lab
                      f'{_e(tail)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 26}" font-size="11" text-anchor="middle">'
                  f'{_e(x_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+def svg_lines(labels: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]], *, title: str,
+              y_label: str, log: bool = False, width: int = 460, height: int = 220) -> str:
+    """Values over a sequence of labelled points (nights), one line per series; a gap where a value is None.
+
+    `log`: a log10 y axis; values at or below 0 are drawn on the axis floor, marked as exact."""
+    left, right, top, bottom = 56, 10, 22, 70
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for _, vs in series for v in vs if v is not None and (v > 0 or not log)]
+    lo: float
+    hi: float
+    if log:
+        lo = math.floor(math.log10(min(values))) if values else -8
+        hi = max(math.ceil(math.log10(max(values))), lo + 1) if values else 0
+        fmt_lo, fmt_hi = f"1e{lo:.0f}", f"1e{hi:.0f}"
+    else:
+        lo, hi = 0.0, (max(values) * 1.1 if values else 1.0) or 1.0
+        fmt_lo, fmt_hi = "0", _fmt(hi)
+    n = max(len(labels), 1)
+
+    def x(i: int) -> float:
+        return left + (plot_w * (i + 0.5) / n)
+
+    def y(v: float) -> float:
+        t = ((math.log10(v) if v > 0 else lo) - lo) / (hi - lo) if log else (v - lo) / (hi - lo)
+        return top + plot_h * (1 - min(max(t, 0.0), 1.0))
+
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{_e(fmt_hi)}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">{_e(fmt_lo)}</text>',
+             f'<text x="12" y="{top + plot_h / 2}" font-size="11" text-anchor="middle" '
+             f'transform="rotate(-90 12 {top + plot_h / 2})">{_e(y_label)}</text>']
+    for i, label in enumerate(labels):
+        lx, ly = x(i), top + plot_h + 8
+        parts.append(f'<text x="{lx:.1f}" y="{ly}" font-size="9" text-anchor="end" '
+                     f'transform="rotate(-40 {lx:.1f} {ly})">{_e(label)}</text>')
+    for k, (name, vs) in enumerate(series):
+        color = COLORS[k % len(COLORS)]
+        run: list[str] = []
+        for i, v in enumerate(list(vs) + [None]):
+            if v is None:
+                if len(run) > 1:
+                    points = " ".join(run)
+                    parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/>')
+                run = []
+                continue
+            run.append(f"{x(i):.1f},{y(v):.1f}")
+            exact = " (exact)" if log and v <= 0 else ""
+            parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"><title>{_e(name)} '
+                         f'{_e(labels[i])}: {_e(_fmt(v))}{exact}</title></circle>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
 
@@ -216,8 +279,7 @@ def batch_html(b: BatchReport) -> str:
     """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted."""
     rows = summary_rows(b)
     best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
-    counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
-    body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts)}; store <code>{_e(b.store)}</code></p>",
+    body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts_line(b))}; store <code>{_e(b.store)}</code></p>",
             table(SUMMARY_COLUMNS, rows, best_rows)]
     speedups = [(f"{j.model}/{a.id}", a.latency.speedup) for j in b.jobs for a in j.artifacts
                 if a.latency is not None]
@@ -230,3 +292,48 @@ def batch_html(b: BatchReport) -> str:
     if links:
         body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
     return _page(f"portq batch {b.batch}", body)
+
+
+# ------------------------------------------------------------------------------------------ nightly pages
+
+
+def trend_plots(labels: Sequence[str], found: Sequence[Trend]) -> str:
+    """Per model x target x artifact: its p50 and its parity max abs error across the nights."""
+    if not found or not labels:
+        return ""
+    out = ["<h2>across the nights</h2>",
+           f"<p class=\"muted\">p50 at the sample's batch size and parity's max abs error, night by night "
+           f"({_e(labels[0])} to {_e(labels[-1])}); a gap: the artifact did not convert that night.</p>"]
+    for t in found:
+        p50 = svg_lines(labels, [("p50", t.p50_ms)], title=f"{t.label}: p50", y_label="ms")
+        err = svg_lines(labels, [("max abs err", t.max_abs_err)], title=f"{t.label}: parity max abs error",
+                        y_label="error (log)", log=True)
+        out.append(f"<h3>{_e(t.label)}</h3><div class=\"plots\"><figure>{p50}</figure><figure>{err}</figure></div>")
+    return "".join(out)
+
+
+def comparison_html(c: Comparison, labels: Sequence[str] = (), found: Sequence[Trend] = ()) -> str:
+    """`portq compare --format html`: the verdicts, then each model's numbers across the series' nights."""
+    rows = comparison_rows(c)
+    bad = {i for i, r in enumerate(c.rows) if r.verdict.value == "regression"}
+    cls = "fail" if c.regressed else "pass"
+    body = [f"<h1>portq compare {_e(c.baseline)} → {_e(c.new)}</h1>",
+            f"<p class=\"{cls}\">{_e(comparison_headline(c))}</p>",
+            f"<p class=\"muted\">store <code>{_e(c.store)}</code>; rules: {_e(rules_line(c))}</p>",
+            table(COMPARE_COLUMNS, rows, bad, row_class="regression")]
+    if c.notes:
+        body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in c.notes) + "</ul>")
+    body.append(trend_plots(labels, found))
+    return _page(f"portq compare {c.baseline} {c.new}", [b for b in body if b])
+
+
+def history_html(h: SeriesHistory, labels: Sequence[str] = (), found: Sequence[Trend] = ()) -> str:
+    """`portq history --format html`: the series' nights, then each model's numbers across them."""
+    body = [f"<h1>portq history {_e(h.series)}</h1>",
+            f"<p class=\"muted\">{len(h.nights)} night(s); store <code>{_e(h.store)}</code></p>",
+            table(HISTORY_COLUMNS, history_rows(h))]
+    warnings = history_warnings(h)
+    if warnings:
+        body.append("<ul>" + "".join(f"<li class=\"muted\">warning: {_e(w)}</li>" for w in warnings) + "</ul>")
+    body.append(trend_plots(labels, found))
+    return _page(f"portq history {h.series}", [b for b in body if b])

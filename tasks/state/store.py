@@ -7,6 +7,7 @@ Layout under the store root:
     batches/<batch>/jobs/<job_id>.json each job's state record
     batches/<batch>/specs/<job_id>.json each job's spec, as sent (what `portq retry` resubmits)
     batches/<batch>/dead/<job_id>.json  dead letters: jobs that ended without a report
+    series/<series>/<batch>.json       the nights of a manifest's series (portq.tasks.state.series)
     tmp/                               staging for atomic writes; entries older than any job are swept
 
 Writes are atomic: a file is written under a temporary name in `tmp/` and renamed into place; a result

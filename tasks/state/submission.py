@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from portq.tasks.core.contract import (
+    SIDECAR_SUFFIX,
     ConvertSource,
     JobKind,
     JobOptions,
@@ -22,14 +23,12 @@ from portq.tasks.core.contract import (
     JobStatus,
     SourceRef,
     Target,
+    model_name,
     new_id,
-    safe_name,
 )
 from portq.tasks.core.errors import InputError, PortqError
 from portq.tasks.state import delivery, records
 from portq.tasks.state.store import Store, input_key, sha256_file
-
-SIDECAR_SUFFIX = ".npz"
 
 
 def new_batch_id() -> str:
@@ -85,7 +84,7 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
         options = {**options, "optimize": {**(options.get("optimize") or {}), "calibration": refs}}
     for raw in paths:
         path = Path(raw)
-        model = safe_name(path.stem if path.suffix else path.name)
+        model = model_name(raw)
         job_id = new_id("j")
         try:
             check_model_path(path, max_bytes)
