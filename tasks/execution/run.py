@@ -80,7 +80,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker)
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
-                       worker=worker, started_at=utcnow(), trust_pickle=getattr(spec.source, "trust_pickle", False))
+                       worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=workdir_prefix(spec.job_id)) as tmp:
         workdir = Path(tmp)

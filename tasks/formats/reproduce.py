@@ -38,10 +38,20 @@ def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
 
 
 def module_source(module: ModuleType) -> str:
-    """A module's source without its portq imports and `from __future__` line (the script has its own)."""
+    """A module's source without its portq imports (whole statements, however they wrap), lines marked
+    `portq-only` and its `from __future__` line (the script has its own)."""
+    import ast
+
+    text = inspect.getsource(module)
+    dropped: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n == "portq" or n.startswith("portq.") for n in names):
+                dropped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
     lines = []
-    for line in inspect.getsource(module).splitlines():
-        if "portq-only" in line or line.startswith("from __future__"):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if number in dropped or "portq-only" in line or line.startswith("from __future__"):
             continue
         lines.append(line)
     return "\n".join(lines).strip() + "\n"

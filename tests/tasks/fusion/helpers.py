@@ -1,0 +1,138 @@
+"""Small models and independent reference computations shared by the fusion tests."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+X = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+
+
+def mlp(seed: int, d_in: int = 4, hidden: int = 8, d_out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out)).eval()
+
+
+def bn_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():  # running statistics that differ between members
+        m[2].running_mean.uniform_(-1, 1)
+        m[2].running_var.uniform_(0.5, 2)
+        m[2].num_batches_tracked.fill_(seed + 10)
+    return m.eval()
+
+
+class TwoHead(nn.Module):
+    """A nested output: (logits, {"emb": embedding})."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        e = torch.tanh(self.body(x))
+        return self.head(e), {"emb": e}
+
+
+class Slice(nn.Module):
+    """Columns [i*C, (i+1)*C) of the input: lets a test dictate each member's logits."""
+
+    def __init__(self, i: int, c: int) -> None:
+        super().__init__()
+        self.i, self.c = i, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.i * self.c:(self.i + 1) * self.c] * 1.0
+
+
+def np_sd(sd: dict) -> dict:
+    return {k: v.detach().double().numpy() for k, v in sd.items()}
+
+
+def ref_slerp(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Independent formulation: the angle from the cosine of the flattened vectors."""
+    a, b = a.ravel(), b.ravel()
+    cos = float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    om = np.arccos(cos)
+    return (np.sin((1 - t) * om) * a + np.sin(t * om) * b) / np.sin(om)
+
+
+def ref_ties(base: np.ndarray, members: list[np.ndarray], density: float, weights: list[float],
+             scale: float) -> np.ndarray:
+    """numpy TIES on one flattened tensor (mergekit's semantics)."""
+    base = base.ravel()
+    trimmed = []
+    for m in members:
+        d = m.ravel() - base
+        if density < 1:
+            k = max(1, int(density * d.size))
+            keep = np.argsort(-np.abs(d), kind="stable")[:k]
+            dd = np.zeros_like(d)
+            dd[keep] = d[keep]
+            d = dd
+        trimmed.append(d)
+    w = np.asarray(weights, dtype=np.float64)
+    tv = np.stack(trimmed) * w[:, None]
+    elected = np.where(tv.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(tv) == elected[None, :]
+    num = (tv * agree).sum(0)
+    den = (w[:, None] * agree).sum(0)
+    den[den == 0] = 1.0
+    return base + scale * num / den
+
+
+def ref_vote(logit_list: list[np.ndarray], tie_break: str = "probability") -> np.ndarray:
+    """A plain-loop majority vote with the documented tie rule."""
+    n, c = logit_list[0].shape
+    res = []
+    for r in range(n):
+        counts = np.zeros(c)
+        probs = np.zeros(c)
+        for lg in logit_list:
+            row = lg[r].astype(np.float64)
+            counts[int(np.argmax(row))] += 1
+            e = np.exp(row - row.max())
+            probs += e / e.sum()
+        tied = [j for j in range(c) if counts[j] == counts.max()]
+        if tie_break == "probability":
+            best = max(probs[j] for j in tied)
+            tied = [j for j in tied if probs[j] == best]
+        res.append(min(tied))
+    return np.array(res)
+
+
+def separable_data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes split by x0 + x1 = 0, with a margin of 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n * 2, 2, generator=g)
+    x = x[(x[:, 0] + x[:, 1]).abs() > 0.3][:n]
+    return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def linear(w: list[list[float]], b: tuple[float, float] = (0.0, 0.0)) -> nn.Module:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(w))
+        m.bias.copy_(torch.tensor(b))
+    return m.eval()
+
+
+def np_accuracy(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = x.numpy() @ m.weight.detach().numpy().T + m.bias.detach().numpy()
+    return float((logits.argmax(1) == y.numpy()).mean())
+
+
+def raises(message: str):  # type: ignore[no-untyped-def]
+    """pytest.raises for a FusionError whose message is exactly `message`."""
+    from portq.tasks.fusion.validation import FusionError
+
+    return pytest.raises(FusionError, match="^" + re.escape(message) + "$")
