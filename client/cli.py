@@ -50,7 +50,7 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 
 def main() -> None:
-    from portq.client import control, pool, results, submit  # noqa: F401  (command registration)
+    from portq.client import control, fuse, pool, results, submit  # noqa: F401  (command registration)
 
     try:
         rc = app(standalone_mode=False)

@@ -313,6 +313,7 @@ class FinetuneOptions(_Strict):
     epochs: int = Field(5, ge=1, le=100_000)
     lr: float = Field(1e-3, gt=0, le=10)
     seed: int = 0
+    batch_size: int = Field(64, ge=1, description="examples per Adam step")
 
 
 class FuseSource(_Strict):

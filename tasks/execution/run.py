@@ -150,7 +150,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     from portq.tasks.formats import FORMATS
     from portq.tasks.formats.reproduce import write_inputs
     from portq.tasks.reports.content import mark_best
-    from portq.tasks.sources.builders import build_source
+    from portq.tasks.sources.builders import build_source, builder_for
 
     device = torch_device(spec.target)
     model = build_source(spec, store)
@@ -158,6 +158,9 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     report.inputs = sig.describe()
     evidence = gather_evidence(spec, model, sig, device)
     report.environment = evidence.environment
+    annotate = builder_for(spec.kind.value).annotate
+    if annotate is not None:  # the kind's own section (fuse: how the model was fused, against its members)
+        annotate(spec, model, evidence, report)
     # once per job, into the result folder: every artifact's reproduce script reads these samples
     write_inputs(workdir, evidence.samples)
     for request in spec.options.artifacts:

@@ -193,7 +193,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
     from portq.tasks.core.toolchain import toolchain
     from portq.tasks.formats import recipes, unfuse
-    from portq.tasks.sources.builders import SOURCE_BUILDERS
+    from portq.tasks.sources.builders import builder_for
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:
         return {"mode": t.mode.value, "atol": t.atol, "rtol": t.rtol, "q": t.q, "origin": t.origin}
@@ -204,7 +204,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     # the job's own tolerance, as parity.compare reports it: no per-output override leaks into it
     default = plain(resolve(tolerance.model_copy(update={"outputs": {}}), precision, ""))
     route = handler.route(result.route)
-    builder = SOURCE_BUILDERS.get(ctx.spec.kind.value)
+    builder = builder_for(ctx.spec.kind.value)
     assert ctx.source is not None
     settings = {
         "artifact": ctx.artifact_id, "format": handler.format.value, "variant": ctx.request.variant,
@@ -213,7 +213,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         "opts": req.opts(), "options": ctx.options, "tolerances": tolerances, "tolerance": default,
         "samples": len(ev.samples), "inputs": len(ev.input_names), "export_sample": ev.export_index,
     }
-    modules = [*builder.script_modules, unfuse, recipes, runtimes, output_check]
+    modules = [*builder.script_modules(), unfuse, recipes, runtimes, output_check]
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from portq.tasks.fusion.arrays import read_arrays
 from portq.tasks.fusion.output_space import build_output_fusion, check_outputs, with_input_names
 from portq.tasks.fusion.training import finetune
 from portq.tasks.fusion.validation import FusionError
@@ -28,22 +29,8 @@ from portq.tasks.sources.recipes import load_model_file
 
 OUTPUT_METHODS = ("ensemble", "vote", "concat", "stack", "chain")
 WEIGHT_METHODS = ("soup", "greedy-soup", "slerp", "task-arithmetic", "ties")
-#: the .npz key that holds the labels of eval and fine-tune data; every other array is an input
-LABELS_KEY = "labels"
 #: rows per calibration batch (BatchNorm statistics are averaged over the batches)
 CALIBRATION_BATCH = 256
-
-
-def read_arrays(path: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """(inputs, labels) of an .npz: the labels under `labels`, every other array an input, in the order saved
-    (np.savez(f, a, b) names them arr_0, arr_1, kept in numeric order)."""
-    with np.load(path, allow_pickle=False) as data:
-        names = [n for n in data.files if n != LABELS_KEY]
-        if names and all(n.startswith("arr_") and n[4:].isdigit() for n in names):
-            names.sort(key=lambda n: int(n[4:]))
-        inputs = [np.asarray(data[n]) for n in names]
-        labels = np.asarray(data[LABELS_KEY]) if LABELS_KEY in data.files else None
-    return inputs, labels
 
 
 def tensors_of(arrays: list[np.ndarray]) -> tuple[Any, ...]:

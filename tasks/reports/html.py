@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from portq.tasks.core.contract import ArtifactReport, BatchReport, Histogram, JobReport
+from portq.tasks.core.contract import ArtifactReport, BatchReport, FusionReport, Histogram, JobReport
 from portq.tasks.reports.content import (
     ARTIFACT_COLUMNS,
     ATTEMPT_COLUMNS,
@@ -141,6 +141,41 @@ def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_lab
             f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
 
 
+def svg_line(values: Sequence[float], *, title: str, x_label: str, y_label: str, width: int = 420,
+             height: int = 200, color: str = COLORS[0]) -> str:
+    """A line through (1, values[0]), (2, values[1]), ... with a dot per point (a loss curve per epoch)."""
+    left, right, top, bottom = 52, 12, 22, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = len(values)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+        return x, top + plot_h - plot_h * (v - lo) / (hi - lo)
+
+    points = [xy(i, v) for i, v in enumerate(values)]
+    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{_fmt(hi)}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">{_fmt(lo)}</text>',
+             f'<text x="{left}" y="{top + plot_h + 12}" font-size="10">1</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 12}" font-size="10" text-anchor="end">{n}</text>']
+    if points:
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"><title>{i + 1}: {_fmt(v, 4)}</title>'
+                  f'</circle>' for i, ((x, y), v) in enumerate(zip(points, values))]
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    parts.append(f'<text x="12" y="{top + plot_h / 2}" font-size="11" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {top + plot_h / 2})">{_e(y_label)}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
 def error_histogram_svg(name: str, h: Histogram) -> str:
     labels = ["0"] + [f"{e:.0e}" for e in h.edges[:-1]]
     return svg_bars(labels, [h.zeros, *h.counts], title=f"|error| of {name}",
@@ -198,11 +233,28 @@ def _artifact_html(a: ArtifactReport) -> list[str]:
     return [x for x in out if x]
 
 
+def _fusion_html(f: FusionReport) -> list[str]:
+    from portq.tasks.reports import fusion
+
+    out = ["<h2>fusion</h2>", _facts(fusion.fusion_facts(f)), table(fusion.MEMBER_COLUMNS, fusion.member_rows(f))]
+    if f.greedy_steps:
+        out += ["<p class=\"muted\">Greedy soup, in order of the members' scores:</p>",
+                table(fusion.GREEDY_COLUMNS, fusion.greedy_rows(f))]
+    if f.finetune is not None and f.finetune.curve:
+        t = f.finetune
+        out.append("<div class=\"plots\"><figure>" + svg_line(
+            t.curve, title=f"fine-tune: mean {t.loss} loss per epoch", x_label="epoch", y_label="loss")
+            + "</figure></div>")
+    return out
+
+
 def job_html(r: JobReport) -> str:
     """report.html for one job."""
     body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", _facts(job_facts(r))]
     best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
     body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
+    if r.fusion is not None:
+        body += _fusion_html(r.fusion)
     for a in r.artifacts:
         body += _artifact_html(a)
     if r.environment:
