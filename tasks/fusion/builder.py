@@ -132,6 +132,7 @@ def build_fused(spec: JobSpec, store: Store) -> FusedModel:
     """Load the members and data, check everything that needs the models, fuse (and fine-tune)."""
     import copy
 
+    import torch
     from portq.tasks.checks.runners import torch_device
     from portq.tasks.fusion import recipe
     from portq.tasks.fusion.training import evaluate
@@ -154,8 +155,9 @@ def build_fused(spec: JobSpec, store: Store) -> FusedModel:
     tune = _data(store, source.finetune.data, "--finetune", True) if source.finetune else None
     sig = _signature(spec, store, members[0].loaded)
     modules = [m.loaded.module for m in members]
-    if method.space == "output" and tune is not None:  # the fine-tune trains the fused copies, not the members
-        modules = [copy.deepcopy(m) for m in modules]
+    if method.space == "output" and tune is not None:  # the fine-tune trains copies: the members stay as given
+        with torch.no_grad():  # (a ScriptModule's copy would otherwise hold non-leaf weights)
+            modules = [copy.deepcopy(m) for m in modules]
     fused = FusedModel(kind="fused", module=None, input_names=list(sig.names),
                        example_inputs=members[0].loaded.example_inputs, method=method, params=params,
                        members=members, base=base, eval_data=eval_data, device=device)

@@ -121,6 +121,9 @@ def _distance(member: Member, evidence: SourceEvidence, row: FusionMemberReport)
     worst, total, count, agree, rows = 0.0, 0.0, 0, 0, 0
     for sample, reference in zip(evidence.samples, evidence.reference):
         for (_, ref), (_, got) in zip(reference, call(runner, sample)):
+            if ref.ndim == 1 and ref.dtype.kind in "iu" and is_classifier_like(got) and got.ndim == 2 \
+                    and got.shape[0] == ref.shape[0]:  # a vote's class indices against a member's scores
+                agree, rows = agree + int((got.argmax(1) == ref).sum()), rows + ref.shape[0]
             if ref.shape != got.shape:
                 continue
             diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))

@@ -83,7 +83,8 @@ def load_merged(template: Any, state_dict: StateDict) -> Any:
         raise FusionError(f"template must be an nn.Module, got {type(template).__name__}")
     check_same_architecture([state_dict, to_state_dict(template, "load_merged", "template")],
                             ["merged", "template"], "load_merged")
-    module = copy.deepcopy(template)
+    with torch.no_grad():  # a ScriptModule's copy would otherwise hold its weights as non-leaf clones
+        module = copy.deepcopy(template)
     module.load_state_dict(state_dict, strict=True)
     set_training(module, False)
     return module

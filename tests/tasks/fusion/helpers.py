@@ -136,3 +136,90 @@ def raises(message: str):  # type: ignore[no-untyped-def]
     from portq.tasks.fusion.validation import FusionError
 
     return pytest.raises(FusionError, match="^" + re.escape(message) + "$")
+
+
+# ------------------------------------------------------------------------------- model files and fuse jobs
+
+
+class SmallNet(nn.Module):
+    """A classifier small enough to fuse, convert and time in a second: (N, 4) -> (N, 3) logits."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 8, d_out: int = 3, bn: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.norm = nn.BatchNorm1d(hidden) if bn else nn.Identity()
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+ARCH = f"{__name__}:SmallNet"
+
+
+def fine_tunes(base: nn.Module, n: int, scale: float = 0.05, seed: int = 1) -> list[nn.Module]:
+    """`n` copies of `base` with small seeded changes to every weight: fine-tunes of one model."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+        out.append(m.eval())
+    return out
+
+
+def save_state_dicts(directory, modules: list[nn.Module], stem: str = "m") -> list[str]:  # type: ignore[no-untyped-def]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, m in enumerate(modules):
+        path = directory / f"{stem}{i}.pt"
+        torch.save(m.state_dict(), path)
+        paths.append(str(path))
+    return paths
+
+
+def save_scripts(directory, modules: list[nn.Module], example: torch.Tensor, stem: str = "ts") -> list[str]:  # type: ignore[no-untyped-def]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, m in enumerate(modules):
+        path = directory / f"{stem}{i}.pt"
+        torch.jit.save(torch.jit.trace(m.eval(), example), str(path))
+        paths.append(str(path))
+    return paths
+
+
+def save_data(path, x: torch.Tensor, labels: torch.Tensor | None = None) -> str:  # type: ignore[no-untyped-def]
+    arrays = {"x": x.numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def fuse_spec(store, members: list[str], method: str, *, params: dict | None = None,  # type: ignore[no-untyped-def]
+              base: str | None = None, eval_data: str | None = None, calibration: str | None = None,
+              finetune: dict | None = None, formats: list[str] | None = None, arch: bool = True,
+              load: dict | None = None, options: dict | None = None, batch: str = "f"):
+    """One fuse job, as `portq fuse` would submit it (the request checked by validate_request first)."""
+    from portq.client.fuse import exact_output_tolerance
+    from portq.tasks.fusion.methods import validate_request
+    from portq.tasks.state.submission import FusionRequest, prepare_fusion
+
+    from tests.jobs import artifacts
+
+    fusion, applied = validate_request(method, len(members), params or {}, base=base is not None,
+                                       eval_data=eval_data is not None, calibration=calibration is not None,
+                                       finetune=finetune is not None)
+    opts = {"inputs": [{"name": "x", "dtype": "float32", "shape": [6, 4], "dynamic": {0: "batch"}}],
+            "dynamic": ["batch"], "artifacts": artifacts(formats or ["onnx"]),
+            "latency": {"warmup": 0, "runs": 1, "min_window_ms": 0, "sweep": False}, **(options or {})}
+    exact_output_tolerance(fusion, opts, user_overrides=False)
+    request = FusionRequest(members=members, method=method, params=applied, base=base, eval_data=eval_data,
+                            calibration=calibration, finetune=finetune)
+    load = load if load is not None else {"arch": ARCH} if arch else {}
+    (spec,) = prepare_fusion(request, store, batch=batch, options=opts, load=load, max_bytes=1 << 30).specs
+    return spec

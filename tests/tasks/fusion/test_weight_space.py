@@ -281,3 +281,14 @@ def test_counts_weights_and_ranges():
         W.soup(a.state_dict())
     with raises("labels: label 7 is out of range for 3 classes (valid 0..2)"):
         W.greedy_soup([a, b], torch.randn(6, 4), torch.tensor([7, 0, 0, 0, 0, 0]))
+
+
+def test_a_merged_torchscript_model_is_its_own_model_and_can_be_fine_tuned():
+    from portq.tasks.fusion.training import finetune
+
+    members = [torch.jit.trace(mlp(s), torch.randn(2, 4)) for s in range(2)]
+    merged = W.load_merged(members[0], W.soup(members)[0])
+    assert isinstance(merged, torch.jit.ScriptModule)
+    before = [p.clone() for p in members[0].parameters()]
+    _, curve = finetune(merged, torch.randn(32, 4), torch.randint(0, 3, (32,)), epochs=3, lr=0.05)
+    assert len(curve) == 3 and all(torch.equal(a, b) for a, b in zip(before, members[0].parameters()))
