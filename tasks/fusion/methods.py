@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.errors import ConfigError, UnknownNameError
 from portq.tasks.core.registry import Registry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -99,9 +99,9 @@ class FusionMethod:
 
     @property
     def member_rule(self) -> str:
-        if self.max_members == self.min_members:
-            return f"exactly {self.min_members}"
-        return f"at least {self.min_members}"
+        """`at least 2 models`, `exactly 2 models`, `at least 1 model`."""
+        count = "exactly" if self.max_members == self.min_members else "at least"
+        return f"{count} {self.min_members} model{'s' if self.min_members != 1 else ''}"
 
 
 FUSION_METHODS: Registry[FusionMethod] = Registry("fusion method")
@@ -166,10 +166,13 @@ def validate_request(method_name: str, members: int, params: dict[str, Any], *, 
                      ) -> tuple[FusionMethod, dict[str, Any]]:
     """The method and its parameters as applied (defaults filled in, weights normalised where the method
     does), or a ConfigError that says exactly what is wrong with the request."""
-    method = FUSION_METHODS.get(method_name)
+    try:
+        method = FUSION_METHODS.get(method_name)
+    except UnknownNameError as e:
+        raise e.at(step="fuse") from None
     if members < method.min_members or (method.max_members is not None and members > method.max_members):
         besides = " besides the base" if method.needs_base else ""
-        raise _refuse(f"{method.name}: needs {method.member_rule} models{besides}, got {members}")
+        raise _refuse(f"{method.name}: needs {method.member_rule}{besides}, got {members}")
     if method.needs_base and not base:
         raise _refuse(f"{method.name}: needs a base model (--base BASE) to compute task vectors")
     if base and not method.needs_base:
