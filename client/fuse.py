@@ -116,8 +116,8 @@ def fuse(
                                                             "probability]")] = None,
     dim: Annotated[int | None, typer.Option(help="stack: the new dim, 1 (N, models, ...) or 0. "
                                                  "[default: 1]")] = None,
-    strict: Annotated[bool | None, typer.Option("--strict", help="greedy-soup: keep a model only if the soup "
-                                                                 "improves (not if it stays equal).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="greedy-soup: keep a model only if the soup improves "
+                                                          "(not if it stays equal).")] = False,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="An .npz of inputs and `labels` to score "
                                                                       "the models and the fused one (greedy-soup "
                                                                       "needs it).")] = None,
@@ -165,7 +165,7 @@ def fuse(
     convert and check it like any model: one job, on the queue or here."""
     given = {"weights": _weights(weights), "t": t, "density": density, "scale": scale, "dim": dim,
              "tie_break": tie_break.value if tie_break else None, "metric": metric.value if metric else None,
-             "strict": strict}
+             "strict": strict or None}
     params = {k: v for k, v in given.items() if v is not None}
     tune = _finetune(finetune, epochs, lr, finetune_batch, seed)
     fusion, applied = validate_request(method, len(models), params, base=base is not None,
