@@ -175,9 +175,9 @@ def build_fused(spec: JobSpec, store: Store) -> FusedModel:
         if source.finetune is not None and tune is not None:
             options = source.finetune.model_dump()
             loss, curve = recipe.finetune_fused(module, tune.tensors(), options, device)
-            fused.finetune = FinetuneReport(epochs=source.finetune.epochs, lr=source.finetune.lr,
-                                            seed=source.finetune.seed, device=device, loss=loss,  # type: ignore[arg-type]
-                                            examples=int(tune.inputs[0].shape[0]), curve=curve)
+            fused.finetune = FinetuneReport.model_validate({
+                "epochs": source.finetune.epochs, "lr": source.finetune.lr, "seed": source.finetune.seed,
+                "device": device, "loss": loss, "examples": int(tune.inputs[0].shape[0]), "curve": curve})
         fused.trace_example = trace_example(sig) if recipe.needs_trace(module) else None
         built = recipe.fused_source(module, device, fused.trace_example)
     except FusionError as e:
