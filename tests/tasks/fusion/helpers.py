@@ -131,7 +131,7 @@ def np_accuracy(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y.numpy()).mean())
 
 
-def raises(message: str):  # type: ignore[no-untyped-def]
+def raises(message: str):
     """pytest.raises for a FusionError whose message is exactly `message`."""
     from portq.tasks.fusion.validation import FusionError
 
@@ -172,7 +172,7 @@ def fine_tunes(base: nn.Module, n: int, scale: float = 0.05, seed: int = 1) -> l
     return out
 
 
-def save_state_dicts(directory, modules: list[nn.Module], stem: str = "m") -> list[str]:  # type: ignore[no-untyped-def]
+def save_state_dicts(directory, modules: list[nn.Module], stem: str = "m") -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, m in enumerate(modules):
@@ -182,7 +182,7 @@ def save_state_dicts(directory, modules: list[nn.Module], stem: str = "m") -> li
     return paths
 
 
-def save_scripts(directory, modules: list[nn.Module], example: torch.Tensor, stem: str = "ts") -> list[str]:  # type: ignore[no-untyped-def]
+def save_scripts(directory, modules: list[nn.Module], example: torch.Tensor, stem: str = "ts") -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, m in enumerate(modules):
@@ -192,7 +192,7 @@ def save_scripts(directory, modules: list[nn.Module], example: torch.Tensor, ste
     return paths
 
 
-def save_data(path, x: torch.Tensor, labels: torch.Tensor | None = None) -> str:  # type: ignore[no-untyped-def]
+def save_data(path, x: torch.Tensor, labels: torch.Tensor | None = None) -> str:
     arrays = {"x": x.numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -200,7 +200,7 @@ def save_data(path, x: torch.Tensor, labels: torch.Tensor | None = None) -> str:
     return str(path)
 
 
-def fuse_spec(store, members: list[str], method: str, *, params: dict | None = None,  # type: ignore[no-untyped-def]
+def fuse_spec(store, members: list[str], method: str, *, params: dict | None = None,
               base: str | None = None, eval_data: str | None = None, calibration: str | None = None,
               finetune: dict | None = None, formats: list[str] | None = None, arch: bool = True,
               load: dict | None = None, options: dict | None = None, batch: str = "f"):
