@@ -56,7 +56,7 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 
 def main() -> None:
-    from portq.client import control, nightly, optimize, pool, results, submit  # noqa: F401  (command registration)
+    from portq.client import control, fuse, nightly, optimize, pool, results, submit  # noqa: F401  (registration)
 
     try:
         rc = app(standalone_mode=False)

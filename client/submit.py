@@ -1,122 +1,56 @@
 """`portq submit`: one job per model file (or per model and target of a manifest), onto the queue or run here;
-`--wait` follows the batch."""
+`--wait` follows the batch.
+
+`send` (queue or run here, then follow) serves every command that makes jobs (`portq fuse` and `portq optimize`
+too); the options they share are declared once in `portq.client.options`.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Protocol
 
 import typer
 from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve, warning
+from portq.client.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    AtolOpt,
+    BatchOpt,
+    BatchSizesOpt,
+    CalibrationOpt,
+    DynamicOpt,
+    ForceOpt,
+    FormatsOpt,
+    InputsOpt,
+    JobFlags,
+    LocaliseOpt,
+    LossyPrecisionOpt,
+    OpsetOpt,
+    OptimizeOpt,
+    OutputTolOpt,
+    QuantileOpt,
+    RtolOpt,
+    RunsOpt,
+    SeedOpt,
+    TargetOpt,
+    TimeoutOpt,
+    ToleranceModeOpt,
+    TolerancePrecisionOpt,
+    TrustPickleOpt,
+    WaitOpt,
+    WarmupOpt,
+    validation_problems,
+)
 from portq.client.render import summary_table
-from portq.tasks.core.contract import ArtifactRequest, InputSpec, JobRecord, JobSpec, Precision, Target, ToleranceMode
+from portq.tasks.core.contract import JobRecord, JobSpec, Target
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.core.settings import Settings
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
 from portq.tasks.state.submission import prepare
 from pydantic import ValidationError
-
-
-def _parse_inputs(specs: list[str]) -> list[InputSpec]:
-    parsed = []
-    for text in specs:
-        try:
-            parsed.append(InputSpec.parse(text))
-        except ValueError as e:
-            raise ConfigError(str(e), step="submit") from None
-    return parsed
-
-
-def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
-    """`--output-tol 'NAME:atol=1e-3,rtol=1e-2,mode=max'` (NAME may be an fnmatch pattern) -> overrides."""
-    keys = {"atol": float, "rtol": float, "quantile": float, "mode": str}
-    overrides: dict[str, dict[str, Any]] = {}
-    for text in specs:
-        name, sep, rest = text.partition(":")
-        fields: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in rest.split(","))):
-            key, eq, value = part.partition("=")
-            key = key.strip()
-            if not eq or key not in keys:
-                raise ConfigError(f"--output-tol {text!r}: {part!r} is not KEY=VALUE with KEY one of "
-                                  f"{', '.join(keys)}", step="submit")
-            try:
-                fields[key] = keys[key](value.strip())
-            except ValueError:
-                raise ConfigError(f"--output-tol {text!r}: {key} needs a number, not {value!r}",
-                                  step="submit") from None
-        if not sep or not name.strip() or not fields:
-            raise ConfigError(f"--output-tol {text!r} is not of the form NAME:atol=..,rtol=..,mode=..,quantile=..",
-                              step="submit")
-        overrides[name.strip()] = fields
-    return overrides
-
-
-def optimize_options(candidates: str | None, precisions: str | None, artifacts: list[ArtifactRequest],
-                     target: Target) -> dict[str, Any]:
-    """`--optimize` and `--precision` as the job's optimize options, refused here when no requested format has
-    such a variant or no variant computes in such a precision on the target."""
-    from portq.tasks.core.contract import OptimizeOptions
-    from portq.tasks.formats.selection import check_optimize
-
-    names = [c.strip() for c in (candidates or "auto").split(",") if c.strip()]
-    allowed = []
-    for text in (precisions or "").split(","):
-        if text.strip():
-            try:
-                allowed.append(Precision(text.strip()))
-            except ValueError:
-                raise ConfigError(f"--precision {text.strip()!r} is not one of fp16, bf16, int8",
-                                  step="submit") from None
-    options = OptimizeOptions(candidates=names, precisions=allowed)
-    check_optimize(options, list(dict.fromkeys(a.format for a in artifacts)), target.value)
-    return options.model_dump(mode="json", exclude={"calibration"})
-
-
-def calibration_files(paths: list[Path]) -> list[Path]:
-    """--calibration: files, or every .npz in a directory (name order)."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(path.glob("*.npz"))
-            if not found:
-                raise ConfigError(f"--calibration {path}: the directory holds no .npz file", step="submit")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ConfigError(f"--calibration {path}: no such file or directory", step="submit")
-    return files
-
-
-def validation_problems(e: ValidationError) -> str:
-    """pydantic's errors as one line of portq's: where, and what is wrong (no documentation URLs)."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
-
-
-def _batch_sizes(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        return [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise ConfigError(f"--batch-sizes {text!r} is not a comma-separated list of integers, e.g. 1,8,32",
-                          step="submit") from None
-
-
-def _json_object(text: str | None, flag: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{flag} is not valid JSON: {e}", step="submit") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{flag} must be a JSON object", step="submit")
-    return value
 
 
 @app.command()
@@ -127,151 +61,103 @@ def submit(
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="Submit a nightly manifest (YAML: model "
                                                                          "globs and their options) as one batch of "
                                                                          "its series, instead of MODELS.")] = None,
-    target: Annotated[Target, typer.Option(help="Serving device: cpu routes to the `cpu` queue, cuda to `gpu`.")]
-    = Target.cpu,
-    formats: Annotated[list[str] | None, typer.Option("--format", "-f", help="Artifact to produce: a format "
-                                                       "(onnx, torchscript, pt2, aoti) or a variant of one by its id "
-                                                       "(onnx.opset17); repeat for several. [default: onnx]")]
-    = None,
-    batch: Annotated[str | None, typer.Option(help="Batch name (a fresh id otherwise).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the batch with a progress bar; exit 1 if a job "
-                                                      "failed.")] = False,
-    timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds (exit 3).")] = 0,
-    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="Input spec "
-                      "'name:dtype[d0,d1]' (integers need a range: 'ids:int64[2,16]{0,30000}'); repeat in "
-                      "forward-argument order. Default: a sidecar <stem>.npz, or a .pt2's own example inputs.")]
-    = None,
-    dynamic: Annotated[list[str] | None, typer.Option("--dynamic", help="Export this dim as dynamic, e.g. "
-                                                                            "'batch'; repeatable.")] = None,
-    atol: Annotated[float | None, typer.Option(help="Parity: absolute tolerance. [default: 1e-4 for fp32]")]
-    = None,
-    rtol: Annotated[float | None, typer.Option(help="Parity: relative tolerance. [default: 1e-3 for fp32]")]
-    = None,
-    tolerance_mode: Annotated[ToleranceMode | None, typer.Option(
-        help="Parity check: elementwise (an element fails when it exceeds atol and rtol), or the max, mean, "
-             "median or quantile of the errors. [default: the precision's, see README]")] = None,
-    quantile: Annotated[float | None, typer.Option(help="q for --tolerance-mode quantile. [default: 0.99]")]
-    = None,
-    tolerance_precision: Annotated[Precision | None, typer.Option(
-        help="Hold every artifact to this precision's default tolerances. [default: each artifact's own "
-             "precision (an fp16 or int8 variant's), else inferred from the model's weights]")] = None,
-    optimize: Annotated[str | None, typer.Option(help="Also try optimization variants and pick the fastest that "
-                                                      "passes parity: 'auto' (the candidates for the target), or "
-                                                      "variant names, e.g. ort-all,int8-dynamic.")] = None,
-    precision: Annotated[str | None, typer.Option(help="Lossy precisions --optimize may use, e.g. fp16,int8 "
-                                                       "(each judged against its precision's tolerance). "
-                                                       "[default: none: lossless variants only]")] = None,
-    calibration: Annotated[list[Path] | None, typer.Option(help="Static int8 calibration samples: an .npz file "
-                                                                "or a directory of them; repeatable. [default: the "
-                                                                "job's own samples]")] = None,
-    output_tol: Annotated[list[str] | None, typer.Option("--output-tol", help="Per-output tolerance "
-                          "'NAME:atol=1e-3,rtol=1e-2,mode=max' (NAME may be a pattern such as 'output.*'); "
-                          "repeatable.")] = None,
-    localise: Annotated[bool, typer.Option("--localise/--no-localise", help="When parity fails, find the first "
-                                                                            "operator that diverges.")] = True,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset. [default: 18]")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the random parity inputs.")] = 0,
-    runs: Annotated[int | None, typer.Option(help="Latency: timed runs at least, per model and artifact. "
-                                                  "[default: 30]")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Latency: warm-up runs before timing. [default: 5]")] = None,
-    batch_sizes: Annotated[str | None, typer.Option(help="Latency: batch sizes to sweep when the batch dim is "
-                                                         "dynamic, e.g. 1,8,32. [default: 1, the sample's, 8]")]
-    = None,
-    arch: Annotated[str | None, typer.Option(help="Model code for state dicts: package.module:Class.")] = None,
-    arch_kwargs: Annotated[str | None, typer.Option(help="JSON keyword arguments for --arch.")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling of torch.save files "
-                                                                      "(runs code from the file).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Convert again even if an identical job is cached.")]
-    = False,
+    target: TargetOpt = Target.cpu,
+    formats: FormatsOpt = None,
+    batch: BatchOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 0,
+    inputs: InputsOpt = None,
+    dynamic: DynamicOpt = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    tolerance_mode: ToleranceModeOpt = None,
+    quantile: QuantileOpt = None,
+    tolerance_precision: TolerancePrecisionOpt = None,
+    optimize: OptimizeOpt = None,
+    precision: LossyPrecisionOpt = None,
+    calibration: CalibrationOpt = None,
+    output_tol: OutputTolOpt = None,
+    localise: LocaliseOpt = True,
+    opset: OpsetOpt = None,
+    seed: SeedOpt = 0,
+    runs: RunsOpt = None,
+    warmup: WarmupOpt = None,
+    batch_sizes: BatchSizesOpt = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    force: ForceOpt = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Enqueue one conversion job per model file (or run them here when no broker is configured)."""
-    from portq.tasks.formats import artifact_requests
-
     settings = resolve(broker, store)
+    flags = JobFlags(target=target, formats=formats, inputs=inputs, dynamic=dynamic, atol=atol, rtol=rtol,
+                     tolerance_mode=tolerance_mode, quantile=quantile, tolerance_precision=tolerance_precision,
+                     optimize=optimize, precision=precision, calibration=calibration, output_tol=output_tol,
+                     localise=localise, opset=opset, seed=seed, runs=runs, warmup=warmup, batch_sizes=batch_sizes,
+                     arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     if manifest is not None:
-        given = [flag for flag, value, default in (
-            ("MODELS", models, None), ("--target", target, Target.cpu), ("--format", formats, None),
-            ("--input", inputs, None), ("--dynamic", dynamic, None), ("--atol", atol, None), ("--rtol", rtol, None),
-            ("--tolerance-mode", tolerance_mode, None), ("--quantile", quantile, None),
-            ("--precision", precision, None), ("--tolerance-precision", tolerance_precision, None),
-            ("--optimize", optimize, None), ("--calibration", calibration, None),
-            ("--output-tol", output_tol, None), ("--no-localise", localise, True),
-            ("--opset", opset, None), ("--seed", seed, 0), ("--runs", runs, None), ("--warmup", warmup, None),
-            ("--batch-sizes", batch_sizes, None), ("--arch", arch, None), ("--arch-kwargs", arch_kwargs, None),
-            ("--trust-pickle", trust_pickle, False)) if value != default]
+        given = (["MODELS"] if models else []) + flags.given()
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --manifest: the manifest gives every "
                               "job its models and options", step="submit",
                               hint="set them in the manifest's `defaults` or in a group")
-        raise typer.Exit(_submit_manifest(manifest, settings, batch=batch, force=force, wait=wait, timeout=timeout))
+        _submit_manifest(manifest, settings, batch=batch, force=force, wait=wait, timeout=timeout)
+        return
     if not models:
         raise ConfigError("nothing to submit: give model files, or --manifest FILE", step="submit")
-    options: dict[str, Any] = {
-        "target": target, "artifacts": artifact_requests(formats or ["onnx"], {"onnx": {"opset": opset}}),
-        "inputs": _parse_inputs(inputs or []), "dynamic": dynamic or [],
-        "parity": {"seed": seed, "localise": localise},
-    }
-    load = {"arch": arch, "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"), "trust_pickle": trust_pickle}
-    tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
-                                             ("quantile", quantile), ("precision", tolerance_precision))
-                          if v is not None}
-    if output_tol:
-        tol["outputs"] = _output_tolerances(output_tol)
-    if tol:
-        options["tolerance"] = tol
-    latency: dict[str, Any] = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
-    if batch_sizes:
-        latency["batch_sizes"] = _batch_sizes(batch_sizes)
-    if latency:
-        options["latency"] = latency
-    if optimize or precision or calibration:
-        options["optimize"] = optimize_options(optimize, precision, options["artifacts"], target)
+    options, load = flags.job_options(), flags.load_options()
     st = Store(settings.store)
     try:
         sub = prepare(models, st, batch=batch, options=options, load=load, force=force,
-                      calibration=calibration_files(calibration or []),
-                      max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
+                      calibration=flags.calibration_files(), max_bytes=settings.max_model_bytes,
+                      max_sample_bytes=settings.max_sample_bytes)
     except ValidationError as e:  # pydantic validation of the options
         raise ConfigError(validation_problems(e), step="submit") from None
-    out.print(f"batch {sub.batch}")
-    for rec in sub.rejected:
-        error(rec.error or "")
-    raise typer.Exit(_send(sub.specs, sub.batch, st, settings, wait=wait, timeout=timeout))
+    send(sub, st, settings, wait=wait, timeout=timeout)
 
 
 def _submit_manifest(manifest: Path, settings: Settings, *, batch: str | None, force: bool, wait: bool,
-                     timeout: float) -> int:
+                     timeout: float) -> None:
     """One night of a manifest: its jobs as one new batch of its series (portq.tasks.execution.night)."""
     from portq.tasks.execution.night import submit_night
 
     st = Store(settings.store)
     night = submit_night(manifest, st, max_bytes=settings.max_model_bytes,
                          max_sample_bytes=settings.max_sample_bytes, force=force, batch=batch)
-    out.print(f"batch {night.batch}")
     err.print(f"series {night.series}: {len(night.specs)} job(s) from {manifest} (`portq history {night.series}`)")
     for text in night.warnings:
         warning(text)
-    for rec in night.rejected:
+    send(night, st, settings, wait=wait, timeout=timeout)
+
+
+class Jobs(Protocol):
+    """What `send` needs of a submission (a Submission, a manifest's night)."""
+
+    batch: str
+    specs: list[JobSpec]
+    rejected: list[JobRecord]
+
+
+def send(sub: Jobs, st: Store, settings: Settings, *, wait: bool, timeout: float) -> None:
+    """Print the batch, queue its jobs (or run them here when no broker is configured) and, with `wait`,
+    follow the batch to its end: exit 1 when a job failed (always followed in embedded mode), 3 on timeout."""
+    out.print(f"batch {sub.batch}")
+    for rec in sub.rejected:
         error(rec.error or "")
-    return _send(night.specs, night.batch, st, settings, wait=wait, timeout=timeout)
-
-
-def _send(specs: list[JobSpec], batch: str, st: Store, settings: Settings, *, wait: bool, timeout: float) -> int:
-    """Onto the queue, or run here without a broker (then always followed to the end); the exit code."""
     if settings.embedded:
-        err.print(f"running {len(specs)} job(s) here (no broker configured); store: {st.root}")
-        _run_embedded(specs, st, settings)
+        err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.root}")
+        _run_embedded(sub.specs, st, settings)
         wait = True
     else:
         from portq.client.dispatch import enqueue
 
-        enqueue(specs, settings, st)
-        err.print(f"queued {len(specs)} job(s) on {settings.broker_display}; store: {st.root}")
+        enqueue(sub.specs, settings, st)
+        err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
     if not wait:
-        return 0
-    return see_through(st, batch, timeout)
+        return
+    raise typer.Exit(see_through(st, sub.batch, timeout))
 
 
 def _run_embedded(specs: list[JobSpec], st: Store, settings: Settings) -> None:

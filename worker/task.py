@@ -87,7 +87,8 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
     """Size limits hold on the worker too: a message can come from anywhere that reaches the broker."""
-    refs = [(ref, settings.max_model_bytes, "PORTQ_MAX_MODEL_BYTES") for ref in job.source.files()]
+    refs = [(ref, settings.max_model_bytes, "PORTQ_MAX_MODEL_BYTES") for ref in job.source.model_files()]
+    refs += [(ref, settings.max_sample_bytes, "PORTQ_MAX_SAMPLE_BYTES") for ref in job.source.data_files()]
     if job.options.sample is not None:
         refs.append((job.options.sample, settings.max_sample_bytes, "PORTQ_MAX_SAMPLE_BYTES"))
     for ref, limit, var in refs:

@@ -2,9 +2,9 @@
 
 A `JobSpec` is the only thing a worker accepts. It is JSON, validated against this module on arrival, and
 never unpickled. Version 2 splits a job into its identity (job id, batch, model name, submitted at), its
-kind and source description (what model to build: `convert` one file; more kinds register source
-builders in `portq.tasks.sources.builders`), and one versioned `JobOptions` object (target, requested
-artifacts, inputs, tolerances, parity and latency options). Each requested artifact is a format plus a
+kind and source description (what model to build: `convert` one file, `fuse` several into one; each kind
+has a source builder in `portq.tasks.sources.builders`), and one versioned `JobOptions` object (target,
+requested artifacts, inputs, tolerances, parity and latency options). Each requested artifact is a format plus a
 variant with that format's options, named by an artifact id (`onnx`, `onnx.opset17`).
 
 A `JobReport` is what a worker writes as `report.json`; a `BatchReport` is what `portq report BATCH --json`
@@ -24,7 +24,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -69,6 +69,7 @@ class JobKind(str, Enum):
     """What a job builds its source model from; each kind has a source builder (portq.tasks.sources.builders)."""
 
     convert = "convert"
+    fuse = "fuse"
 
 
 class JobStatus(str, Enum):
@@ -295,11 +296,93 @@ class ConvertSource(_Strict):
         return self.model.name
 
     def files(self) -> list[SourceRef]:
+        """Every uploaded file this source reads (the worker checks each against its size limits)."""
         return [self.model]
 
+    def model_files(self) -> list[SourceRef]:
+        return [self.model]
 
-#: Every source description a job can carry; a kind is added here and in `portq.tasks.sources.builders`.
-SourceDescription = ConvertSource
+    def data_files(self) -> list[SourceRef]:
+        return []
+
+    def key_material(self) -> Any:
+        return _key_material(self.model_dump(mode="json"))
+
+
+class FuseMember(_Strict):
+    """One model of a fusion: its uploaded file, the label messages and reports use, and how to load it."""
+
+    model: SourceRef
+    name: str = Field(description="the member's label: its file name, or the path as given where names clash")
+    arch: str | None = Field(None, description="package.module:Class for state dicts and safetensors files")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_pickle: bool = Field(False, description="allow full unpickling of torch.save files (runs their code)")
+
+
+class FinetuneOptions(_Strict):
+    """A fine-tune of the fused model: Adam on the data's inputs and labels, on the job's target device."""
+
+    data: SourceRef = Field(description="an .npz of the model's inputs and a `labels` array")
+    epochs: int = Field(5, ge=1, le=100_000)
+    lr: float = Field(1e-3, gt=0, le=10)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="examples per Adam step")
+
+
+class FuseSource(_Strict):
+    """Source description of a `fuse` job: the members, the method and its parameters, and the data it uses.
+
+    Methods and their parameters are checked against `portq.tasks.fusion.methods.FUSION_METHODS` by the
+    client and again when the job starts; this model only keeps the shape of the description.
+    """
+
+    kind: Literal["fuse"] = "fuse"
+    members: list[FuseMember] = Field(min_length=1)
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (weights, t, "
+                                                                     "density, scale, metric, tie_break, dim)")
+    base: FuseMember | None = Field(None, description="the model task vectors are taken from (task-arithmetic, "
+                                                      "ties)")
+    eval_data: SourceRef | None = Field(None, description="an .npz of inputs and `labels` to score members and "
+                                                          "the fused model (greedy-soup needs it)")
+    calibration: SourceRef | None = Field(None, description="an .npz of inputs to recompute BatchNorm statistics")
+    finetune: FinetuneOptions | None = None
+
+    @property
+    def display(self) -> str:
+        """`fuse(soup: a.pt, b.pt)`: the method and its members, as errors and reports name this source."""
+        base = f"; base {self.base.name}" if self.base is not None else ""
+        return f"fuse({self.method}: {', '.join(m.name for m in self.members)}{base})"
+
+    @property
+    def trust_pickle(self) -> bool:
+        return any(m.trust_pickle for m in self.all_members())
+
+    def all_members(self) -> list[FuseMember]:
+        return [*self.members, *([self.base] if self.base is not None else [])]
+
+    def model_files(self) -> list[SourceRef]:
+        return [m.model for m in self.all_members()]
+
+    def data_files(self) -> list[SourceRef]:
+        return [ref for ref in (self.eval_data, self.calibration, self.finetune.data if self.finetune else None)
+                if ref is not None]
+
+    def files(self) -> list[SourceRef]:
+        """Every uploaded file this source reads (the worker checks each against its size limits)."""
+        return [*self.model_files(), *self.data_files()]
+
+    def key_material(self) -> Any:
+        """Content, method and parameters; not the members' labels, which only name them in messages."""
+        data = self.model_dump(mode="json")
+        for member in [*data["members"], *([data["base"]] if data["base"] else [])]:
+            member.pop("name")
+        return _key_material(data)
+
+
+#: Every source description a job can carry, told apart by `kind`; a kind is added here, to `JobKind` and
+#: to `portq.tasks.sources.builders`.
+SourceDescription = Annotated[ConvertSource | FuseSource, Field(discriminator="kind")]
 
 
 class ArtifactRequest(_Strict):
@@ -439,7 +522,7 @@ class JobSpec(_Strict):
 
     def key_material(self) -> dict[str, Any]:
         """Everything that changes the result; not who asked, when, or under which name."""
-        return {"kind": self.kind.value, "source": _key_material(self.source.model_dump(mode="json")),
+        return {"kind": self.kind.value, "source": self.source.key_material(),
                 "options": _key_material(self.options.model_dump(mode="json"))}
 
     def job_key(self, toolchain: dict[str, str]) -> str:
@@ -677,6 +760,71 @@ class Failure(_Report):
     hint: str | None = None
 
 
+class FusionMemberReport(_Report):
+    """One model of a fusion, as the fusion section of a job report shows it."""
+
+    name: str
+    file: str = Field(description="the file as the user gave it")
+    role: Literal["member", "base"] = "member"
+    score: float | None = Field(None, description="its score on the eval data (the fusion's metric)")
+    kept: bool | None = Field(None, description="greedy-soup: whether the soup kept it")
+    max_abs_diff: float | None = Field(None, description="weight-space: max |member - fused| over every output "
+                                                          "element of the parity samples")
+    mean_abs_diff: float | None = None
+    top1_agreement: float | None = Field(None, description="classifier-like outputs: share of rows whose argmax "
+                                                           "agrees with the fused model's")
+
+
+class GreedyStep(_Report):
+    """One step of greedy-soup: the soup with `candidate` added, its score, and whether it was kept."""
+
+    candidate: str
+    score: float
+    accepted: bool
+
+
+class CombineCheck(_Report):
+    """Output-space fusion: the fused model against its members run one by one and combined outside it."""
+
+    passed: bool
+    max_abs_err: float
+    samples: int
+    how: str = Field(description="how the members' outputs were combined for the comparison")
+
+
+class FinetuneReport(_Report):
+    """The fine-tune of the fused model: its settings and the mean loss of each epoch."""
+
+    epochs: int
+    lr: float
+    seed: int
+    device: str
+    loss: Literal["cross-entropy", "mse"]
+    examples: int
+    curve: list[float] = Field(default_factory=list, description="mean training loss per epoch")
+
+
+class FusionReport(_Report):
+    """How a `fuse` job's source model was made, and how it compares with its members."""
+
+    method: str
+    space: Literal["output", "weight"]
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters as applied "
+                                                                     "(defaults filled in, weights normalised)")
+    members: list[FusionMemberReport] = Field(default_factory=list)
+    base: FusionMemberReport | None = None
+    metric: str | None = Field(None, description="accuracy (higher is better) or loss (lower is better)")
+    fused_score: float | None = Field(None, description="the fused model's score on the eval data (after any "
+                                                        "fine-tune)")
+    soup_score: float | None = Field(None, description="greedy-soup: the chosen soup's score before any fine-tune")
+    greedy_steps: list[GreedyStep] = Field(default_factory=list)
+    bn_stats: str | None = Field(None, description="weight-space: BatchNorm running statistics recomputed on the "
+                                                   "calibration data, or merged like the other tensors, or none")
+    combine_check: CombineCheck | None = None
+    finetune: FinetuneReport | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
 class JobReport(_Report):
     """`report.json`: what one job produced (written last, after its artifacts)."""
 
@@ -704,6 +852,7 @@ class JobReport(_Report):
     finished_at: str | None = None
     duration_s: float | None = None
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
+    fusion: FusionReport | None = Field(None, description="fuse jobs: how the source model was fused")
 
     def url(self, relative: str | None) -> str | None:
         """Where a user finds a file of this job (an artifact path or reproduce script)."""

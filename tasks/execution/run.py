@@ -86,7 +86,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker)
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
-                       worker=worker, started_at=utcnow(), trust_pickle=getattr(spec.source, "trust_pickle", False))
+                       worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=workdir_prefix(spec.job_id)) as tmp:
         workdir = Path(tmp)
@@ -206,7 +206,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     from portq.tasks.formats.reproduce import write_inputs
     from portq.tasks.formats.selection import plan
     from portq.tasks.reports.content import mark_best
-    from portq.tasks.sources.builders import build_source
+    from portq.tasks.sources.builders import build_source, builder_for
 
     device = torch_device(spec.target)
     model = build_source(spec, store)
@@ -214,6 +214,9 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     report.inputs = sig.describe()
     evidence = gather_evidence(spec, model, sig, device)
     report.environment = evidence.environment
+    annotate = builder_for(spec.kind.value).annotate
+    if annotate is not None:  # the kind's own section (fuse: how the model was fused, against its members)
+        annotate(spec, model, evidence, report)
     # once per job, into the result folder: every artifact's reproduce script reads these samples
     write_inputs(workdir, evidence.samples)
     made: dict[str, ArtifactReport] = {}  # artifacts made so far, by id (an optimization's base)

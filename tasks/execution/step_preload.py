@@ -14,7 +14,8 @@ MODULES = (
     "numpy", "torch", "torch.export", "torch.onnx", "onnx", "onnxruntime", "onnxscript",
     "portq.tasks.execution.run", "portq.tasks.formats", "portq.tasks.checks.parity", "portq.tasks.checks.latency",
     "portq.tasks.sources.loading",
-    "portq.tasks.sources.checkpoints", "portq.tasks.sources.inputs",
+    "portq.tasks.sources.checkpoints", "portq.tasks.sources.inputs", "portq.tasks.fusion.builder",
+    "portq.tasks.fusion.recipe",
     # lazily imported by the first torch.export / torch.onnx.export / TorchScript conversion
     "sympy", "networkx", "torch._dynamo", "torch._functorch.aot_autograd", "torch.fx.experimental.symbolic_shapes",
     "torch.fx.experimental.validator", "torch.export._trace", "torch._decomp", "torch._export.serde.serialize",

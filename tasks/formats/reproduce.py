@@ -40,16 +40,22 @@ def write_inputs(directory: Path, samples: list[list[np.ndarray]]) -> Path:
 
 
 def module_source(module: ModuleType) -> str:
-    """A module's source without its imports from portq, lines marked `portq-only`, and its `from __future__`
-    line (the script has its own): the modules a script carries define what they import from each other."""
+    """A module's source without its portq imports (whole statements, however they wrap), lines marked
+    `portq-only` and its `from __future__` line (the script has its own)."""
     import ast
 
     text = inspect.getsource(module)
     dropped: set[int] = set()
-    for node in ast.parse(text).body:
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("portq", "__future__"):
-            dropped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
-    lines = [line for i, line in enumerate(text.splitlines(), 1) if i not in dropped and "portq-only" not in line]
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n == "portq" or n.startswith("portq.") for n in names):
+                dropped.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if number in dropped or "portq-only" in line or line.startswith("from __future__"):
+            continue
+        lines.append(line)
     return "\n".join(lines).strip() + "\n"
 
 
@@ -201,7 +207,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
     from portq.tasks.core.toolchain import toolchain
     from portq.tasks.formats import recipes, unfuse
-    from portq.tasks.sources.builders import SOURCE_BUILDERS
+    from portq.tasks.sources.builders import builder_for
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:
         return {"mode": t.mode.value, "atol": t.atol, "rtol": t.rtol, "q": t.q, "origin": t.origin}
@@ -212,7 +218,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     # the job's own tolerance, as parity.compare reports it: no per-output override leaks into it
     default = plain(resolve(tolerance.model_copy(update={"outputs": {}}), precision, ""))
     route = handler.route(result.route)
-    builder = SOURCE_BUILDERS.get(ctx.spec.kind.value)
+    builder = builder_for(ctx.spec.kind.value)
     assert ctx.source is not None
     settings = {
         "artifact": ctx.artifact_id, "format": handler.format.value, "variant": ctx.request.variant,
@@ -226,7 +232,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         fn, opts = transform
         settings["transform"] = fn.__name__
         settings["transform_opts"] = {k: (Path(v).name if k in _DATA_FILES else v) for k, v in opts.items()}
-    modules = [*builder.script_modules, unfuse, recipes, *recipe_modules, runtimes, output_check]
+    modules = [*builder.script_modules(), unfuse, recipes, *recipe_modules, runtimes, output_check]
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from portq.tasks.core.contract import (
     ArtifactReport,
     BatchReport,
+    FusionReport,
     JobReport,
     JobStatus,
     LatencyReport,
@@ -311,6 +312,8 @@ def _md_facts(facts: list[Fact]) -> list[str]:
 def job_markdown(r: JobReport) -> str:
     out = [f"# portq job {r.job_id}: {r.model} -> {r.target.value}", "", *_md_facts(job_facts(r)), ""]
     out += [markdown_table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts]), ""]
+    if r.fusion is not None:
+        out += fusion_markdown(r.fusion)
     for a in r.artifacts:
         out += [f"## {a.id}" + (" (best pick)" if a.best else ""), ""]
         facts = artifact_facts(a)
@@ -337,6 +340,20 @@ def job_markdown(r: JobReport) -> str:
     if r.toolchain:
         out.append("toolchain: " + toolchain_line(r))
     return "\n".join(out) + "\n"
+
+
+def fusion_markdown(f: FusionReport) -> list[str]:
+    """The fusion section's Markdown lines (content in `portq.tasks.reports.fusion`)."""
+    from portq.tasks.reports import fusion
+
+    out = ["## fusion", "", *_md_facts(fusion.fusion_facts(f)), "",
+           markdown_table(fusion.MEMBER_COLUMNS, fusion.member_rows(f)), ""]
+    if f.greedy_steps:
+        out += ["Greedy soup, in order of the members' scores:", "",
+                markdown_table(fusion.GREEDY_COLUMNS, fusion.greedy_rows(f)), ""]
+    if f.finetune is not None:
+        out += ["Fine-tune loss per epoch:", "", markdown_table(fusion.LOSS_COLUMNS, fusion.loss_rows(f)), ""]
+    return out
 
 
 def toolchain_line(r: JobReport) -> str:

@@ -13,7 +13,15 @@ import html
 import math
 from collections.abc import Sequence
 
-from portq.tasks.core.contract import ArtifactReport, BatchReport, Comparison, Histogram, JobReport, SeriesHistory
+from portq.tasks.core.contract import (
+    ArtifactReport,
+    BatchReport,
+    Comparison,
+    FusionReport,
+    Histogram,
+    JobReport,
+    SeriesHistory,
+)
 from portq.tasks.reports.compare import COMPARE_COLUMNS, comparison_headline, comparison_rows, rules_line
 from portq.tasks.reports.content import (
     ARTIFACT_COLUMNS,
@@ -204,6 +212,12 @@ def svg_lines(labels: Sequence[str], series: Sequence[tuple[str, Sequence[float 
             f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
 
 
+def svg_line(values: Sequence[float], *, title: str, x_label: str, y_label: str, width: int = 420) -> str:
+    """A line through the values at 1, 2, ... (a loss curve per epoch): one series of `svg_lines`."""
+    return svg_lines([str(i + 1) for i in range(len(values))], [(y_label, list(values))], title=title,
+                     y_label=f"{y_label} (x: {x_label})", width=width)
+
+
 def error_histogram_svg(name: str, h: Histogram) -> str:
     labels = ["0"] + [f"{e:.0e}" for e in h.edges[:-1]]
     return svg_bars(labels, [h.zeros, *h.counts], title=f"|error| of {name}",
@@ -261,11 +275,28 @@ def _artifact_html(a: ArtifactReport) -> list[str]:
     return [x for x in out if x]
 
 
+def _fusion_html(f: FusionReport) -> list[str]:
+    from portq.tasks.reports import fusion
+
+    out = ["<h2>fusion</h2>", _facts(fusion.fusion_facts(f)), table(fusion.MEMBER_COLUMNS, fusion.member_rows(f))]
+    if f.greedy_steps:
+        out += ["<p class=\"muted\">Greedy soup, in order of the members' scores:</p>",
+                table(fusion.GREEDY_COLUMNS, fusion.greedy_rows(f))]
+    if f.finetune is not None and f.finetune.curve:
+        t = f.finetune
+        out.append("<div class=\"plots\"><figure>" + svg_line(
+            t.curve, title=f"fine-tune: mean {t.loss} loss per epoch", x_label="epoch", y_label="loss")
+            + "</figure></div>")
+    return out
+
+
 def job_html(r: JobReport) -> str:
     """report.html for one job."""
     body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", _facts(job_facts(r))]
     best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
     body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
+    if r.fusion is not None:
+        body += _fusion_html(r.fusion)
     for a in r.artifacts:
         body += _artifact_html(a)
     if r.environment:

@@ -3,9 +3,9 @@ checkpoint rules below, and every reproduce script carries a copy of this file's
 source exactly as portq did.
 
 So this module stands alone: it imports torch, numpy and safetensors inside functions, never portq.
-`build_source(settings, path)` returns an object with `.module` (eager callable), `.script` (ScriptModule
-or None), `.program` (ExportedProgram or None) and, for an ONNX file, `.onnx` (its path), which is what
-every export recipe takes.
+`build_source(settings, path)` (and `load_model_file`, which fused models load each member with) returns
+an object with `.module` (eager callable), `.script` (ScriptModule or None), `.program` (ExportedProgram or
+None) and, for an ONNX file, `.onnx` (its path), which is what every export recipe takes.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def onnx_module(path: str) -> Any:
 def build_source(settings: dict[str, Any], path: str | None = None) -> Any:
     """The source model as portq loaded it. settings: {"kind", "model", "arch", "arch_kwargs"}; `path`
     overrides settings["model"] (the file's location in the store)."""
+    return load_model_file(settings, path)
+
+
+def load_model_file(settings: dict[str, Any], path: str | None = None) -> Any:
+    """One model file loaded as portq loaded it (`build_source` of a convert job; each member of a fusion)."""
     import torch
 
     path = path or settings["model"]

@@ -4,6 +4,9 @@ Model files (and their sidecar `<stem>.npz`) are copied into the store under the
 worker on another machine reads exactly what was submitted, and the hash feeds the job key. A path
 that cannot become a job (missing, a directory, too large) becomes a failed record in the batch with
 its reason, so `status`, `report` and `--wait` show it beside the jobs that ran.
+
+`prepare` makes one `convert` job per file; `prepare_fusion` one `fuse` job of several files, which is
+refused as a whole (nothing uploaded) when one of its files cannot be used.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Any
 from portq.tasks.core.contract import (
     SIDECAR_SUFFIX,
     ConvertSource,
+    FinetuneOptions,
+    FuseMember,
+    FuseSource,
     JobKind,
     JobOptions,
     JobRecord,
@@ -25,8 +31,9 @@ from portq.tasks.core.contract import (
     Target,
     model_name,
     new_id,
+    safe_name,
 )
-from portq.tasks.core.errors import InputError, PortqError
+from portq.tasks.core.errors import ConfigError, InputError, PortqError
 from portq.tasks.state import delivery, records
 from portq.tasks.state.store import Store, input_key, sha256_file
 
@@ -106,4 +113,93 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
         delivery.write_spec(store, spec)  # what `portq retry` resubmits
         records.transition(store, records.new_record(spec), JobStatus.queued, fresh=True)
         sub.specs.append(spec)
+    return sub
+
+
+@dataclass
+class FusionRequest:
+    """A fusion as the client has it: files on its disk, the method with its checked parameters, the data."""
+
+    members: list[str]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    eval_data: str | None = None
+    calibration: str | None = None
+    finetune: dict[str, Any] | None = None  # FinetuneOptions' fields, with "data" a path
+    name: str | None = None  # the fused model's name in reports
+
+
+def member_labels(paths: list[str]) -> list[str]:
+    """How messages and reports name each file: its file name, or the path as given where file names clash
+    (`run1/model.pt`, `run2/model.pt`); the same path given twice is told apart by `#2`, `#3`."""
+    names = [Path(p).name for p in paths]
+    labels = [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+def _check_fusion_file(path: str, limit: int, model: bool) -> None:
+    """A member (model) or data file that can be used, or a ConfigError: one unusable file refuses the whole
+    fusion before anything is uploaded."""
+    p = Path(path)
+    try:
+        if model:
+            check_model_path(p, limit)
+        elif not p.is_file():
+            raise InputError("file does not exist" if not p.exists() else "is not a file", step="fuse", file=path)
+        else:
+            check_sample_path(p, limit)
+    except InputError as e:
+        raise ConfigError(e.cause, step="fuse", file=e.file, hint=e.hint) from None
+
+
+def prepare_fusion(request: FusionRequest, store: Store, *, batch: str | None, options: dict[str, Any],
+                   load: dict[str, Any] | None = None, force: bool = False, max_bytes: int,
+                   max_sample_bytes: int | None = None) -> Submission:
+    """Build the one `fuse` JobSpec of a fusion and write its spec and `queued` record.
+
+    Every file is checked before any is uploaded; the job's sample is the first member's sidecar `.npz`.
+    `options` are the JobOptions fields, `load` how every model file is loaded (arch, arch_kwargs,
+    trust_pickle). The method and its parameters were checked by the caller.
+    """
+    sub = Submission(batch=batch or new_batch_id())
+    JobOptions.model_validate(options)
+    sample_limit = max_sample_bytes or max_bytes
+    paths = [*request.members, *([request.base] if request.base else [])]
+    finetune_data = (request.finetune or {}).get("data")
+    for path in paths:
+        _check_fusion_file(path, max_bytes, model=True)
+    first = Path(request.members[0])
+    sidecar: Path | None = first.with_suffix(SIDECAR_SUFFIX)
+    if sidecar is not None and (not sidecar.is_file() or sidecar == first):
+        sidecar = None
+    for data in (request.eval_data, request.calibration, finetune_data, str(sidecar) if sidecar else None):
+        if data:
+            _check_fusion_file(data, sample_limit, model=False)
+
+    def upload(path: str | None) -> SourceRef | None:
+        return _upload(store, Path(path)) if path else None
+
+    members = [FuseMember(model=_upload(store, Path(p)), name=n, **(load or {}))
+               for p, n in zip(paths, member_labels(paths))]
+    base = members.pop() if request.base else None
+    finetune = None
+    if request.finetune is not None and finetune_data:
+        finetune = FinetuneOptions(**{**request.finetune, "data": upload(finetune_data)})
+    sample = _upload(store, sidecar) if sidecar is not None else None
+    source = FuseSource(
+        members=members, method=request.method, params=request.params, base=base,
+        eval_data=upload(request.eval_data), calibration=upload(request.calibration), finetune=finetune)
+    stems = [Path(p).stem for p in request.members]
+    model = safe_name(request.name or f"{request.method}-{'-'.join(stems)}")
+    spec = JobSpec(job_id=new_id("j"), batch_id=sub.batch, model=model, kind=JobKind.fuse, force=force,
+                   source=source, options=JobOptions.model_validate({**options, "sample": sample}))
+    delivery.write_spec(store, spec)
+    records.transition(store, records.new_record(spec), JobStatus.queued, fresh=True)
+    sub.specs.append(spec)
     return sub

@@ -118,3 +118,26 @@ def test_optimize_through_redis_and_a_worker(example_models, start_worker, queue
         assert arts[name]["optimization"]["base"] == "onnx" and arts[name]["requested_by"] == "optimize"
     assert arts["onnx.int8-dynamic"]["parity"]["precision"] == "int8"
     assert job["best"] in arts and arts[job["best"]]["best"]
+
+
+def test_fuse_through_redis_and_a_worker(start_worker, queue_db, store_dir, tmp_path):
+    import torch
+
+    from tests.tasks.fusion.helpers import SmallNet, fine_tunes, save_data, save_scripts
+
+    worker = start_worker("cpu")
+    env = cli_env(queue_db, store_dir)
+    torch.manual_seed(0)
+    paths = save_scripts(tmp_path / "m", fine_tunes(SmallNet().eval(), 3), torch.randn(6, 4))
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    eval_data = save_data(tmp_path / "eval.npz", x, torch.randint(0, 3, (32,)))
+    res = run_cli("fuse", *paths, "--method", "greedy-soup", "--eval-data", eval_data, "--input", "x:float32[4,4]",
+                  "--runs", "3", "--batch", "fq", "--wait", "--timeout", "240", env=env)
+    assert res.returncode == 0, res.stderr + worker.output()
+    assert f"queued 1 job(s) on {redact_url(queue_db)}" in res.stderr
+    (job,) = report(env, "fq")["jobs"]
+    assert job["kind"] == "fuse" and job["source"] == "fuse(greedy-soup: ts0.pt, ts1.pt, ts2.pt)"
+    assert job["artifacts"][0]["parity"]["passed"]
+    assert f"Task portq.convert[{job['job_id']}] received" in worker.output()
+    fusion = json.loads(open(job["report"]).read())["fusion"]
+    assert fusion["greedy_steps"] and fusion["members"][0]["kept"] is not None and fusion["soup_score"] is not None

@@ -91,3 +91,25 @@ def test_size_limits_hold_on_the_worker_too(example_models, start_worker, queue_
     size = example_models["mlp"].stat().st_size
     assert job["error"] == (f"[step receive, file {example_models['mlp']}] file is {size} bytes, over this worker's "
                             "limit of 1000 (PORTQ_MAX_MODEL_BYTES)")
+
+
+def test_a_fuse_jobs_files_are_held_to_the_limits_of_their_kind(tmp_path):
+    """Models against the model limit, data files (eval, calibration, fine-tune) against the sample limit."""
+    import torch
+    from portq.tasks.core.settings import Settings
+    from portq.tasks.state.store import Store
+    from portq.worker.task import _over_limits
+
+    from tests.tasks.fusion.helpers import SmallNet, fuse_spec, save_data, save_state_dicts
+
+    store = Store(str(tmp_path / "store"))
+    paths = save_state_dicts(tmp_path / "m", [SmallNet(), SmallNet()])
+    data = save_data(tmp_path / "eval.npz", torch.zeros(300, 4), torch.zeros(300, dtype=torch.long))
+    spec = fuse_spec(store, paths, "soup", eval_data=data)
+    big = max(Path(p).stat().st_size for p in paths)
+    fits = Settings.resolve(env={"PORTQ_MAX_MODEL_BYTES": str(big), "PORTQ_MAX_SAMPLE_BYTES": "100000"})
+    assert _over_limits(store, spec, fits) is None
+    small = Settings.resolve(env={"PORTQ_MAX_MODEL_BYTES": str(big), "PORTQ_MAX_SAMPLE_BYTES": "1000"})
+    size = Path(data).stat().st_size
+    assert _over_limits(store, spec, small) == (f"[step receive, file {data}] file is {size} bytes, over this "
+                                                "worker's limit of 1000 (PORTQ_MAX_SAMPLE_BYTES)")

@@ -7,6 +7,9 @@ from portq.tasks.core.contract import (
     SCHEMAS,
     ArtifactRequest,
     ConvertSource,
+    FinetuneOptions,
+    FuseMember,
+    FuseSource,
     InputSpec,
     JobKind,
     JobOptions,
@@ -99,6 +102,50 @@ def test_job_key_depends_on_content_options_and_toolchain_only():
     assert a.job_key(tools) != spec(artifacts=[{"format": "onnx", "options": {"opset": 17}}]).job_key(tools)
     assert a.job_key(tools) != spec(tolerance={"atol": 1e-3}).job_key(tools)
     assert a.job_key(tools) != a.job_key({"torch": "2.14.0"})
+
+
+def ref(name, sha=None, size=3):
+    return SourceRef(key=f"inputs/{sha or name}.pt", name=f"models/{name}", sha256=sha or name, size=size)
+
+
+def fuse_spec(**source):
+    fields = {"members": [FuseMember(model=ref("a.pt"), name="a.pt"), FuseMember(model=ref("b.pt"), name="b.pt")],
+              "method": "soup", **source}
+    return JobSpec(job_id="j1", batch_id="b1", model="soup-a-b", kind=JobKind.fuse, source=FuseSource(**fields))
+
+
+def test_a_fuse_job_carries_its_members_method_and_data_and_travels_as_json():
+    s = fuse_spec(base=FuseMember(model=ref("base.pt"), name="base.pt", arch="pkg.mod:Net"), method="ties",
+                  params={"density": 0.5}, eval_data=ref("eval.npz"), calibration=ref("calib.npz"),
+                  finetune=FinetuneOptions(data=ref("tune.npz"), epochs=3, lr=0.01))
+    assert s.kind is JobKind.fuse and s.display == "fuse(ties: a.pt, b.pt; base base.pt)"
+    assert [f.name for f in s.source.model_files()] == ["models/a.pt", "models/b.pt", "models/base.pt"]
+    assert [f.name for f in s.source.data_files()] == ["models/eval.npz", "models/calib.npz", "models/tune.npz"]
+    assert s.source.files() == [*s.source.model_files(), *s.source.data_files()]
+    roundtrip = JobSpec.model_validate(json.loads(s.model_dump_json()))
+    assert roundtrip == s and isinstance(roundtrip.source, FuseSource)
+    assert not s.source.trust_pickle and spec().source.files() == [spec().source.model]
+    with pytest.raises(ValidationError, match="a fuse job carries a convert source description"):
+        JobSpec(job_id="j", batch_id="b", model="m", kind=JobKind.fuse, source=ConvertSource(model=ref("a.pt")))
+    with pytest.raises(ValidationError):  # the kind tells the source descriptions apart
+        JobSpec.model_validate({**s.model_dump(mode="json"), "source": {**s.source.model_dump(mode="json"),
+                                                                       "kind": "convert"}})
+
+
+def test_a_fuse_jobs_key_is_its_members_content_method_and_parameters():
+    tools = {"torch": "2.13.0"}
+    a = fuse_spec()
+    relabelled = [m.model_copy(update={"name": f"new-{m.name}", "model": ref("moved/" + m.name, m.model.sha256)})
+                  for m in a.source.members]
+    assert a.job_key(tools) == fuse_spec(members=relabelled).job_key(tools)
+    assert a.job_key(tools) != fuse_spec(members=a.source.members[::-1]).job_key(tools)  # order matters (weights)
+    assert a.job_key(tools) != fuse_spec(method="ensemble").job_key(tools)
+    assert a.job_key(tools) != fuse_spec(params={"weights": [0.25, 0.75]}).job_key(tools)
+    assert a.job_key(tools) != fuse_spec(eval_data=ref("eval.npz")).job_key(tools)
+    assert a.job_key(tools) != fuse_spec(finetune=FinetuneOptions(data=ref("t.npz"))).job_key(tools)
+    assert a.job_key(tools) != fuse_spec(finetune=FinetuneOptions(data=ref("t.npz"), seed=1)).job_key(tools)
+    changed = [a.source.members[0], FuseMember(model=ref("b.pt", "other"), name="b.pt")]
+    assert a.job_key(tools) != fuse_spec(members=changed).job_key(tools)
 
 
 @pytest.mark.parametrize("text, fmt, variant, artifact_id", [

@@ -130,3 +130,42 @@ def test_markdown_and_html_show_the_same_fields():
         for col in filter(None, header.split(" | ")):
             assert f"<th>{html.escape(col.strip())}</th>" in page, col
     assert "providers " not in text.replace("execution providers", "")  # one wording
+
+
+def test_the_fusion_section_in_markdown_and_html():
+    from portq.tasks.core.contract import (
+        CombineCheck,
+        FinetuneReport,
+        FusionMemberReport,
+        FusionReport,
+        GreedyStep,
+    )
+
+    fusion = FusionReport(
+        method="greedy-soup", space="weight", params={"metric": "accuracy", "strict": False}, metric="accuracy",
+        members=[FusionMemberReport(name="a<b>.pt", file="runs/a<b>.pt", score=0.9, kept=True, max_abs_diff=0.01,
+                                    mean_abs_diff=0.001, top1_agreement=0.98),
+                 FusionMemberReport(name="c.pt", file="c.pt", score=0.1, kept=False, max_abs_diff=2.0)],
+        greedy_steps=[GreedyStep(candidate="a<b>.pt", score=0.9, accepted=True),
+                      GreedyStep(candidate="c.pt", score=0.4, accepted=False)],
+        soup_score=0.9, fused_score=0.95, bn_stats="averaged", notes=["BatchNorm running statistics averaged"],
+        finetune=FinetuneReport(epochs=3, lr=0.01, seed=0, device="cpu", loss="cross-entropy", examples=64,
+                                curve=[1.2, 0.8, 0.5]))
+    r = JobReport(job_id="j1", batch="b", model="soup", source="fuse(greedy-soup: a<b>.pt, c.pt)", target="cpu",
+                  status=JobStatus.succeeded, kind="fuse", fusion=fusion)
+    md = job_markdown(r)
+    assert "## fusion" in md and "- method: **greedy-soup, weight space (one model with merged weights)**" in md
+    assert "- greedy soup: kept 1 of 2 (a<b>.pt); soup score 0.9000" in md
+    assert "- fused model's score: **0.9500 (after the fine-tune)**" in md
+    assert "- BatchNorm statistics: averaged like the other weights (no calibration data)" in md
+    assert "| a<b>.pt | runs/a<b>.pt | member | 0.9000 | yes | 0.010 | 0.001 | 98.0% |" in md
+    assert "| 2 | c.pt | 0.4000 | no |" in md and "| 3 | 0.5000 |" in md
+    assert "cross-entropy loss: 1.2000 -> 0.5000" in md
+    page = job_html(r)
+    assert "<h2>fusion</h2>" in page and "a&lt;b&gt;.pt" in page and "a<b>.pt" not in page
+    assert page.count("<polyline") == 1 and "fine-tune: mean cross-entropy loss per epoch" in page
+    output = r.model_copy(update={"fusion": FusionReport(method="vote", space="output", combine_check=CombineCheck(
+        passed=False, max_abs_err=1.0, samples=3, how="a majority vote in numpy"))})
+    assert "- fused vs its members run separately: DIFFERENT within the job's tolerance on 3 samples" in \
+        job_markdown(output)
+    assert 'class="fail">fused vs its members run separately' in job_html(output)

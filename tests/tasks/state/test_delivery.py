@@ -64,6 +64,29 @@ def test_a_lost_worker_requeues_then_dead_letters(job):
     assert not delivery.admit(store, spec, max_attempts=2).run
 
 
+def test_a_fuse_job_is_requeued_dead_lettered_and_resubmitted_like_any_other(tmp_path):
+    """Delivery does not look at the kind: a fuse job whose worker dies comes back, then becomes a dead letter
+    whose spec (members, method, data) is what `portq retry` sends again."""
+    import torch
+
+    from tests.tasks.fusion.helpers import SmallNet, fuse_spec, save_state_dicts
+
+    store = Store(str(tmp_path / "store"))
+    paths = save_state_dicts(tmp_path / "m", [SmallNet(), SmallNet(), SmallNet()])
+    spec = fuse_spec(store, paths[:2], "ties", base=paths[2], params={"density": 0.5}, batch="fd")
+    raw = spec.model_dump(mode="json")
+    set_record(store, spec, status=JobStatus.running, attempts=1)
+    rec = delivery.worker_lost(store, raw, "Worker exited prematurely: signal 9 (SIGKILL) Job: 1.", max_attempts=2)
+    assert rec.status is JobStatus.queued and rec.kind.value == "fuse" and rec.source == spec.display
+    assert delivery.admit(store, spec, max_attempts=2).run
+    set_record(store, spec, status=JobStatus.running, attempts=2)
+    rec = delivery.worker_lost(store, raw, "Worker exited prematurely: signal 9 (SIGKILL) Job: 2.", max_attempts=2)
+    assert rec.status is JobStatus.failed and rec.dead_letter
+    (dead,) = delivery.dead_letters(store, "fd")
+    assert dead["spec"] == raw and delivery.read_spec(store, "fd", spec.job_id) == spec
+    assert torch.load(store.url(spec.source.base.model.key), weights_only=True)  # the files stay in the store
+
+
 def test_time_limit_is_recorded_with_the_knob_to_turn(job):
     store, spec = job
     set_record(store, spec, status=JobStatus.running, attempts=1)
