@@ -48,6 +48,15 @@ from portq.tasks.core.errors import ConfigError, StoreError
 from portq.tasks.core.settings import redact_url
 
 
+def _parameters(fn: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -81,6 +90,8 @@ def dead_letter_key(batch: str, job_id: str) -> str:
 STAGING = "tmp"
 #: object stores: the file in a result key that names the delivery folder holding the result
 COMMIT = "commit.json"
+#: object stores: how many files `read_many` fetches at once
+_CONCURRENT_READS = 32
 #: object stores: a delivery's own folder under its result key
 _DELIVERY = re.compile(r"^d-[0-9a-f]{12,32}$")
 
@@ -122,6 +133,9 @@ class Store:
                               hint="PORTQ_STORE is a directory or an fsspec URL such as s3://bucket/prefix") from e
         self.local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir: Path | None = None
+        # s3fs asks for an object's size (a HEAD) before a whole-object GET, to split large ones into ranges;
+        # what the store reads this way is small (records, reports, commits): one GET each
+        self._read_kw = {"max_concurrency": 1} if "max_concurrency" in _parameters(self.fs.cat_file) else {}
 
     def __repr__(self) -> str:
         return f"Store({self.display!r})"
@@ -153,30 +167,47 @@ class Store:
         return bool(self._io("check", key, self.fs.exists, self._path(key)))
 
     def read_bytes(self, key: str) -> bytes:
-        return bytes(self._io("read", key, self.fs.cat_file, self._path(key)))
+        return bytes(self._io("read", key, self.fs.cat_file, self._path(key), **self._read_kw))
 
     def read_json(self, key: str) -> Any:
         return self.parse_json(key, self.read_bytes(key))
 
     def read_many(self, keys: list[str]) -> dict[str, bytes]:
-        """The contents of several files at once (concurrent requests on an object store); missing ones left out."""
-        if not keys:
-            return {}
-        paths = {self._path(k): k for k in keys}
-        found = self._io("read", keys[0], self.fs.cat, list(paths), on_error="return")
-        if not isinstance(found, dict):  # one path, given as a list, still comes back as a mapping in fsspec
-            found = {next(iter(paths)): found}
+        """The contents of several files, one GET each, concurrently on an object store; missing ones left out."""
         out: dict[str, bytes] = {}
-        for path, data in found.items():
-            key = paths.get(self.fs._strip_protocol(path), paths.get(path))
-            if key is None:
-                continue
+        for key, data in zip(keys, self._fetch([self._path(k) for k in keys])):
             if isinstance(data, FileNotFoundError):
                 continue
             if isinstance(data, BaseException):
                 raise self._error("read", key, data)
             out[key] = bytes(data)
         return out
+
+    def _fetch(self, paths: list[str]) -> list[Any]:
+        """Each path's bytes or the exception reading it raised (fsspec's `cat` of a list would stat every path
+        first: twice the requests)."""
+        if not getattr(self.fs, "async_impl", False):
+            results: list[Any] = []
+            for path in paths:
+                try:
+                    results.append(self.fs.cat_file(path, **self._read_kw))
+                except Exception as e:  # noqa: BLE001  (returned, as the async branch does)
+                    results.append(e)
+            return results
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def fetch_all() -> list[Any]:
+            limit = asyncio.Semaphore(_CONCURRENT_READS)
+
+            async def one(path: str) -> Any:
+                async with limit:
+                    return await self.fs._cat_file(path, **self._read_kw)
+
+            return await asyncio.gather(*(one(p) for p in paths), return_exceptions=True)
+
+        return list(sync(self.fs.loop, fetch_all))
 
     def list(self, key: str) -> list[str]:
         """Names directly under `key` (empty if it does not exist)."""
@@ -291,8 +322,7 @@ class Store:
         if self.local:
             return key if self.exists(f"{key}/{commit_file}") else None
         try:
-            pointer = self.parse_json(f"{key}/{COMMIT}", self._io("read", f"{key}/{COMMIT}", self.fs.cat_file,
-                                                              self._path(f"{key}/{COMMIT}")))
+            pointer = self.read_json(f"{key}/{COMMIT}")
         except StoreError as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 return None
