@@ -4,6 +4,8 @@ credential anywhere a user or an operator can read."""
 
 import json
 import os
+import posixpath
+import re
 import signal
 import time
 from collections import Counter
@@ -79,6 +81,8 @@ def test_a_batch_on_s3_survives_a_killed_worker_and_resubmits_from_the_cache(tmp
         cached = records(store, "s3again")
         status = run_cli("status", "s3again", env=env)
         report = run_cli("report", "s3again", "--json", env=env)
+        page = run_cli("report", "s3k9", "--format", "html", "--to-store", env=env)
+        local_page = run_cli("report", "s3k9", "--format", "html", "-o", str(tmp_path / "k9.html"), env=env)
     finally:
         b.stop()
         a.stop()
@@ -96,7 +100,18 @@ def test_a_batch_on_s3_survives_a_killed_worker_and_resubmits_from_the_cache(tmp
     doc = json.loads(report.stdout)
     assert doc["store"] == s3_store
     for job in doc["jobs"]:
-        assert job["report"].startswith(f"{s3_store}/results/") and job["result"] == job["report"][:-len("/report.json")]
+        assert job["report"].startswith(f"{s3_store}/results/")
+        assert job["result"] == job["report"][:-len("/report.json")]
+
+    # the batch page in the store links each job's report.html relative to itself; a page written elsewhere
+    # links the full URLs; never a path on the machine that wrote it
+    assert page.returncode == 0 and page.stdout.strip() == f"{s3_store}/batches/s3k9/report.html", page.stderr
+    hrefs = re.findall(r'href="([^"]+)"', store.read_bytes("batches/s3k9/report.html").decode())
+    assert len(hrefs) == 6 and all(h.startswith("../../results/") and h.endswith("/report.html") for h in hrefs)
+    assert all(store.exists(posixpath.normpath(f"batches/s3k9/{h}")) for h in hrefs)
+    assert local_page.returncode == 0, local_page.stderr
+    hrefs = re.findall(r'href="([^"]+)"', (tmp_path / "k9.html").read_text())
+    assert len(hrefs) == 6 and all(h.startswith(f"{s3_store}/results/") for h in hrefs)
 
     # the credentials: nowhere in the workers' logs (banner included), the CLI's output or the store
     seen = "".join([a.output(), b.output(), res.stdout, res.stderr, done.stdout, done.stderr, again.stdout,
