@@ -87,7 +87,8 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         script = write_for_artifact(ctx, handler, result, req, precision.value)
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
-        artifact.size_bytes = result.path.stat().st_size
+        artifact.size_bytes = result.size_bytes
+        artifact.data = [f"{ctx.artifact_id}/{p.name}" for p in result.data]
         step = ctx.step("session")
         probe = MemoryProbe(ev.device).start()
         start = time.perf_counter()
