@@ -113,8 +113,10 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         _write_reports(workdir, report)
         try:
             published = store.publish_dir(workdir, publication, commit_file=REPORT_FILE)
-        except (StoreError, OSError) as e:
-            raise TransientError(f"cannot publish results: {getattr(e, 'message', e)}", step="publish") from e
+        except StoreError as e:
+            raise TransientError(e.cause, step="publish", hint=e.hint) from e
+        except OSError as e:
+            raise TransientError(f"cannot publish {store.url(final)}: {e.strerror or e}", step="publish") from e
     # a second delivery that lost the race points at the first one's folder: one result per job key
     records.transition(store, record, report.status, result=published.folder, cached=False, error=report.error)
     return report

@@ -48,6 +48,14 @@ from portq.tasks.core.errors import ConfigError, StoreError
 from portq.tasks.core.settings import redact_url
 
 
+def _os_reason(e: OSError) -> str:
+    """What went wrong, without the paths: 'No space left on device' (shutil.copytree lists every file's error)."""
+    if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list) and e.args[0]:
+        why = str(e.args[0][0][-1])
+        return re.sub(r"^\[Errno \d+\] ([^:]+).*$", r"\1", why)
+    return e.strerror or str(e)
+
+
 def _parameters(fn: Any) -> set[str]:
     import inspect
 
@@ -363,7 +371,7 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
             if os.path.exists(f"{path}/{commit_file}"):
                 return Published(key, won=False)
-            raise StoreError(f"cannot publish {path}: {e.strerror or e}", step="store") from e
+            raise StoreError(f"cannot publish {path}: {_os_reason(e)}", step="store") from e
         return Published(key, won=True)
 
     def _publish_by_commit(self, local_dir: Path, pub: Publication, commit_file: str) -> Published:
