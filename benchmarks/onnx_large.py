@@ -8,17 +8,17 @@ One model at a time (a stack of square Linear layers, `--gib` of fp32 weights, r
 as a job through `run_job` (in this process unless `--isolate`), checked, and deleted with its results before
 the next. Needs about 4x the model's size in free disk and about 5x in free memory. Prints one row per kind:
 the route that converted it, the sizes of model.onnx and model.onnx.data against the report's `size_bytes`,
-parity, seconds, and this process's peak RSS.
+parity, the job's seconds and its peak resident memory (this process; with --isolate the step's child is apart).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +38,26 @@ class Wide(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) / 1000.0
+
+
+class PeakRss:
+    """This process's peak resident memory while the block runs (sampled every 0.1 s), in bytes."""
+
+    def __enter__(self) -> PeakRss:
+        import psutil
+
+        self.peak, self._proc, self._stop = 0, psutil.Process(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def layers_for(gib: float) -> int:
@@ -91,7 +111,7 @@ def main() -> int:
     print(f"{layers} layers of {WIDTH}x{WIDTH} fp32: {layers * (WIDTH * WIDTH + WIDTH) * 4 / 2**30:.2f} GiB; "
           f"torch {torch.__version__}")
     header = (f"{'source kind':17} {'model GB':>8} {'route':12} {'model.onnx':>11} {'.onnx.data GB':>13} "
-              f"{'size_bytes GB':>13} {'=files':>6} {'parity':>6} {'job s':>6} {'peak RSS GB':>11}"
+              f"{'size_bytes GB':>13} {'=files':>6} {'parity':>6} {'job s':>6} {'job RSS GiB':>11}"
               + (" reproduce" if args.reproduce else ""))
     print(header)
     failures = 0
@@ -105,7 +125,8 @@ def main() -> int:
                               options={"artifacts": [{"format": "onnx"}], "latency": {"warmup": 1, "runs": 3}},
                               load=load).specs
             start = time.perf_counter()
-            report = run_job(spec, store, isolation=ChildProcess() if args.isolate else InProcess())
+            with PeakRss() as rss:
+                report = run_job(spec, store, isolation=ChildProcess() if args.isolate else InProcess())
             seconds = time.perf_counter() - start
             art = report.artifacts[0]
             record = records.read_record(store, spec.batch_id, spec.job_id)
@@ -123,7 +144,7 @@ def main() -> int:
                                      env={"PYTHONPATH": str(HERE), "PATH": "/usr/bin:/bin"})
                 reproduced = " passed" if ran.returncode == 0 and "parity passed" in ran.stdout else " FAILED"
                 ok &= ran.returncode == 0
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            peak = rss.peak / 2**30
             print(f"{kind:17} {path.stat().st_size / 1e9:8.2f} {art.route or '-':12} {onnx_bytes:11d} "
                   f"{data_bytes / 1e9:13.2f} {(art.size_bytes or 0) / 1e9:13.2f} {str(ok):>6} "
                   f"{'pass' if art.parity and art.parity.passed else 'FAIL':>6} {seconds:6.0f} {peak:11.1f}"

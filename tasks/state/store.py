@@ -133,17 +133,21 @@ class Store:
         try:
             self.fs, self.base = fsspec.core.url_to_fs(self.root, **options)
         except ImportError as e:
-            raise ConfigError(f"cannot open store {self.display}: {e}", step="store",
+            raise ConfigError(f"cannot open store {self.display}: {self._shown(e)}", step="store",
                               hint="pip install 'portq[s3]' for s3:// stores" if protocol in ("s3", "s3a")
                               else f"install the fsspec package for {protocol}://") from e
         except ValueError as e:
-            raise ConfigError(f"cannot open store {self.display}: {e}", step="store",
+            raise ConfigError(f"cannot open store {self.display}: {self._shown(e)}", step="store",
                               hint="PORTQ_STORE is a directory or an fsspec URL such as s3://bucket/prefix") from e
         self.local = isinstance(self.fs, LocalFileSystem)
         self._cache_dir: Path | None = None
         # s3fs asks for an object's size (a HEAD) before a whole-object GET, to split large ones into ranges;
         # what the store reads this way is small (records, reports, commits): one GET each
         self._read_kw = {"max_concurrency": 1} if "max_concurrency" in _parameters(self.fs.cat_file) else {}
+
+    def _shown(self, e: BaseException) -> str:
+        """An exception's text, fit to show: the store's URL in it without credentials."""
+        return str(e).replace(self.root, self.display)
 
     def __repr__(self) -> str:
         return f"Store({self.display!r})"
