@@ -81,3 +81,25 @@ def test_missing_credentials_are_named_at_submit(example_models, s3_store, s3_en
                          env={k: v for k, v in os.environ.items() if not k.startswith(("PORTQ_", "AWS_"))} | env)
     assert res.returncode == 1
     assert "no credentials for the object store" in res.stderr and "AWS_ACCESS_KEY_ID" in res.stderr
+
+
+def test_a_failed_job_on_s3_is_retried_and_its_result_stays_whole(example_models, s3_store, s3_env):
+    """A job that fails parity (atol = rtol = 0) publishes under failed/; `portq retry` removes that result and
+    runs the job again, which publishes one whole folder of its own: nothing of the first attempt is left."""
+    from portq.tasks.state import records as batches
+    from portq.tasks.state.store import COMMIT, Store
+
+    env = {**s3_env, "PORTQ_STORE": s3_store}
+    args = ("--batch", "rt", "--atol", "0", "--rtol", "0", "--no-localise", "--runs", "2", "--warmup", "1")
+    first = run_cli("submit", str(example_models["mlp"]), *args, env=env)
+    assert first.returncode == 1, first.stderr
+    store = Store(s3_store)
+    (rec,) = batches.list_records(store, "rt")
+    assert rec.status.value == "failed" and rec.result.startswith(f"failed/{rec.job_id}/d-")
+    again = run_cli("retry", "rt", "--failed", env=env)
+    assert again.returncode == 1 and "resubmitted 1 job(s): mlp" in again.stdout, again.stderr
+    (after,) = batches.list_records(store, "rt")
+    assert after.status.value == "failed" and after.attempts == 1 and after.result != rec.result
+    key, folder = after.result.rsplit("/", 1)
+    assert store.list(key) == sorted([COMMIT, folder]) and store.committed(key) == after.result
+    assert store.read_json(f"{after.result}/report.json")["status"] == "failed"
