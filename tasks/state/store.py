@@ -123,6 +123,9 @@ class Published:
 
 
 class Store:
+    """The shared store: keys (`results/<job key>/...`) under one root, a directory or an fsspec URL. Every
+    failure is a StoreError that names the URL (without credentials) and says what to check."""
+
     def __init__(self, root: str):
         self.root = root.rstrip("/")
         #: the root as shown to users: no user, password or token in it
