@@ -7,10 +7,11 @@ The embedded path calls the very same `run_job` the worker calls, with the same 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
-from portq.tasks.core.errors import ConfigError, TransientError, first_line
+from portq.tasks.core.errors import ConfigError, PortqError, StoreError, TransientError, first_line
 from portq.tasks.core.settings import Settings
 from portq.tasks.state import delivery
 from portq.tasks.state.store import Store
@@ -78,10 +79,11 @@ def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = Non
             if not delivery.admit(store, spec, max_attempts=settings.max_retries + 1).run:
                 continue
             report = run_job(spec, store, worker="embedded", isolation=isolation_for(settings))
-        except TransientError as e:
-            record = records.read_record(store, spec.batch_id, spec.job_id)
-            if record is not None and not record.status.finished:
-                records.transition(store, record, JobStatus.failed, error=e.message)
+        except (TransientError, StoreError) as e:
+            with suppress(PortqError):  # the store may be what failed: then the record cannot say so either
+                record = records.read_record(store, spec.batch_id, spec.job_id)
+                if record is not None and not record.status.finished:
+                    records.transition(store, record, JobStatus.failed, error=e.message)
             continue
         if on_done:
             on_done(report)

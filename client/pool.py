@@ -30,7 +30,7 @@ def worker(
     from portq.worker.main import run_worker
 
     settings = resolve(broker, store)
-    err.print(f"portq worker: queue {queue.value}, broker {settings.broker_display}, store {settings.store}")
+    err.print(f"portq worker: queue {queue.value}, broker {settings.broker_display}, store {settings.store_display}")
     run_worker(settings, queue.value, concurrency=concurrency, loglevel=loglevel, hostname=name)
 
 

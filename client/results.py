@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from portq.client.cli import StoreOpt, app, err, out, resolve
 from portq.client.render import status_table, summary_table
+from portq.tasks.core.errors import ConfigError
 from portq.tasks.reports.content import batch_markdown
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
@@ -45,6 +46,9 @@ def report(
                                                                "or html (self-contained summary page).")]
     = ReportFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
+    to_store: Annotated[bool, typer.Option("--to-store", help="With --format html: write the page into the store "
+                                                              "(batches/BATCH/report.html), its links to the job "
+                                                              "reports relative to it.")] = False,
     store: StoreOpt = None,
 ) -> None:
     """Results per job and artifact: parity, p50 latency, speedup, the best pick, errors."""
@@ -52,6 +56,16 @@ def report(
     rep = batches.batch_report(st, batch)
     if as_json:
         fmt = ReportFormat.json
+    if to_store:
+        from portq.tasks.reports.html import batch_html, batch_page_key
+
+        if fmt is not ReportFormat.html or output is not None:
+            raise ConfigError("--to-store writes the HTML page into the store: use it with --format html and "
+                              "without --output", step="report")
+        key = batch_page_key(batch)
+        st.write_bytes(key, batch_html(rep, page=st.url(key)).encode())
+        out.print(st.url(key))
+        return
     if fmt is ReportFormat.table and output is None:
         out.print(summary_table(rep))
         return

@@ -109,6 +109,7 @@ def submit(
         raise ConfigError("nothing to submit: give model files, or --manifest FILE", step="submit")
     options, load = flags.job_options(), flags.load_options()
     st = Store(settings.store)
+    st.check()  # unreachable, missing bucket, no credentials, read-only: said now, naming the store
     try:
         sub = prepare(models, st, batch=batch, options=options, load=load, force=force,
                       calibration=flags.calibration_files(), max_bytes=settings.max_model_bytes,
@@ -147,14 +148,14 @@ def send(sub: Jobs, st: Store, settings: Settings, *, wait: bool, timeout: float
     for rec in sub.rejected:
         error(rec.error or "")
     if settings.embedded:
-        err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.root}")
+        err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.display}")
         _run_embedded(sub.specs, st, settings)
         wait = True
     else:
         from portq.client.dispatch import enqueue
 
         enqueue(sub.specs, settings, st)
-        err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
+        err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.display}")
     if not wait:
         return
     raise typer.Exit(see_through(st, sub.batch, timeout))
@@ -177,8 +178,9 @@ def follow(st: Store, batch: str, timeout: float = 0, poll: float = 0.5) -> list
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as progress:
         task = progress.add_task(f"batch {batch}", total=None)
+        reader = batches.RecordReader(st, batch)  # each poll fetches only the records that changed
         while True:
-            records = batches.list_records(st, batch)
+            records = reader.read()
             done = sum(r.status.finished for r in records)
             failed = sum(r.status.value == "failed" for r in records)
             progress.update(task, total=len(records), completed=done,
@@ -193,13 +195,13 @@ def follow(st: Store, batch: str, timeout: float = 0, poll: float = 0.5) -> list
 
 def see_through(st: Store, batch: str, timeout: float = 0) -> int:
     """Follow the batch to its end (at once when it has already finished), print its summary; 1 if a job failed."""
-    follow(st, batch, timeout=timeout)
-    return finish(st, batch)
+    records = follow(st, batch, timeout=timeout)
+    return finish(st, batch, records)
 
 
-def finish(st: Store, batch: str) -> int:
+def finish(st: Store, batch: str, records: list[JobRecord] | None = None) -> int:
     """Print the batch summary; 1 if any job failed."""
-    report = batches.batch_report(st, batch)
+    report = batches.batch_report(st, batch, records)
     out.print(summary_table(report))
     hits = sum(j.cached for j in report.jobs)
     if hits:

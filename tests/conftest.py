@@ -30,6 +30,46 @@ def store_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One S3-compatible server (moto) on the loopback for the test run; each test takes a bucket of its own."""
+    from tests.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables for the test server, set in this process (s3fs reads them) and returned for
+    the processes a test starts."""
+    from tests.s3_server import isolated_aws_env
+
+    env = isolated_aws_env(s3_server.endpoint)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    forget_s3_clients()
+    yield env
+    forget_s3_clients()
+
+
+@pytest.fixture
+def s3_store(s3_server, s3_env: dict[str, str]) -> str:
+    """`s3://<a fresh bucket>/portq`, reachable from this process and from those it starts with `s3_env`."""
+    return f"s3://{s3_server.bucket()}/portq"
+
+
+def forget_s3_clients() -> None:
+    """fsspec keeps one filesystem object per set of arguments: a test that changes the AWS variables needs new
+    ones (a process of a real deployment has one environment for its life)."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis database of our own for this test run: claimed with a lock key, flushed before and after.
 

@@ -22,12 +22,14 @@ from portq.tasks.core.contract import QUEUES
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.core.settings import Settings
 from portq.worker import gpu  # noqa: F401  (connects the per-child GPU pinning signal)
-from portq.worker.redact import Redactor, install
+from portq.worker.redact import Redactor, environment_secrets, install
 
 log = logging.getLogger("portq.worker")
 
 #: exit status of a worker that refuses its configuration (sysexits' EX_CONFIG)
 EX_CONFIG = 78
+#: exit status of a worker whose store does not answer or refuses its writes (sysexits' EX_UNAVAILABLE)
+EX_UNAVAILABLE = 69
 
 
 def restore_interval(visibility_timeout: int) -> int:
@@ -86,7 +88,8 @@ class PortqWorker(Worker):
 
     def _redactor(self) -> Redactor:
         settings = getattr(self.app, "portq_settings", None)
-        return Redactor(settings.broker_url if settings else self.app.conf.broker_url)
+        return Redactor(settings.broker_url if settings else self.app.conf.broker_url, secrets=environment_secrets(),
+                        store=settings.store if settings else None)
 
 
 class PortqCelery(Celery):
@@ -134,6 +137,26 @@ def _refuse_unsafe_limits(sender: Any = None, **_: Any) -> None:
         log.critical(message)
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG)
+
+
+@worker_init.connect
+def _refuse_unusable_store(sender: Any = None, **_: Any) -> None:
+    """At start-up: a store this worker cannot reach or write to (unknown scheme, endpoint down, no bucket, no
+    credentials, read-only) stops it with one sentence naming the store, instead of failing every job."""
+    from portq.tasks.core.errors import PortqError
+    from portq.tasks.state.store import Store
+
+    app = getattr(sender, "app", None)
+    settings: Settings | None = getattr(app, "portq_settings", None)
+    if settings is None:
+        return
+    try:
+        Store(settings.store).check()
+    except PortqError as e:
+        message = f"[error] refusing to start: {e.message}"
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG if isinstance(e, ConfigError) else EX_UNAVAILABLE) from None
 
 
 @worker_ready.connect

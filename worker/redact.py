@@ -1,14 +1,17 @@
-"""Keep broker credentials out of everything a worker prints or logs.
+"""Keep broker and store credentials out of everything a worker prints or logs.
 
 Celery prints the broker URL in its start-up banner and in connection messages, with the password
 masked but the user shown (`redis://portq:**@host`); portq shows neither. Every log handler's
 formatter is wrapped, so messages and tracebacks are redacted alike, in the main process and in the
-pool children it forks.
+pool children it forks. The object store's secret key and session token (AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN) are replaced wherever they would appear, too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit
 
 from portq.tasks.core.settings import redact_url
@@ -17,9 +20,22 @@ from portq.tasks.core.settings import redact_url
 MIN_BARE_SECRET = 6
 
 
+#: environment variables whose values are credentials of the object store (botocore reads them)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def environment_secrets(env: Mapping[str, str] | None = None) -> list[str]:
+    """The object-store credentials in the environment, to be kept out of logs like the broker's password."""
+    env = os.environ if env is None else env
+    return [env[name] for name in SECRET_ENV if env.get(name)]
+
+
 class Redactor:
-    def __init__(self, url: str | None):
+    def __init__(self, url: str | None, *, secrets: list[str] | None = None, store: str | None = None):
         self.replacements: list[tuple[str, str]] = []
+        for value in [*(secrets or []), *_url_secrets(store)]:
+            if len(value) >= MIN_BARE_SECRET:
+                self.replacements.append((value, "***"))
         if not url:
             return
         shown = redact_url(url)
@@ -58,6 +74,13 @@ def install(redactor: Redactor) -> None:
         for handler in logger.handlers:
             if not isinstance(handler.formatter, RedactingFormatter):
                 handler.setFormatter(RedactingFormatter(handler.formatter, redactor))
+
+
+def _url_secrets(url: str | None) -> list[str]:
+    if not url or "://" not in url:
+        return []
+    parts = urlsplit(url)
+    return [s for s in {parts.password, unquote(parts.password or "")} if s]
 
 
 def _kombu_uri(url: str) -> str:

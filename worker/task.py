@@ -20,7 +20,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.worker.request import Request
 from portq.tasks.core.contract import CONVERT_TASK, SAFE_ID, JobSpec, JobStatus
-from portq.tasks.core.errors import InputError, PortqError, TransientError
+from portq.tasks.core.errors import InputError, PortqError, StoreError, TransientError
 from portq.tasks.core.settings import Settings
 from portq.tasks.execution.run import workdir_glob
 from portq.tasks.state import delivery
@@ -57,6 +57,13 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
         log.error("rejected a message that is not a valid portq job: %s", problem)
         delivery.reject_message(store, spec, problem)
         raise Reject(f"not a valid portq job: {problem}", requeue=False) from None
+    if task.request.retries > settings.max_retries:
+        # a job that used up its retries while the store was down: record the failure now that it may be up
+        reason = (f"gave up after {settings.max_retries + 1} attempts with transient failures (the store was "
+                  "unreachable; see the worker log)")
+        if _dead_letter_quietly(store, job, reason):
+            raise JobFailed(reason)
+        raise task.retry(countdown=retry_countdown(64, settings), max_retries=None)
     try:
         admission = delivery.admit(store, job, max_attempts=settings.max_retries + 1)
         if not admission.run:
@@ -67,12 +74,17 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
             delivery.refuse(store, job, too_big)
             raise JobFailed(too_big)
         report = run_job(job, store, worker=task.request.hostname, isolation=isolation_for(settings, started))
-    except TransientError as e:
+    except (TransientError, StoreError) as e:
         retries = task.request.retries
         if retries >= settings.max_retries:
             reason = f"gave up after {retries + 1} attempts with transient failures; the last: {e.message}"
             log.error("job %s: %s", job.job_id, reason)
-            _dead_letter_quietly(store, job, reason)
+            if not _dead_letter_quietly(store, job, reason):
+                # The store itself is down, so not even the failure can be recorded: keep the job (retrying at
+                # the longest backoff) rather than drop it with its record saying it still runs.
+                countdown = retry_countdown(64, settings)
+                log.error("job %s: cannot record its failure either; retrying in %ds", job.job_id, countdown)
+                raise task.retry(exc=e, countdown=countdown, max_retries=None) from None
             raise JobFailed(reason) from None
         countdown = retry_countdown(retries, settings)
         log.warning("job %s: transient failure (%s); retry %d of %d in %ds", job.job_id, e.message, retries + 1,
@@ -114,13 +126,16 @@ def _note_retry(store: Store, job: JobSpec, note: str) -> None:
         pass  # the store is what failed; the retry will find out
 
 
-def _dead_letter_quietly(store: Store, job: JobSpec, reason: str) -> None:
+def _dead_letter_quietly(store: Store, job: JobSpec, reason: str) -> bool:
+    """Dead-letter the job; False when the store cannot take even that."""
     from portq.tasks.state import records as batches
 
     try:
         delivery.dead_letter(store, job, batches.read_record(store, job.batch_id, job.job_id), reason)
     except PortqError as e:
         log.error("job %s: cannot record its dead letter either: %s", job.job_id, e.message)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------- in the worker's main process

@@ -22,6 +22,7 @@ are not localised; the report's `localisation` says so. Localisation is a diagno
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,14 +194,21 @@ def _onnx_intermediates(path: Path, names: list[str], sample_feed: dict[str, np.
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(path))
+    # The graph only: its weights may be external (model.onnx.data, past 2 GB no protobuf holds them), so the
+    # widened graph is saved beside the artifact, where its relative references to them still hold.
+    proto = onnx.load(str(path), load_external_data=False)
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    widened = path.parent / f".localise-{os.getpid()}-{path.name}"
+    try:
+        onnx.save(proto, str(widened))
+        session = ort.InferenceSession(str(widened), options, providers=providers)
+    finally:
+        widened.unlink(missing_ok=True)
     out_names = [o.name for o in session.get_outputs()]
     feed = {k: v for k, v in sample_feed.items() if k in {i.name for i in session.get_inputs()}}
     results = session.run(None, feed)

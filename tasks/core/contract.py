@@ -745,7 +745,10 @@ class ArtifactReport(_Report):
     attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
     reproduce: str | None = Field(None, description="a script that redoes the conversion and parity check, "
                                                     "relative to the job's result folder")
-    size_bytes: int | None = None
+    size_bytes: int | None = Field(None, description="the artifact's size: its file and its data files")
+    data: list[str] = Field(default_factory=list, description="files that belong to the artifact and sit beside "
+                                                              "it (ONNX external data: model.onnx.data), relative "
+                                                              "to the job's result folder")
     optimization: OptimizationReport | None = None
     parity: ParityReport | None = None
     latency: LatencyReport | None = None

@@ -131,6 +131,11 @@ class Settings(BaseModel):
     def broker_display(self) -> str:
         return redact_url(self.broker_url) if self.broker_url else "embedded (no broker)"
 
+    @property
+    def store_display(self) -> str:
+        """The store as shown to users: no credentials, should a URL carry any."""
+        return redact_url(self.store) if "://" in self.store else self.store
+
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
         """Flags that are not None win over the environment, which wins over defaults."""

@@ -3,7 +3,7 @@ error boundary.
 
 `run_job` never raises for a job's own failure: whatever goes wrong is recorded, with its step, file and
 cause, in the job's report and state record, and the caller (a Celery task, or the embedded runner)
-carries on. Only `TransientError` (storage trouble) escapes, so the queue can retry it. Whether a
+carries on. Only `TransientError` and `StoreError` (storage trouble) escape, so the queue can retry them. Whether a
 delivery runs at all is decided before, by `portq.tasks.state.delivery.admit`, for the queue and the
 embedded default alike.
 
@@ -76,10 +76,11 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     key = spec.job_key(tools)
     cache = result_key(key)
 
-    if not spec.force and store.exists(f"{cache}/{REPORT_FILE}"):
-        report = read_versioned(JobReport, store.read_json(f"{cache}/{REPORT_FILE}"), store.url(cache))
+    cached = None if spec.force else _committed(store, cache)
+    if cached is not None:
+        report = read_versioned(JobReport, store.read_json(f"{cached}/{REPORT_FILE}"), store.url(cached))
         if report.status is JobStatus.succeeded:
-            records.transition(store, record, JobStatus.succeeded, fresh=fresh, result=cache, cached=True)
+            records.transition(store, record, JobStatus.succeeded, fresh=fresh, result=cached, cached=True)
             return report.model_copy(update={"cached": True, "job_id": spec.job_id, "batch": spec.batch_id,
                                              "model": spec.model})
 
@@ -93,8 +94,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         try:
             with captured(workdir / LOG_FILE):
                 _convert(spec, store, workdir, report, isolation or InProcess())
-        except TransientError:
-            raise
+        except (TransientError, StoreError):
+            raise  # storage trouble: the queue retries the job, with backoff
         except PortqError as e:
             _fail(report, e.at(file=spec.display))
         except Exception as e:  # a bug in portq or a library: still a recorded failure, never a dead worker
@@ -110,16 +111,28 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
             final = cache if not spec.force else f"{cache}-{spec.job_id}"
         else:
             final = failed_key(spec.job_id)
-        report.result = store.url(final)
+        # the folder this delivery publishes: the result key itself, or a folder of its own on an object store
+        publication = store.publication(final)
+        report.result = store.url(publication.folder)
         report.finished_at = utcnow()
         report.duration_s = round(time.perf_counter() - start, 3)
         _write_reports(workdir, report)
         try:
-            store.publish_dir(workdir, final, commit_file=REPORT_FILE)
-        except (StoreError, OSError) as e:
-            raise TransientError(f"cannot publish results: {e}", step="publish") from e
-    records.transition(store, record, report.status, result=final, cached=False, error=report.error)
+            published = store.publish_dir(workdir, publication, commit_file=REPORT_FILE)
+        except StoreError as e:
+            raise TransientError(e.cause, step="publish", hint=e.hint) from e
+        except OSError as e:
+            raise TransientError(f"cannot publish {store.url(final)}: {e.strerror or e}", step="publish") from e
+    # a second delivery that lost the race points at the first one's folder: one result per job key
+    records.transition(store, record, report.status, result=published.folder, cached=False, error=report.error)
     return report
+
+
+def _committed(store: Store, key: str) -> str | None:
+    try:
+        return store.committed(key, REPORT_FILE)
+    except StoreError as e:
+        raise TransientError(e.cause, step="store", hint=e.hint) from e
 
 
 def _artifact_problem(a: ArtifactReport) -> str:

@@ -117,7 +117,8 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
                                     recipe_modules=variant.recipe_modules)
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
-        artifact.size_bytes = result.path.stat().st_size
+        artifact.size_bytes = result.size_bytes
+        artifact.data = [f"{ctx.artifact_id}/{p.name}" for p in result.data]
         step = ctx.step("session")
         probe = MemoryProbe(ev.device).start()
         start = time.perf_counter()
@@ -190,7 +191,8 @@ def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: 
         options = handler.adopt(base, out, facts, ctx.options) if handler.adopt is not None else ctx.options
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
-    return Optimized(report, options, ExportResult(path=out, route=route, opset=opset or _opset_of(out)),
+    data = sorted(p for p in ctx.out_dir.iterdir() if p.name.startswith(out.name + "."))  # e.g. model.onnx.data
+    return Optimized(report, options, ExportResult(path=out, route=route, opset=opset or _opset_of(out), data=data),
                      recipe_options=opts)
 
 

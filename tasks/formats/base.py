@@ -72,6 +72,12 @@ class ExportResult:
     path: Path
     route: str
     opset: int | None = None
+    data: list[Path] = field(default_factory=list)  # files the artifact needs beside it (ONNX external data)
+
+    @property
+    def size_bytes(self) -> int:
+        """The artifact's true size: the file and the data files that belong to it."""
+        return sum(p.stat().st_size for p in [self.path, *self.data])
 
 
 @dataclass(frozen=True)

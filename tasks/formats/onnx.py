@@ -10,10 +10,14 @@ Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
   ts2ep_decomposed   the same, decomposed first
 For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
 
-Options (`OnnxOptions`): the opset, and onnxruntime's session settings for running the artifact.
-Variants: `opset17`, and the optimizations made from the default artifact by the recipes in
-`onnx_optimize` (ort-basic, ort-extended, ort-all, ort-transformer, slim) and `onnx_precision` (fp16,
+Options (`OnnxOptions`): the opset, where the weights go (`external_data`), and onnxruntime's session settings for
+running the artifact. Variants: `opset17`, `external`, and the optimizations made from the default artifact by the
+recipes in `onnx_optimize` (ort-basic, ort-extended, ort-all, ort-transformer, slim) and `onnx_precision` (fp16,
 fp16-mixed, int8-dynamic, int8-static).
+
+Weights over 1 GiB (or all of them, with `external_data: always`) are written to `model.onnx.data` beside
+`model.onnx`, whichever route exported them: the two files are one artifact (its size counts both), moved,
+published and opened together.
 """
 
 from __future__ import annotations
@@ -50,9 +54,19 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     _name_dynamic_dims(model, req)
     entry = model.metadata_props.add()
     entry.key, entry.value = META_INPUTS, json.dumps(req.input_names)
-    # Loaded without external data, the proto keeps its references to any external tensor files.
+    # Loaded without external data, the proto keeps its references to its external weights (model.onnx.data).
     onnx.save(model, str(path))
-    return ExportResult(path=path, route=route, opset=opset)
+    return ExportResult(path=path, route=route, opset=opset, data=external_data_files(path))
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The external data files the ONNX file at `path` refers to (beside it), which belong to the artifact."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    header = onnx.load(str(path), load_external_data=False)
+    names = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(header) if uses_external_data(t)})
+    return [path.parent / n for n in names]
 
 
 def _name_dynamic_dims(model: Any, req: ExportRequest) -> None:
@@ -91,6 +105,9 @@ class OnnxOptions(BaseModel):
                                            "the session must not run (an optimized file says which)")
     intra_op_threads: int | None = Field(None, ge=0, description="onnxruntime's intra-op threads (0/unset: its "
                                                                   "default)")
+    external_data: Literal["auto", "always"] = Field(
+        "auto", description="keep the weights in model.onnx.data beside model.onnx: always, or (auto) when they "
+                            "pass 1 GiB (an ONNX file cannot pass 2 GB)")
 
 
 def open_checked(path: str, device: str, options: dict[str, Any]) -> OrtRuntime:
@@ -173,6 +190,8 @@ def _no_native_fp16(target: str) -> str | None:
 
 for variant in (
     Variant("opset17", "ONNX at opset 17, for runtimes that do not read opset 18 yet", fixed={"opset": 17}),
+    Variant("external", "ONNX with every weight in model.onnx.data beside model.onnx (what models over 2 GB get "
+            "anyway)", fixed={"external_data": "always"}),
     Variant("ort-basic", "onnxruntime's basic graph optimizations (constant folding, redundant nodes), saved "
             "offline", base="default", transform=onnx_optimize.ort_basic, recipe_modules=_GRAPH),
     Variant("ort-extended", "onnxruntime's extended optimizations (operator fusions) saved offline, portable; "

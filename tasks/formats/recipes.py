@@ -80,11 +80,63 @@ def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], d
 
 # ------------------------------------------------------------------------------------------------ ONNX
 
+#: Weights above this many bytes go to external data (`model.onnx.data`) when `external_data` is "auto": a
+#: protobuf file cannot pass 2 GB, and onnxruntime maps external weights instead of parsing them.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def weight_bytes(target: Any) -> int:
+    """Bytes of weights (parameters, buffers, an ExportedProgram's constants) the export will carry."""
+    tensors: list[Any] = []
+    state = getattr(target, "state_dict", None)
+    tensors += list((state() if callable(state) else state or {}).values())
+    tensors += list((getattr(target, "constants", None) or {}).values())
+    return sum(int(t.numel()) * int(t.element_size()) for t in tensors if hasattr(t, "element_size"))
+
+
+def external_data_wanted(target: Any, opts: dict[str, Any]) -> bool:
+    """Whether the ONNX file keeps its weights in external data: always, or (auto) when they are large."""
+    mode = opts.get("external_data") or "auto"
+    return mode == "always" or weight_bytes(target) > EXTERNAL_DATA_BYTES
+
+
+def onnx_weights_beside(path: str, external: bool) -> None:
+    """Leave the ONNX file at `path` with its external weights, if any, in one file beside it, `<name>.data`.
+
+    Exporters differ: the dynamo exporter writes `<name>.data` (or nothing, for small weights); the TorchScript-
+    based exporter, past 2 GB, one file per tensor. With `external`, small weights are moved out too. The file
+    and its data are one artifact: every runtime finds the data through the file's relative reference.
+    """
+    import os
+
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    header = onnx.load(path, load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in _get_all_tensors(header) if uses_external_data(t)}
+    data_name = os.path.basename(path) + ".data"
+    if locations == {data_name} or not (external or locations):
+        return
+    model = onnx.load(path)  # the weights, from wherever the exporter put them
+    folder = os.path.dirname(os.path.abspath(path))
+    for location in locations | {data_name}:
+        if os.path.exists(os.path.join(folder, location)):
+            os.remove(os.path.join(folder, location))
+    # tensors of a few elements (a TopK's k, a Reshape's shape) stay inline: onnxruntime's shape inference
+    # must read them from the graph
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=64)
+
+
 def _onnx_export(target: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any], **kw: Any) -> None:
     import torch
 
+    external = external_data_wanted(target, opts)
+    if kw.get("dynamo"):
+        kw["external_data"] = external
     torch.onnx.export(target, args, path, opset_version=opts.get("opset") or DEFAULT_OPSET,
                       input_names=opts["input_names"], output_names=opts["output_names"], verbose=False, **kw)
+    onnx_weights_beside(path, external)
 
 
 def onnx_passthrough(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
@@ -111,9 +163,9 @@ def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, A
     if source.script is not None:
         raise NotApplicable("the dynamo exporter does not take TorchScript modules")
     if source.program is not None:
-        _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True, external_data=False)
+        _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True)
     else:
-        _onnx_export(source.module, args, path, opts, dynamo=True, external_data=False,
+        _onnx_export(source.module, args, path, opts, dynamo=True,
                      dynamic_shapes=dynamic_shapes(args, opts))
 
 
@@ -122,8 +174,7 @@ def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: 
     _torch_source(source)
     if source.script is not None:
         raise NotApplicable("TorchScript sources take the ts2ep routes")
-    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
-                 external_data=False)
+    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True)
 
 
 def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
@@ -159,7 +210,7 @@ def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, An
     _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
-    _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True, external_data=False)
+    _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True)
 
 
 def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
@@ -167,8 +218,7 @@ def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: d
     _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
-    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True,
-                 external_data=False)
+    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True)
 
 
 # ----------------------------------------------------------------------------------------- TorchScript

@@ -142,6 +142,9 @@ def main() -> int:
     source = build_source(SETTINGS["source"], cli.model)
     source.module = source.module.to(device) if hasattr(source.module, "to") else source.module
     source_runtime = TorchRuntime(source.module, device, move=False)
+    # the source's outputs first: an exporter may leave the module changed (the TorchScript-based one leaves a
+    # ScriptModule that no longer runs under inference_mode)
+    references = [call(source_runtime, sample) for sample in samples]
     example = to_tensors(samples[SETTINGS["export_sample"]], device)
     if SETTINGS["transform"]:  # an optimization: export the base artifact, then run the optimization recipe
         out = Path(cli.out)
@@ -160,7 +163,7 @@ def main() -> int:
     checks: dict[str, OutputCheck] = {{}}
     passed = True
     for i, sample in enumerate(samples):
-        reference = call(source_runtime, sample)
+        reference = references[i]
         actual = call(artifact, sample)
         if len(actual) != len(reference):
             print(f"sample {{i}}: the artifact returns {{len(actual)}} outputs, the source {{len(reference)}}")

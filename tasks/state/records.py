@@ -27,7 +27,7 @@ from portq.tasks.core.contract import (
     read_versioned,
     utcnow,
 )
-from portq.tasks.core.errors import InputError, PortqError, StoreError
+from portq.tasks.core.errors import InputError, PortqError
 from portq.tasks.state.store import Store, record_key
 from pydantic import ValidationError
 
@@ -86,20 +86,42 @@ def write_record(store: Store, record: JobRecord) -> None:
 
 def read_record(store: Store, batch: str, job_id: str) -> JobRecord | None:
     key = record_key(batch, job_id)
-    if not store.exists(key):
-        return None
-    return JobRecord.model_validate(store.read_json(key))
+    data = store.read_many([key]).get(key)  # one request: a missing record is None, not an error
+    return None if data is None else JobRecord.model_validate(store.parse_json(key, data))
+
+
+class RecordReader:
+    """A batch's records as they change: each `read()` lists the batch's record folder once, with every
+    record's version (its ETag on an object store; inode, mtime and size in a directory), and fetches only the
+    records that are new or changed since the last read, concurrently. Following a batch of N jobs to its end
+    costs one listing per poll plus one read per change, not N reads per poll."""
+
+    def __init__(self, store: Store, batch: str):
+        self.store = store
+        self.batch = batch
+        self._seen: dict[str, tuple[str, JobRecord]] = {}  # record file name -> (version, record)
+
+    def read(self) -> list[JobRecord]:
+        folder = f"batches/{self.batch}/jobs"
+        versions = {n: v for n, v in self.store.versions(folder).items() if n.endswith(".json")}
+        changed = [n for n, v in versions.items() if n not in self._seen or self._seen[n][0] != v]
+        fetched = self.store.read_many([f"{folder}/{n}" for n in changed])
+        for name in changed:
+            data = fetched.get(f"{folder}/{name}")
+            try:
+                record = JobRecord.model_validate_json(data) if data is not None else None
+            except ValidationError:
+                record = None  # a record being replaced right now; the next read has it whole
+            if record is not None:
+                self._seen[name] = (versions[name], record)
+        for name in set(self._seen) - set(versions):
+            del self._seen[name]
+        return sorted((r for _, r in self._seen.values()), key=lambda r: (r.model, r.target.value, r.job_id))
 
 
 def list_records(store: Store, batch: str) -> list[JobRecord]:
-    names = [n for n in store.list(f"batches/{batch}/jobs") if n.endswith(".json")]
-    records = []
-    for name in names:
-        try:
-            records.append(JobRecord.model_validate(store.read_json(f"batches/{batch}/jobs/{name}")))
-        except (StoreError, ValidationError):
-            continue  # a record being replaced right now; the next poll reads it
-    return sorted(records, key=lambda r: (r.model, r.target.value, r.job_id))
+    """Every record of the batch, read once (one listing, then the records concurrently)."""
+    return RecordReader(store, batch).read()
 
 
 def list_batches(store: Store) -> list[str]:
@@ -110,17 +132,18 @@ def require_batch(store: Store, batch: str) -> list[JobRecord]:
     records = list_records(store, batch)
     if not records:
         known = list_batches(store)
-        raise InputError(f"no batch {batch!r} in store {store.root}", step="report",
+        raise InputError(f"no batch {batch!r} in store {store.display}", step="report",
                          hint=f"known batches: {', '.join(known[-10:]) or '(none)'}")
     return records
 
 
 def read_report(store: Store, record: JobRecord) -> JobReport | None:
     """The job's report.json; an OlderVersionError when an older portq wrote it."""
-    if not record.result or not store.exists(f"{record.result}/report.json"):
+    if not record.result:
         return None
     key = f"{record.result}/report.json"
-    return read_versioned(JobReport, store.read_json(key), store.url(key))
+    data = store.read_many([key]).get(key)
+    return None if data is None else read_versioned(JobReport, store.parse_json(key, data), store.url(key))
 
 
 def counts(records: list[JobRecord]) -> dict[str, int]:
@@ -128,15 +151,21 @@ def counts(records: list[JobRecord]) -> dict[str, int]:
     return {s.value: c.get(s.value, 0) for s in JobStatus} | {"total": len(records)}
 
 
-def batch_report(store: Store, batch: str) -> BatchReport:
-    records = require_batch(store, batch)
+def batch_report(store: Store, batch: str, records: list[JobRecord] | None = None) -> BatchReport:
+    """The batch's report: each record with its job's report.json (the reports read concurrently).
+    `records`: the batch's records when the caller has just read them."""
+    records = records or require_batch(store, batch)
+    keys = {r.job_id: f"{r.result}/report.json" for r in records if r.status.finished and r.result}
+    found = store.read_many(list(keys.values()))
     jobs = []
     for r in records:
-        report = read_report(store, r) if r.status.finished else None
+        key = keys.get(r.job_id)
+        report = read_versioned(JobReport, store.parse_json(key, found[key]), store.url(key)) \
+            if key and key in found else None
         jobs.append(BatchJob(
             job_id=r.job_id, kind=r.kind, model=r.model, source=r.source, target=r.target, status=r.status,
             error=r.error, cached=r.cached, result=report.result if report else None,
-            report=store.url(f"{r.result}/report.json") if report else None,
+            report=store.url(key) if report and key else None,
             artifacts=report.artifacts if report else [], best=report.best if report else None,
         ))
-    return BatchReport(batch=batch, store=store.root, counts=counts(records), jobs=jobs)
+    return BatchReport(batch=batch, store=store.display, counts=counts(records), jobs=jobs)

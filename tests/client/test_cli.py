@@ -72,8 +72,8 @@ def test_input_spec_and_tolerance_flags(tmp_path, env):
 @pytest.mark.parametrize("args, message", [
     (["--input", "ids:int64[2,4]"], "need a value range"),
     (["--format", "gif"], "'gif' is not an artifact: a format (onnx, torchscript, pt2, aoti)"),
-    (["--format", "onnx.opset99"], "artifact onnx.opset99: unknown onnx variant 'opset99'; known: default, fp16, "
-                                   "fp16-mixed"),
+    (["--format", "onnx.opset99"], "artifact onnx.opset99: unknown onnx variant 'opset99'; known: default, external, "
+                                   "fp16, fp16-mixed"),
     (["--format", "onnx.opset17", "--format", "onnx", "--opset", "3"], "artifact onnx: option opset: Input should be "
                                                                         "greater than or equal to 7"),
     (["--target", "tpu"], "Invalid value for '--target'"),

@@ -45,6 +45,17 @@ def test_a_worker_refuses_to_start_when_its_time_limit_outlasts_the_visibility_t
     assert "sup3rsecret" not in res.stdout + res.stderr
 
 
+def test_a_worker_refuses_to_start_on_a_store_it_cannot_open(tmp_path):
+    import os
+
+    env = {**os.environ, "PORTQ_BROKER_URL": "redis://127.0.0.1:1/0", "PORTQ_STORE": "nosuch://user:s3cretpass@b/p"}
+    res = subprocess.run([sys.executable, "-m", "celery", "-A", "portq.worker.app", "worker", "-Q", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 78, res.stderr
+    assert "refusing to start: [step store] cannot open store nosuch://***@b/p: Protocol not known" in res.stderr
+    assert "s3cretpass" not in res.stdout + res.stderr
+
+
 def test_worker_main_process_does_not_import_torch():
     code = ("import sys; import portq.worker.app, portq.worker.main, portq.worker.task, portq.tasks.execution.run, "
             "portq.tasks.state.delivery, portq.tasks.execution.isolation; "

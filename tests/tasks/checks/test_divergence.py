@@ -54,7 +54,12 @@ def _bump_initializer(name, delta):
         array = onnx.numpy_helper.to_array(init).copy()
         array.reshape(-1)[0] += np.float32(delta)  # one element: a uniform shift would vanish in LayerNorm/softmax
         init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), name))
-        onnx.save(model, str(path))
+        data = path.parent / f"{path.name}.data"
+        if data.exists():  # the weights stay where they were: external data beside the file
+            data.unlink()
+            onnx.save_model(model, str(path), save_as_external_data=True, location=data.name, size_threshold=64)
+        else:
+            onnx.save(model, str(path))
     return mutate
 
 
@@ -81,6 +86,19 @@ def test_onnx_divergence_is_named_at_the_perturbed_layer(program_file, tmp_path,
     assert (d.node, d.op_type, d.module, d.module_class, d.source_node) == (node, op_type, module, module_class, fx)
     assert d.max_abs_err > 0.1 and d.compared >= 1
     assert node in report.error and "first diverges" in report.error
+
+
+def test_an_artifact_with_external_data_is_localised_too(program_file, tmp_path, monkeypatch):
+    """model.onnx + model.onnx.data: the widened graph is run beside the artifact, where its weights are found."""
+    handler = FORMATS.get("onnx")
+    perturbed = _perturbing(handler, _bump_initializer("net.2.weight", 0.5))
+    perturbed.variants = handler.variants
+    monkeypatch.setitem(FORMATS._items, "onnx", perturbed)
+    report = run_job_and_check_failed(program_file, tmp_path, formats=["onnx.external"])
+    (art,) = report.artifacts
+    assert art.data == ["onnx.external/model.onnx.data"]
+    d = art.parity.first_divergence
+    assert d is not None and d.node == "node_linear_1", art.parity.localisation
 
 
 def run_job_and_check_failed(program_file, tmp_path, **kw):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 from portq.tasks.core.errors import StoreError
-from portq.tasks.state.store import Store
+from portq.tasks.state.store import Published, Store
 
 
 def test_write_and_read_json_atomically(tmp_path):
@@ -26,12 +26,12 @@ def test_publish_dir_is_all_or_nothing_and_only_once(tmp_path):
     first.mkdir()
     (first / "model.onnx").write_bytes(b"one")
     (first / "report.json").write_text(json.dumps({"n": 1}))
-    assert store.publish_dir(first, "results/k") is True
+    assert store.publish_dir(first, "results/k").won
     second = tmp_path / "second"
     second.mkdir()
     (second / "model.onnx").write_bytes(b"two")
     (second / "report.json").write_text(json.dumps({"n": 2}))
-    assert store.publish_dir(second, "results/k") is False
+    assert store.publish_dir(second, "results/k") == Published("results/k", won=False)
     assert store.read_bytes("results/k/model.onnx") == b"one"
     assert store.list("results") == ["k"]
 
@@ -68,7 +68,7 @@ def test_publish_replaces_an_incomplete_folder(tmp_path):
     done.mkdir()
     (done / "model.onnx").write_bytes(b"whole")
     (done / "report.json").write_text("{}")
-    assert store.publish_dir(done, "results/k")
+    assert store.publish_dir(done, "results/k").won
     assert store.read_bytes("results/k/model.onnx") == b"whole"
 
 
