@@ -148,8 +148,10 @@ def onnx_passthrough(source: Any, args: tuple[Any, ...], path: str, opts: dict[s
     if getattr(source, "onnx", None) is None:
         raise NotApplicable("the source is not an ONNX file")
     model = onnx.load(source.onnx, load_external_data=True)
-    external = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
-    onnx.save_model(model, path, save_as_external_data=external, location=os.path.basename(path) + ".data")
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = (opts.get("external_data") or "auto") == "always" or size > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
 
 
 def _torch_source(source: Any) -> None:
