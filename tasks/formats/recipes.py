@@ -150,8 +150,9 @@ def onnx_passthrough(source: Any, args: tuple[Any, ...], path: str, opts: dict[s
     model = onnx.load(source.onnx, load_external_data=True)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     external = (opts.get("external_data") or "auto") == "always" or size > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data", size_threshold=1024)
+    onnx.save_model(model, path, save_as_external_data=size > EXTERNAL_DATA_BYTES, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data")
+    onnx_weights_beside(path, external)
 
 
 def _torch_source(source: Any) -> None:
