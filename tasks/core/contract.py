@@ -750,6 +750,9 @@ class ArtifactReport(_Report):
                                                               "it (ONNX external data: model.onnx.data), relative "
                                                               "to the job's result folder")
     optimization: OptimizationReport | None = None
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage of this artifact's "
+                                      "step: export (or optimize), script, session, parity, latency, localise; "
+                                      "step: all of it as the job saw it; isolation: step minus the rest")
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
     best: bool = Field(False, description="the fastest artifact of its job that passed parity")
@@ -854,6 +857,10 @@ class JobReport(_Report):
     started_at: str | None = None
     finished_at: str | None = None
     duration_s: float | None = None
+    queued_s: float | None = Field(None, description="from submission to the job's start (the queue's wait)")
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage: load, inputs, source "
+                                      "(its parity runs and latency), artifacts (every artifact's step), reports, "
+                                      "publish; each artifact has its own breakdown")
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
     fusion: FusionReport | None = Field(None, description="fuse jobs: how the source model was fused")
 

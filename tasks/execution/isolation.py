@@ -168,8 +168,22 @@ def isolation_for(settings: Settings, started: float | None = None) -> Isolation
         return InProcess()
     start = time.monotonic() if started is None else started
     margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
+    warm_up()
     return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
                         deadline=start + settings.task_time_limit - margin)
+
+
+def warm_up() -> None:
+    """Start this process's forkserver now, if it is not running, without waiting for it: it imports torch
+    and the exporters (seconds) while the job builds its source and times it, instead of when the first
+    artifact's step forks. Later calls cost nothing."""
+    import multiprocessing.forkserver as server
+
+    forkserver()
+    try:
+        server.ensure_running()
+    except OSError:  # it starts on the first step then, as before
+        pass
 
 
 @lru_cache(maxsize=1)

@@ -88,6 +88,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
                        worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle)
+    report.queued_s = _seconds_between(spec.submitted_at, report.started_at)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=workdir_prefix(spec.job_id)) as tmp:
         workdir = Path(tmp)
@@ -154,9 +155,21 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
     from portq.tasks.reports.content import job_markdown
     from portq.tasks.reports.html import job_html
 
-    (workdir / "report.md").write_text(job_markdown(report))
-    (workdir / "report.html").write_text(job_html(report))
+    start = time.perf_counter()
+    markdown, html = job_markdown(report), job_html(report)
+    report.timings["reports"] = round(time.perf_counter() - start, 4)  # report.json itself comes last
+    (workdir / "report.md").write_text(markdown)
+    (workdir / "report.html").write_text(html)
     (workdir / REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
+
+
+def _seconds_between(earlier: str, later: str | None) -> float | None:
+    from datetime import datetime
+
+    try:
+        return round((datetime.fromisoformat(later or "") - datetime.fromisoformat(earlier)).total_seconds(), 3)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- the work
@@ -192,6 +205,16 @@ def _run_planned(item: Planned, spec: JobSpec, store: Store, workdir: Path, evid
     return _labelled(isolation.run_step(run_artifact, ctx), item)
 
 
+def _step_time(artifact: ArtifactReport, seconds: float) -> None:
+    """The whole step as the job saw it, and what was not the step's own work (a child's start, the source's
+    rebuild in it, the report's trip back)."""
+    if artifact.status is StepStatus.skipped and not artifact.timings:
+        return
+    own = sum(artifact.timings.values())
+    artifact.timings["step"] = round(seconds, 4)
+    artifact.timings["isolation"] = round(max(seconds - own, 0.0), 4)
+
+
 def _labelled(artifact: ArtifactReport, item: Planned) -> ArtifactReport:
     """Say why the artifact is in the job (asked for, an --optimize candidate, a base, a repair)."""
     artifact.requested_by = item.requested_by
@@ -216,16 +239,22 @@ def _repair_for(item: Planned, artifact: ArtifactReport, spec: JobSpec) -> Plann
 def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation) -> None:
     from portq.tasks.checks.runners import torch_device
     from portq.tasks.execution.source_run import gather_evidence, resolve_inputs
+    from portq.tasks.execution.timings import Stopwatch
     from portq.tasks.formats.reproduce import write_inputs
     from portq.tasks.formats.selection import plan
     from portq.tasks.reports.content import mark_best
     from portq.tasks.sources.builders import build_source, builder_for
 
+    clock = Stopwatch()
+    report.timings = clock.stages  # filled in as the job goes: a failure still shows where the time went
     device = torch_device(spec.target)
-    model = build_source(spec, store)
-    sig = resolve_inputs(spec, store, model)
+    with clock.stage("load"):
+        model = build_source(spec, store)
+    with clock.stage("inputs"):
+        sig = resolve_inputs(spec, store, model)
     report.inputs = sig.describe()
-    evidence = gather_evidence(spec, model, sig, device)
+    with clock.stage("source"):
+        evidence = gather_evidence(spec, model, sig, device)
     report.environment = evidence.environment
     annotate = builder_for(spec.kind.value).annotate
     if annotate is not None:  # the kind's own section (fuse: how the model was fused, against its members)
@@ -236,7 +265,10 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     queue = plan(spec.options, spec.target.value)
     while queue:
         item = queue.pop(0)
+        step_start = time.perf_counter()
         artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation)
+        _step_time(artifact, time.perf_counter() - step_start)
+        clock.add("artifacts", time.perf_counter() - step_start)
         report.artifacts.append(artifact)
         if artifact.status is StepStatus.succeeded and artifact.path:
             made[artifact.id] = artifact

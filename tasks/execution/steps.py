@@ -24,6 +24,7 @@ from portq.tasks.core.contract import (
     StepStatus,
 )
 from portq.tasks.core.errors import PortqError, first_line
+from portq.tasks.execution.timings import Stopwatch
 from portq.tasks.sources.loading import LoadedModel
 from portq.tasks.state.store import Store
 
@@ -81,6 +82,8 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance
     artifact = new_report(ctx.request, options=ctx.options)
     variant = handler.variants.get(ctx.request.variant)
+    clock = Stopwatch()
+    artifact.timings = clock.stages
     step = ctx.step("export")
     try:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,13 +96,15 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         transform = None
         if variant.transform is None:
             try:
-                result = handler.export(req)
+                with clock.stage("export"):
+                    result = handler.export(req)
             finally:
                 artifact.attempts = attempt_reports(req)
         else:
             step = ctx.step("optimize")
             try:
-                made = optimize(ctx, handler, variant, req, precision)
+                with clock.stage("optimize"):
+                    made = optimize(ctx, handler, variant, req, precision)
             finally:
                 artifact.attempts = attempt_reports(req)
             artifact.optimization = made.report
@@ -113,8 +118,9 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
             artifact.options = made.options
         artifact.route, artifact.opset = result.route, result.opset
         step = ctx.step("export")
-        script = write_for_artifact(ctx, handler, result, req, precision.value, transform=transform,
-                                    recipe_modules=variant.recipe_modules)
+        with clock.stage("script"):
+            script = write_for_artifact(ctx, handler, result, req, precision.value, transform=transform,
+                                        recipe_modules=variant.recipe_modules)
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
         artifact.size_bytes = result.size_bytes
@@ -124,18 +130,22 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         start = time.perf_counter()
         runner = handler.open_runner(result.path, ev.device, ctx.options)
         load_ms = (time.perf_counter() - start) * 1e3
+        clock.add("session", load_ms / 1e3)
         step = ctx.step("parity")
-        actual = [call(runner, s) for s in ev.samples]
-        artifact.parity = compare(ev.reference, actual, tolerance, seed=ctx.spec.options.parity.seed,
-                                  device=ev.device, precision=precision, user_samples=ev.user_samples,
-                                  sample_shapes=ev.sample_shapes())
+        with clock.stage("parity"):
+            actual = [call(runner, s) for s in ev.samples]
+            artifact.parity = compare(ev.reference, actual, tolerance, seed=ctx.spec.options.parity.seed,
+                                      device=ev.device, precision=precision, user_samples=ev.user_samples,
+                                      sample_shapes=ev.sample_shapes())
         step = ctx.step("latency")
-        artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
-                                         host_copies=handler.format.value == "onnx")
+        with clock.stage("latency"):
+            artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
+                                             host_copies=handler.format.value == "onnx")
         if not artifact.parity.passed and ctx.spec.options.parity.localise:
             step = ctx.step("localise")
-            artifact.parity.first_divergence, artifact.parity.localisation = localise(
-                handler, ctx, result.path, runner, artifact)
+            with clock.stage("localise"):
+                artifact.parity.first_divergence, artifact.parity.localisation = localise(
+                    handler, ctx, result.path, runner, artifact)
         artifact.status = StepStatus.succeeded
     except PortqError as e:
         artifact.error = e.at(step=step, file=ctx.display).message
