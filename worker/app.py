@@ -21,7 +21,10 @@ from kombu import Queue
 from portq.tasks.core.contract import QUEUES
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.core.settings import Settings
-from portq.worker import gpu  # noqa: F401  (connects the per-child GPU pinning signal)
+from portq.worker import (
+    gpu,  # noqa: F401  (connects the per-child GPU pinning signal)
+    warm,  # noqa: F401  (then warms each child: after the pinning, so in this order)
+)
 from portq.worker.redact import Redactor, environment_secrets, install
 
 log = logging.getLogger("portq.worker")

@@ -58,11 +58,16 @@ _SIGNAL_MEANING = {
 class Isolation(Protocol):
     """How a job runs each of its artifact steps."""
 
+    def prepare(self) -> None: ...
+
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport: ...
 
 
 class InProcess:
     """Run the step right here (PORTQ_ISOLATE=0): no overhead, no protection."""
+
+    def prepare(self) -> None:
+        pass
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         return step(ctx)
@@ -87,6 +92,10 @@ class ChildProcess:
         if self.deadline is not None:
             limits.append(self.deadline - time.monotonic())
         return min(limits) if limits else None
+
+    def prepare(self) -> None:
+        """The job will run steps: start the forkserver now, while the job builds and times its source."""
+        warm_up()
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         budget = self.budget()
@@ -168,7 +177,6 @@ def isolation_for(settings: Settings, started: float | None = None) -> Isolation
         return InProcess()
     start = time.monotonic() if started is None else started
     margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
-    warm_up()
     return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
                         deadline=start + settings.task_time_limit - margin)
 

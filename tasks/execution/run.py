@@ -85,6 +85,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
                                              "model": spec.model})
 
     records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker)
+    isolation = isolation or InProcess()
+    isolation.prepare()  # not for a cached job: nothing of it runs
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
                        worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle)
@@ -94,7 +96,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         workdir = Path(tmp)
         try:
             with captured(workdir / LOG_FILE):
-                _convert(spec, store, workdir, report, isolation or InProcess())
+                _convert(spec, store, workdir, report, isolation)
         except (TransientError, StoreError):
             raise  # storage trouble: the queue retries the job, with backoff
         except PortqError as e:

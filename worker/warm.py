@@ -1,0 +1,45 @@
+"""A warm pool: each prefork child imports the job code and torch, and starts its step forkserver, as soon as
+it starts, in the background, so the first job a child takes does not pay for them.
+
+Connected after `portq.worker.gpu`'s pinning (signal receivers run in the order they were connected), so
+torch is imported with the child's CUDA_VISIBLE_DEVICES already set; nothing here touches CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery.signals import worker_process_init
+
+log = logging.getLogger("portq.worker")
+
+#: imported in each child ahead of its first job (what a job imports on its way to the first step)
+MODULES = ("portq.tasks.execution.run", "portq.tasks.execution.source_run", "portq.tasks.execution.steps",
+           "portq.tasks.formats", "portq.tasks.checks.parity", "portq.tasks.checks.latency", "torch", "onnx",
+           "onnxruntime")
+
+
+def warm_child() -> None:
+    import importlib
+
+    start = time.monotonic()
+    try:
+        for name in MODULES:
+            importlib.import_module(name)
+        from portq.worker.app import app
+
+        if app.portq_settings.isolate:  # type: ignore[attr-defined]
+            from portq.tasks.execution.isolation import warm_up
+
+            warm_up()
+    except Exception as e:  # a warm-up that fails costs only time: the first job does it instead
+        log.warning("warming up this pool process failed (%s); its first job will do it", e)
+        return
+    log.info("pool process warm in %.1fs (job code, torch and the step forkserver)", time.monotonic() - start)
+
+
+@worker_process_init.connect
+def _warm(**_: object) -> None:
+    threading.Thread(target=warm_child, name="portq-warm", daemon=True).start()
