@@ -116,6 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     from portq.tasks.checks.fingerprint import environment
     from portq.tasks.reports.content import environment_line
+
     from tests.conftest import WorkerProcess
     from tests.redis_server import RedisServer
 
