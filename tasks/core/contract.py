@@ -608,6 +608,8 @@ class ArtifactReport(_Report):
     opset: int | None = None
     precision: Precision | None = Field(None, description="the precision the artifact computes in")
     attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
+    notes: list[str] = Field(default_factory=list, description="what the route had to rewrite to convert the "
+                                                                "model (e.g. fused transformer kernels into plain ops)")
     reproduce: str | None = Field(None, description="a script that redoes the conversion and parity check, "
                                                     "relative to the job's result folder")
     size_bytes: int | None = None
@@ -651,6 +653,8 @@ class JobReport(_Report):
     finished_at: str | None = None
     duration_s: float | None = None
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
+    notes: list[str] = Field(default_factory=list, description="what loading changed about the source, e.g. the "
+                                                                "float equivalent of a dynamically quantized model")
 
     def url(self, relative: str | None) -> str | None:
         """Where a user finds a file of this job (an artifact path or reproduce script)."""
@@ -679,6 +683,8 @@ class JobRecord(_Report):
     worker: str | None = Field(None, description="the worker that ran (or runs) the latest attempt")
     dead_letter: str | None = Field(None, description="store key of the job's dead-letter record: it ended "
                                                       "without a report, and `portq retry` can resubmit it")
+    step: str | None = Field(None, description="what a running job is doing now: load, source (running the source "
+                                               "model), export:ID, parity:ID, latency:ID, localise:ID")
     updated_at: str = Field(default_factory=utcnow)
 
 

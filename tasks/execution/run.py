@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from portq.tasks.core.contract import (
@@ -77,7 +78,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
             return report.model_copy(update={"cached": True, "job_id": spec.job_id, "batch": spec.batch_id,
                                              "model": spec.model})
 
-    records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker)
+    records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker, step="load")
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
                        worker=worker, started_at=utcnow(), trust_pickle=getattr(spec.source, "trust_pickle", False))
@@ -86,7 +87,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         workdir = Path(tmp)
         try:
             with captured(workdir / LOG_FILE):
-                _convert(spec, store, workdir, report, isolation or InProcess())
+                _convert(spec, store, workdir, report, isolation or InProcess(),
+                         on_step=lambda step: records.note_step(store, record, step))
         except TransientError:
             raise
         except PortqError as e:
@@ -116,6 +118,19 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     return report
 
 
+#: step phases worth a write of the job's record (opening a session is over in a moment)
+PROGRESS_PHASES = ("export", "parity", "latency", "localise")
+
+
+def progress(on_step: Callable[[str], None]) -> Callable[[str], None]:
+    """The steps' phase callback: passes on the phases a progress display shows."""
+    def on_phase(step: str) -> None:
+        if step.split(":", 1)[0] in PROGRESS_PHASES:
+            on_step(step)
+
+    return on_phase
+
+
 def _artifact_problem(a: ArtifactReport) -> str:
     if a.status is StepStatus.failed:
         return f"{a.id}: {a.error}"
@@ -143,7 +158,8 @@ def _write_reports(workdir: Path, report: JobReport) -> None:
 # ---------------------------------------------------------------------------------------------- the work
 
 
-def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation) -> None:
+def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation,
+             on_step: Callable[[str], None]) -> None:
     from portq.tasks.checks.runners import torch_device
     from portq.tasks.execution.source_run import gather_evidence, resolve_inputs
     from portq.tasks.execution.steps import StepContext, new_report, run_artifact
@@ -154,8 +170,10 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
 
     device = torch_device(spec.target)
     model = build_source(spec, store)
+    report.notes = list(model.notes)
     sig = resolve_inputs(spec, store, model)
     report.inputs = sig.describe()
+    on_step("source")  # the source model runs on every sample and is timed
     evidence = gather_evidence(spec, model, sig, device)
     report.environment = evidence.environment
     # once per job, into the result folder: every artifact's reproduce script reads these samples
@@ -172,7 +190,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
             report.artifacts.append(new_report(request, error=e.at(file=spec.display).message))
             continue
         ctx = StepContext(spec=spec, request=request, options=resolved.options, evidence=evidence,
-                          out_dir=workdir / request.id, store=store, source=model)
+                          out_dir=workdir / request.id, store=store, source=model, on_phase=progress(on_step))
         # the isolation may run the step in a child process (a crash costs one artifact)
         report.artifacts.append(isolation.run_step(run_artifact, ctx))
     report.best = mark_best(report.artifacts)

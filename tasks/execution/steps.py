@@ -10,7 +10,8 @@ may run it in a child process, which builds the source again through the job's s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ class StepContext:
     out_dir: Path  # the artifact's own folder, where the step writes its files
     store: Store
     source: LoadedModel | None = None  # not sent to a step's child process: it builds the source again
+    # told the step's name (`parity:onnx`) whenever the step moves on: the job's record (progress displays read
+    # it), or, in a step's child process, the parent; not sent to a child process
+    on_phase: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def artifact_id(self) -> str:
@@ -45,9 +49,17 @@ class StepContext:
         """The step name errors carry: `export:onnx`, `parity:onnx.opset17`, ..."""
         return f"{phase}:{self.artifact_id}"
 
+    def enter(self, phase: str) -> str:
+        """The step name for `phase`, after telling whoever follows the step that it has begun."""
+        step = self.step(phase)
+        if self.on_phase is not None:
+            self.on_phase(step)
+        return step
+
     def without_source(self, out_dir: Path) -> StepContext:
-        """What a step's child process receives: everything but the loaded model, writing into `out_dir`."""
-        return replace(self, source=None, out_dir=out_dir)
+        """What a step's child process receives: everything but the loaded model (and the parent's progress
+        callback), writing into `out_dir`."""
+        return replace(self, source=None, out_dir=out_dir, on_phase=None)
 
 
 def new_report(request: ArtifactRequest, status: StepStatus = StepStatus.failed, error: str | None = None,
@@ -70,7 +82,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     handler = FORMATS.get(ctx.request.format.value)
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance
     artifact = new_report(ctx.request, options=ctx.options)
-    step = ctx.step("export")
+    step = ctx.enter("export")
     try:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         req = ExportRequest(model=ctx.source, args=to_tensors(ev.export_sample, ev.device),
@@ -80,7 +92,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
             result = handler.export(req)
         finally:
             artifact.attempts = attempt_reports(req)
-        artifact.route, artifact.opset = result.route, result.opset
+        artifact.route, artifact.opset, artifact.notes = result.route, result.opset, result.notes
         precision = Precision(tolerance.precision or (handler.precision if handler.precision != "fp32"
                                                       else ev.precision))
         artifact.precision = precision
@@ -88,21 +100,21 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
         artifact.size_bytes = result.path.stat().st_size
-        step = ctx.step("session")
+        step = ctx.enter("session")
         probe = MemoryProbe(ev.device).start()
         start = time.perf_counter()
         runner = handler.open_runner(result.path, ev.device, ctx.options)
         load_ms = (time.perf_counter() - start) * 1e3
-        step = ctx.step("parity")
+        step = ctx.enter("parity")
         actual = [call(runner, s) for s in ev.samples]
         artifact.parity = compare(ev.reference, actual, tolerance, seed=ctx.spec.options.parity.seed,
                                   device=ev.device, precision=precision, user_samples=ev.user_samples,
                                   sample_shapes=ev.sample_shapes())
-        step = ctx.step("latency")
+        step = ctx.enter("latency")
         artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
                                          host_copies=handler.format.value == "onnx")
         if not artifact.parity.passed and ctx.spec.options.parity.localise:
-            step = ctx.step("localise")
+            step = ctx.enter("localise")
             artifact.parity.first_divergence, artifact.parity.localisation = localise(
                 handler, ctx, result.path, runner, artifact)
         artifact.status = StepStatus.succeeded

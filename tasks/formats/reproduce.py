@@ -1,11 +1,11 @@
 """Reproduce scripts: beside each artifact, a small Python file that redoes its conversion and parity check by hand.
 
 `<artifact id>/reproduce_<artifact id>.py` carries copies of the plain modules portq itself ran: how the
-source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes` and
-`unfuse`), how the artifact is opened and called (`portq.tasks.checks.runtimes`) and how each output is
-judged (`portq.tasks.checks.output_check`). It reads the job's samples from `reproduce_inputs.npz` in the
-job's folder. It needs torch and numpy (and onnxruntime for ONNX), not portq, so it can go into an
-upstream bug report.
+source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes`,
+`unfuse`, and the modules the route lists, such as the TorchScript rewrites), how the artifact is opened
+and called (`portq.tasks.checks.runtimes`) and how each output is judged (`portq.tasks.checks.output_check`).
+It reads the job's samples from `reproduce_inputs.npz` in the job's folder. It needs torch and numpy (and
+onnxruntime for ONNX), not portq, so it can go into an upstream bug report.
 """
 
 from __future__ import annotations
@@ -131,8 +131,10 @@ def main() -> int:
     source.module = source.module.to(device) if hasattr(source.module, "to") else source.module
     source_runtime = TorchRuntime(source.module, device, move=False)
     example = to_tensors(samples[SETTINGS["export_sample"]], device)
-    globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
+    notes = globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
     print(f"converted the source -> {{cli.out}} by route {{SETTINGS['route']}}")
+    for note in notes or []:
+        print(f"  {{note}}")
 
     artifact = globals()[SETTINGS["opener"]](cli.out, device, SETTINGS["options"])
     checks: dict[str, OutputCheck] = {{}}
@@ -203,7 +205,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         "opts": req.opts(), "options": ctx.options, "tolerances": tolerances, "tolerance": default,
         "samples": len(ev.samples), "inputs": len(ev.input_names), "export_sample": ev.export_index,
     }
-    modules = [*builder.script_modules, unfuse, recipes, runtimes, output_check]
+    modules = [*builder.script_modules, unfuse, *route.modules, recipes, runtimes, output_check]
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

@@ -25,6 +25,7 @@ from portq.tasks.reports.content import (
     attempt_rows,
     environment_line,
     job_facts,
+    job_links,
     latency_facts,
     latency_headline,
     parity_notes,
@@ -212,8 +213,9 @@ def job_html(r: JobReport) -> str:
     return _page(f"portq {r.model}", body)
 
 
-def batch_html(b: BatchReport) -> str:
-    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted."""
+def batch_html(b: BatchReport, base: str) -> str:
+    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted, and a link to each
+    job's report.html relative to `base`, the folder the page will be in (`relative_link`)."""
     rows = summary_rows(b)
     best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
     counts = ", ".join(f"{k} {v}" for k, v in b.counts.items() if v)
@@ -225,8 +227,7 @@ def batch_html(b: BatchReport) -> str:
         body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
                              title="speedup over the source, x100 (100 = as fast)", x_label="model / artifact",
                              width=max(420, 60 * len(speedups))))
-    links = [f"<li><a href=\"{_e(j.report[:-len('.json')] + '.html')}\">{_e(j.model)} ({_e(j.target.value)})</a></li>"
-             for j in b.jobs if j.report and j.report.endswith(".json")]
+    links = [f"<li><a href=\"{_e(link)}\">{_e(label)}</a></li>" for label, link in job_links(b, base, "html")]
     if links:
         body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
     return _page(f"portq batch {b.batch}", body)

@@ -2,7 +2,8 @@
 checkpoint rules below, and every reproduce script carries a copy of this file's source to rebuild the
 source exactly as portq did.
 
-So this module stands alone: it imports torch, numpy and safetensors inside functions, never portq.
+So this module stands alone: it imports torch, numpy and safetensors inside functions, and portq only on
+lines marked `portq-only` (the script carries `dequantize`'s source before this one).
 `build_source(settings, path)` returns an object with `.module` (eager callable), `.script` (ScriptModule
 or None) and `.program` (ExportedProgram or None), which is what every export recipe takes.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import importlib
 import types
 from typing import Any
+
+from portq.tasks.sources.dequantize import float_equivalent  # portq-only
 
 #: keys under which training checkpoints commonly keep the model's weights, most specific first
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "weights")
@@ -57,15 +60,15 @@ def build_source(settings: dict[str, Any], path: str | None = None) -> Any:
 
     path = path or settings["model"]
     kind = settings["kind"]
-    if kind == "torchscript":
-        script = torch.jit.load(path, map_location="cpu").eval()
+    if kind == "torchscript":  # a dynamically quantized archive becomes its float equivalent, as in portq
+        script, _ = float_equivalent(torch.jit.load(path, map_location="cpu").eval())
         return types.SimpleNamespace(module=script, script=script, program=None)
     if kind == "exported_program":
         program = torch.export.load(path)
         return types.SimpleNamespace(module=program.module(), script=None, program=program)
     if kind == "pickled_module":  # portq loaded it with --trust-pickle: this runs code from the file
-        return types.SimpleNamespace(module=torch.load(path, map_location="cpu", weights_only=False).eval(),
-                                     script=None, program=None)
+        module, _ = float_equivalent(torch.load(path, map_location="cpu", weights_only=False).eval())
+        return types.SimpleNamespace(module=module, script=None, program=None)
     if kind == "safetensors":
         from safetensors.torch import load_file
 
