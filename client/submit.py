@@ -1,30 +1,23 @@
-"""`portq submit`: one job per model file, onto the queue or run here; `--wait` follows the batch."""
+"""`portq submit`: one job per model file, onto the queue or run here; `--wait` follows the batch.
+
+Parsing, printing and exit codes only: the work is `portq.client.api.submit`, the same function `import portq`
+offers, so the command and the Python API take one path.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 
 import typer
-from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve
-from portq.client.render import summary_table
-from portq.tasks.core.contract import ArtifactRequest, InputSpec, JobRecord, Precision, Target, ToleranceMode
+from portq.client import api
+from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out
+from portq.client.render import ProgressView, summary_table
+from portq.tasks.core.contract import BatchReport, Precision, Target, ToleranceMode
 from portq.tasks.core.errors import ConfigError
-from portq.tasks.state import records as batches
+from portq.tasks.core.settings import Settings
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import prepare
-from pydantic import ValidationError
-
-
-def _parse_inputs(specs: list[str]) -> list[InputSpec]:
-    parsed = []
-    for text in specs:
-        try:
-            parsed.append(InputSpec.parse(text))
-        except ValueError as e:
-            raise ConfigError(str(e), step="submit") from None
-    return parsed
+from portq.tasks.state.submission import Submission
 
 
 def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
@@ -50,33 +43,6 @@ def _output_tolerances(specs: list[str]) -> dict[str, dict[str, Any]]:
                               step="submit")
         overrides[name.strip()] = fields
     return overrides
-
-
-def artifact_requests(ids: list[str], format_options: dict[str, dict[str, Any]]) -> list[ArtifactRequest]:
-    """`--format` values (a format, or `format.variant`) as artifact requests, each checked against its format's
-    registry of variants and options before anything is uploaded. `format_options` are flags such as --opset
-    (None: not given); they apply to each request of that format whose variant does not fix them."""
-    from portq.tasks.formats import FORMATS
-
-    requests = []
-    for text in ids:
-        try:
-            request = ArtifactRequest.parse(text)
-        except ValueError as e:
-            raise ConfigError(str(e), step="submit") from None
-        handler = FORMATS.get(request.format.value)
-        variant = handler.variants.get(request.variant) if request.variant in handler.variants else None
-        flags = {k: v for k, v in format_options.get(request.format.value, {}).items()
-                 if v is not None and not (variant and k in variant.fixed)}
-        request = request.model_copy(update={"options": flags})
-        handler.resolve(request)  # unknown variant or bad option: a ConfigError naming the known ones
-        requests.append(request)
-    return requests
-
-
-def validation_problems(e: ValidationError) -> str:
-    """pydantic's errors as one line of portq's: where, and what is wrong (no documentation URLs)."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
 
 
 def _batch_sizes(text: str | None) -> list[int]:
@@ -156,92 +122,50 @@ def submit(
     store: StoreOpt = None,
 ) -> None:
     """Enqueue one conversion job per model file (or run them here when no broker is configured)."""
-    settings = resolve(broker, store)
-    options: dict[str, Any] = {
-        "target": target, "artifacts": artifact_requests(formats or ["onnx"], {"onnx": {"opset": opset}}),
-        "inputs": _parse_inputs(inputs or []), "dynamic": dynamic or [],
-        "parity": {"seed": seed, "localise": localise},
-    }
-    load = {"arch": arch, "arch_kwargs": _json_object(arch_kwargs, "--arch-kwargs"), "trust_pickle": trust_pickle}
-    tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
-                                             ("quantile", quantile), ("precision", precision)) if v is not None}
-    if output_tol:
-        tol["outputs"] = _output_tolerances(output_tol)
-    if tol:
-        options["tolerance"] = tol
-    latency: dict[str, Any] = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
-    if batch_sizes:
-        latency["batch_sizes"] = _batch_sizes(batch_sizes)
-    if latency:
-        options["latency"] = latency
-    st = Store(settings.store)
-    try:
-        sub = prepare(models, st, batch=batch, options=options, load=load, force=force,
-                      max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
-    except ValidationError as e:  # pydantic validation of the options
-        raise ConfigError(validation_problems(e), step="submit") from None
+    with ProgressView(err) as view:
+        report = api.submit(
+            models, target=target, formats=formats or ["onnx"], batch=batch, wait=wait, timeout=timeout,
+            inputs=inputs or [], dynamic=dynamic or [], atol=atol, rtol=rtol,
+            tolerance_mode=tolerance_mode, quantile=quantile, precision=precision,
+            output_tol=_output_tolerances(output_tol or []), localise=localise, opset=opset, seed=seed, runs=runs,
+            warmup=warmup, batch_sizes=_batch_sizes(batch_sizes), arch=arch,
+            arch_kwargs=_json_object(arch_kwargs, "--arch-kwargs"), trust_pickle=trust_pickle, force=force,
+            broker=broker, store=store, progress=view, on_submitted=_submitted, on_started=_started)
+    if not all(job.status.finished for job in report.jobs):
+        return  # queued, and not followed (no --wait)
+    raise typer.Exit(finish(report))
+
+
+def _submitted(sub: Submission, settings: Settings, st: Store) -> None:
     out.print(f"batch {sub.batch}")
     for rec in sub.rejected:
         error(rec.error or "")
+
+
+def _started(sub: Submission, settings: Settings, st: Store) -> None:
     if settings.embedded:
         err.print(f"running {len(sub.specs)} job(s) here (no broker configured); store: {st.root}")
-        _run_embedded(sub.specs, st, settings)
-        wait = True
     else:
-        from portq.client.dispatch import enqueue
-
-        enqueue(sub.specs, settings, st)
         err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
-    if not wait:
-        return
-    raise typer.Exit(see_through(st, sub.batch, timeout))
 
 
-def _run_embedded(specs: list[Any], st: Store, settings: Any) -> None:
-    from portq.client.dispatch import run_here
-    from rich.progress import Progress
-
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("converting", total=len(specs))
-        run_here(specs, st, settings, on_done=lambda report: progress.advance(task))
-
-
-def follow(st: Store, batch: str, timeout: float = 0, poll: float = 0.5) -> list[JobRecord]:
-    """Poll the batch's records in the store until every job has finished (works across client restarts)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    start = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        task = progress.add_task(f"batch {batch}", total=None)
-        while True:
-            records = batches.list_records(st, batch)
-            done = sum(r.status.finished for r in records)
-            failed = sum(r.status.value == "failed" for r in records)
-            progress.update(task, total=len(records), completed=done,
-                            description=f"batch {batch}" + (f" ([red]{failed} failed[/])" if failed else ""))
-            if records and done == len(records):
-                return records
-            if timeout and time.monotonic() - start > timeout:
-                err.print(f"[yellow]timed out after {timeout:g}s; {len(records) - done} job(s) still unfinished[/]")
-                raise typer.Exit(3)
-            time.sleep(poll)
-
-
-def see_through(st: Store, batch: str, timeout: float = 0) -> int:
-    """Follow the batch to its end (at once when it has already finished), print its summary; 1 if a job failed."""
-    follow(st, batch, timeout=timeout)
-    return finish(st, batch)
-
-
-def finish(st: Store, batch: str) -> int:
-    """Print the batch summary; 1 if any job failed."""
-    report = batches.batch_report(st, batch)
+def finish(report: BatchReport) -> int:
+    """Print the batch's summary and where its reports are; 1 if any job failed."""
     out.print(summary_table(report))
+    pages = api.summary_pages(report.batch, store=report.store)
+    err.print(f"reports: summary page {pages['html']} (Markdown: {pages['md']}); each job's report.html and "
+              f"report.md are in its result folder, linked from the summary page")
+    err.print(f"summary page elsewhere: portq report {report.batch} --format html -o summary.html")
     failed = report.counts.get("failed", 0)
     if failed:
-        total = report.counts["total"]
-        err.print(f"[bold red]{failed} of {total} job(s) failed[/]: `portq report {batch}` for details")
+        err.print(f"[bold red]{failed} of {report.counts['total']} job(s) failed[/]: `portq report {report.batch}` "
+                  "for details")
         return 1
     return 0
 
+
+def see_through(batch: str, timeout: float = 0, store: str | None = None) -> int:
+    """Follow the batch to its end (at once when it has already finished), print its summary; 1 if a job failed."""
+    with ProgressView(err) as view:
+        report = api.wait(batch, timeout=timeout, store=store, progress=view)
+    return finish(report)
