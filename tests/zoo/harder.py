@@ -152,7 +152,8 @@ class PolarLlama(nn.Module):
       expected_failures={
           # torchlib has no complex tensors, and the TorchScript-based exporter would fix the program's batch size
           # (a static .pt2 converts by the torchscript route, its complex values rewritten as an archive's are)
-          "onnx:exported_program": "complex-valued aten::unsqueeze: the dynamo exporter translates no complex"})
+          "onnx:exported_program": "complex-valued aten::unsqueeze: the dynamo exporter translates no complex",
+          **TRACE_FIXES_BATCH})
 def llama_polar_rope() -> Any:
     return PolarLlama(), (torch.randint(0, VOCAB, (2, 7)),)
 
