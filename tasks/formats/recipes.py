@@ -212,11 +212,35 @@ def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[s
         with torchscript_symbolics(opset):
             _onnx_export(typed_function(prepared, checks), args, path, opts, dynamo=False,
                          dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
+        _constants_to_initializers(path)
         _check_onnx(path)
         return notes
     target = source.module if source.program is None else _EvalOnly(source.module)
     _onnx_export(target, args, path, opts, dynamo=False, dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
     return None
+
+
+def _constants_to_initializers(path: str) -> None:
+    """Weights of an exported function come out as Constant nodes (the graph was frozen): make them initializers,
+    where ONNX tools (optimizers, quantizers, editors) look for weights, as a module's export has them."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        onnx.save(model, path)
 
 
 def _check_onnx(path: str) -> None:

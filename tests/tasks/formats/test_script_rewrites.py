@@ -175,11 +175,16 @@ class DictOut(nn.Module):
         return h, {"probs": h.softmax(-1), "total": h.sum(-1)}, [h.max(-1)[0]]
 
 
-def test_dict_outputs_are_returned_flat_in_portqs_order(tmp_path: Path) -> None:
+def test_dict_outputs_are_returned_flat_in_portqs_order_and_weights_are_initializers(tmp_path: Path) -> None:
+    import onnx
+
     args = (torch.randn(2, 4),)
     archive = _trace(DictOut(), args)
     recipes.onnx_torchscript(_source(archive), args, str(tmp_path / "d.onnx"), _opts(["x"], {}, outputs=4))
     assert_parity(archive, tmp_path / "d.onnx", [args], ["x"])
+    graph = onnx.load(str(tmp_path / "d.onnx")).graph
+    assert {tuple(i.dims) for i in graph.initializer} >= {(3, 4), (3,)}  # where ONNX tools look for weights
+    assert not [n for n in graph.node if n.op_type == "Constant"]
 
 
 # ----------------------------------------------------------------------------------------- ExportedPrograms
