@@ -12,6 +12,9 @@
 `annotate_types(script, sets)`   gives every tensor value its dtype and rank (sizes where they do not change
                                  between the example input sets), so symbolics that need a rank (unflatten,
                                  transpose, unfold, DFT) work on archives loaded from disk.
+`typed_function(script, sets)`   what the TorchScript-based exporter is given: the frozen forward as a typed
+                                 ScriptFunction whose outputs are one flat tuple (the exporter re-freezes a
+                                 module, dropping the types, and has no symbolic for a returned dict).
 
 Plain torch only; no portq imports (copied verbatim into reproduce scripts).
 """

@@ -58,11 +58,6 @@ def check_same(original: Any, rewritten: Any, arg_sets: list[tuple[Any, ...]]) -
                                       "export it")
 
 
-def needs_preparing(script: Any) -> bool:
-    """Whether the archive holds fused fast paths (complex values are only found by running it)."""
-    return bool(fused_ops(script))
-
-
 def prepare_script(script: Any, args: tuple[Any, ...], arg_sets: list[tuple[Any, ...]]) -> tuple[Any, list[str]]:
     """A rewritten copy of `script` (see the module doc) and notes on what was rewritten (empty: nothing was, and
     the copy computes exactly what the archive does). `arg_sets`: the inputs the rewrite is checked on."""

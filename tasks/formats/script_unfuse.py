@@ -147,8 +147,7 @@ def clone_script(script: Any) -> Any:
 def fused_ops(script: Any) -> list[str]:
     """The fused fast-path ops a ScriptModule's (inlined) forward graph holds."""
     graph = script.inlined_graph  # keep a reference: the graph dies with the temporary
-    return sorted({n.kind() for n in graph.findAllNodes("aten::_transformer_encoder_layer_fwd")}
-                  | {n.kind() for k in FUSED_TS_OPS for n in graph.findAllNodes(k)})
+    return sorted({n.kind() for k in FUSED_TS_OPS for n in graph.findAllNodes(k)})
 
 
 def _insert(graph: Any, node: Any, fn_name: str, inputs: list[Any]) -> list[Any]:

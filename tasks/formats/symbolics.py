@@ -11,17 +11,17 @@
   aten::cumsum               torch's type promotion first (a cumsum of bools is int64), which the built-in skips
 
 The FFT symbolics follow the convention that a complex tensor is represented as a real tensor with a trailing dim
-of 2 (ONNX DFT's own layout). That holds for graphs that went through `script_complex.lower_complex`, which rewrites all
-complex arithmetic into real ops and leaves FFTs as `view_as_real(fft_*(view_as_complex(x)))` islands: the input
-of fft_fft/fft_ifft/fft_irfft there is always complex, and the input of fft_rfft always real. Use the symbolics with
-that pass (`torchscript_symbolics()` is a context manager that registers them around one export and removes them
-after, so the process's global exporter registry is left as it was).
+of 2 (ONNX DFT's own layout). That holds for graphs that went through `script_complex.lower_complex`, which rewrites
+all complex arithmetic into real ops and leaves FFTs as `view_as_real(fft_*(view_as_complex(x)))` islands: the
+input of fft_fft/fft_ifft/fft_irfft there is always complex, and the input of fft_rfft always real. Use the
+symbolics with that pass (`torchscript_symbolics()` is a context manager that registers them around one export and
+removes them after, so the process's global exporter registry is left as it was).
 
 Normalization follows torch.fft: norm=None/"backward" scales the inverse by 1/n (ONNX's inverse DFT already does),
 "ortho" both ways by 1/sqrt(n), "forward" the forward by 1/n. DFT needs opset >= 17 (opset 20 moved DFT's axis from
 an attribute to an input; both are emitted).
 
-Plain torch only (no portq imports).
+Plain torch only (no portq imports): the reproduce scripts of the TorchScript routes carry a copy.
 """
 
 from __future__ import annotations
