@@ -75,7 +75,8 @@ def test_zoo_file_converts(case: str, kind: str, zoo_file, tmp_path) -> None:
             assert art.parity.samples >= 3
     assert not problems, f"{zoo.id}: " + "; ".join(problems)
     onnx_art = next(a for a in report.artifacts if a.format is Format.onnx)
-    _check_onnx_structure(report.url(onnx_art.path), onnx_art, zoo.dynamic)
+    if onnx_art.path:  # not when ONNX is an expected failure
+        _check_onnx_structure(report.url(onnx_art.path), onnx_art, zoo.dynamic)
     assert report.status is (JobStatus.failed if any(f.split(":")[1] == kind for f in spec.expected_failures)
                              else JobStatus.succeeded)
 
