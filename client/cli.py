@@ -1,8 +1,9 @@
 """`portq`: the command line. One error boundary (`main`): a PortqError becomes `[error] ...` on stderr
-and exit code 1 (2 for bad settings or options); nothing else prints tracebacks at users.
+and exit code 1 (2 for bad settings or options, 3 when following a batch timed out); nothing else prints
+tracebacks at users. The commands parse, print and set exit codes; the work is `portq.client.api`'s.
 
 Exit codes: 0 success; 1 a job failed or an operation failed (`compare`: something regressed); 2 bad usage
-or settings (`compare`: batches that cannot be compared).
+or settings (`compare`: batches that cannot be compared); 3 following a batch timed out; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ import sys
 from typing import Annotated
 
 import typer
-from portq.tasks.core.errors import ConfigError, PortqError
+from portq.tasks.core.errors import ConfigError, PortqError, WaitTimeout, validation_problems
 from portq.tasks.core.settings import Settings
 from rich.console import Console
 from rich.markup import escape
 
+#: exit codes scripts can rely on
+EXIT_CODES = {0: "success", 1: "a job failed, or the operation failed", 2: "bad usage, options or settings",
+              3: "--timeout expired while following a batch (its jobs carry on)", 130: "interrupted (Ctrl-C)"}
+
 app = typer.Typer(
     name="portq",
     help="Convert PyTorch models to ONNX, TorchScript, ExportedProgram and AOTInductor on a job queue, "
-         "with parity and latency evidence for every artifact.",
+         "with parity and latency evidence for every artifact.\n\n"
+         "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -57,15 +63,22 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 def main() -> None:
     from portq.client import control, fuse, nightly, optimize, pool, results, submit  # noqa: F401  (registration)
+    from pydantic import ValidationError
 
     try:
         rc = app(standalone_mode=False)
     except ConfigError as e:
         error(e.message)
         sys.exit(2)
+    except WaitTimeout as e:
+        err.print(f"[yellow]{escape(e.message)}[/]")
+        sys.exit(3)
     except PortqError as e:
         error(e.message)
         sys.exit(1)
+    except ValidationError as e:  # a value pydantic refused that no command converted: still one line of portq's
+        error(f"[step options] {validation_problems(e)}")
+        sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

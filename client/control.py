@@ -113,7 +113,7 @@ def retry(
     if wait or settings.embedded:
         from portq.client.submit import see_through
 
-        raise typer.Exit(see_through(st, batch, timeout))
+        raise typer.Exit(see_through(batch, timeout, store=st.root))
 
 
 @app.command()
@@ -128,9 +128,7 @@ def wait(
     """
     from portq.client.submit import see_through
 
-    st = Store(resolve(store=store).store)
-    batches.require_batch(st, batch)
-    raise typer.Exit(see_through(st, batch, timeout))
+    raise typer.Exit(see_through(batch, timeout, store=store))
 
 
 @app.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from portq.tasks.core.contract import ArtifactRequest, InputSpec, Precision, Target, ToleranceMode
+from portq.tasks.core.contract import InputSpec, Precision, Target, ToleranceMode
 from portq.tasks.core.errors import ConfigError
 from pydantic import ValidationError
 
@@ -126,26 +126,6 @@ def json_object(text: str | None, flag: str, step: str = "submit") -> dict[str, 
     return value
 
 
-def optimize_options(candidates: str | None, precisions: str | None, artifacts: list[ArtifactRequest],
-                     target: Target, step: str = "submit") -> dict[str, Any]:
-    """`--optimize` and `--precision` as the job's optimize options, refused here when no requested format has
-    such a variant or no variant computes in such a precision on the target."""
-    from portq.tasks.core.contract import OptimizeOptions
-    from portq.tasks.formats.selection import check_optimize
-
-    names = [c.strip() for c in (candidates or "auto").split(",") if c.strip()]
-    allowed = []
-    for text in (precisions or "").split(","):
-        if text.strip():
-            try:
-                allowed.append(Precision(text.strip()))
-            except ValueError:
-                raise ConfigError(f"--precision {text.strip()!r} is not one of fp16, bf16, int8", step=step) from None
-    options = OptimizeOptions(candidates=names, precisions=allowed)
-    check_optimize(options, list(dict.fromkeys(a.format for a in artifacts)), target.value)
-    return options.model_dump(mode="json", exclude={"calibration"})
-
-
 @dataclass
 class JobFlags:
     """The shared flags' values, as one command received them."""
@@ -179,47 +159,27 @@ class JobFlags:
         return [spelled.get(name, f"--{name.replace('_', '-')}") for name, value in vars(self).items()
                 if value != getattr(JobFlags, name)]
 
-    def job_options(self, step: str = "submit") -> dict[str, Any]:
-        """The JobOptions fields (the sample is added per job); flags left out keep the defaults."""
-        from portq.tasks.formats import artifact_requests
+    def api_kwargs(self, step: str = "submit") -> dict[str, Any]:
+        """The flags as `portq.client.api`'s keyword arguments (text flags parsed: --output-tol, --batch-sizes,
+        --arch-kwargs)."""
+        return dict(target=self.target, formats=self.formats or ["onnx"], inputs=self.inputs or [],
+                    dynamic=self.dynamic or [], atol=self.atol, rtol=self.rtol, tolerance_mode=self.tolerance_mode,
+                    quantile=self.quantile, tolerance_precision=self.tolerance_precision, optimize=self.optimize,
+                    precision=self.precision, output_tol=output_tolerances(self.output_tol or [], step),
+                    localise=self.localise, opset=self.opset, seed=self.seed, runs=self.runs, warmup=self.warmup,
+                    batch_sizes=batch_sizes_list(self.batch_sizes, step), arch=self.arch,
+                    arch_kwargs=json_object(self.arch_kwargs, "--arch-kwargs", step), trust_pickle=self.trust_pickle)
 
-        options: dict[str, Any] = {
-            "target": self.target,
-            "artifacts": artifact_requests(self.formats or ["onnx"], {"onnx": {"opset": self.opset}}, step),
-            "inputs": parse_inputs(self.inputs or [], step), "dynamic": self.dynamic or [],
-            "parity": {"seed": self.seed, "localise": self.localise},
-        }
-        tol: dict[str, Any] = {k: v for k, v in (("atol", self.atol), ("rtol", self.rtol),
-                                                 ("mode", self.tolerance_mode), ("quantile", self.quantile),
-                                                 ("precision", self.tolerance_precision)) if v is not None}
-        if self.output_tol:
-            tol["outputs"] = output_tolerances(self.output_tol, step)
-        if tol:
-            options["tolerance"] = tol
-        latency: dict[str, Any] = {k: v for k, v in (("runs", self.runs), ("warmup", self.warmup)) if v is not None}
-        if self.batch_sizes:
-            latency["batch_sizes"] = batch_sizes_list(self.batch_sizes, step)
-        if latency:
-            options["latency"] = latency
-        if self.optimize or self.precision or self.calibration:
-            options["optimize"] = optimize_options(self.optimize, self.precision, options["artifacts"], self.target,
-                                                   step)
-        return options
+    def job_options(self, step: str = "submit") -> dict[str, Any]:
+        """The JobOptions fields (the sample is added per job), checked as `portq.client.api` checks them."""
+        from portq.client.api import job_options
+
+        return job_options(**self.api_kwargs(step), step=step)[0]
 
     def calibration_files(self, step: str = "submit") -> list[Path]:
-        """--calibration: files, or every .npz in a directory (name order)."""
-        files: list[Path] = []
-        for path in self.calibration or []:
-            if path.is_dir():
-                found = sorted(path.glob("*.npz"))
-                if not found:
-                    raise ConfigError(f"--calibration {path}: the directory holds no .npz file", step=step)
-                files += found
-            elif path.is_file():
-                files.append(path)
-            else:
-                raise ConfigError(f"--calibration {path}: no such file or directory", step=step)
-        return files
+        from portq.client.api import calibration_files
+
+        return calibration_files(self.calibration or [], step)
 
     def load_options(self, step: str = "submit") -> dict[str, Any]:
         """How model files are loaded: arch, arch_kwargs, trust_pickle."""

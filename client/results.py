@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from portq.client.cli import StoreOpt, app, err, out, resolve
+from portq.client.cli import StoreOpt, app, err, out
 from portq.client.render import status_table, summary_table
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.reports.content import batch_markdown
@@ -28,9 +28,10 @@ def status(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     store: StoreOpt = None,
 ) -> None:
-    """Each job's state: queued, running, succeeded, failed. Exit 1 if any job failed."""
-    st = Store(resolve(store=store).store)
-    records = batches.require_batch(st, batch)
+    """Each job's state: queued, running (and its step), succeeded, failed. Exit 1 if any job failed."""
+    from portq.client import api
+
+    records = api.status(batch, store=store)
     out.print(status_table(batch, records))
     c = batches.counts(records)
     out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
@@ -41,30 +42,35 @@ def status(
 def report(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "
-                                                         "(schema: batch-report.v1.json).")] = False,
+                                                         "(schema: batch-report.v2.json).")] = False,
     fmt: Annotated[ReportFormat, typer.Option("--format", help="table (terminal), json, md (Markdown summary) "
                                                                "or html (self-contained summary page).")]
     = ReportFormat.table,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to this file.")] = None,
-    to_store: Annotated[bool, typer.Option("--to-store", help="With --format html: write the page into the store "
-                                                              "(batches/BATCH/report.html), its links to the job "
-                                                              "reports relative to it.")] = False,
+    to_store: Annotated[bool, typer.Option("--to-store", help="With --format html: write the summary pages into the "
+                                                              "store (batches/BATCH/summary.html and summary.md), "
+                                                              "their links to the job reports relative to them.")]
+    = False,
     store: StoreOpt = None,
 ) -> None:
-    """Results per job and artifact: parity, p50 latency, speedup, the best pick, errors."""
-    st = Store(resolve(store=store).store)
-    rep = batches.batch_report(st, batch)
+    """Results per job and artifact: parity, p50 latency, speedup, the best pick, errors.
+
+    A page written with -o links each job's report relative to where it is written; printed, it links them as
+    from the batch's folder in the store (batches/BATCH/, where the summary page lies).
+    """
+    from portq.client import api
+
+    rep = api.report(batch, store=store)
+    base = str(output.resolve().parent) if output is not None else Store(rep.store).url(f"batches/{batch}")
     if as_json:
         fmt = ReportFormat.json
     if to_store:
-        from portq.tasks.reports.html import batch_html, batch_page_key
+        from portq.tasks.reports.batch_pages import publish_summary
 
         if fmt is not ReportFormat.html or output is not None:
             raise ConfigError("--to-store writes the HTML page into the store: use it with --format html and "
                               "without --output", step="report")
-        key = batch_page_key(batch)
-        st.write_bytes(key, batch_html(rep, page=st.url(key)).encode())
-        out.print(st.url(key))
+        out.print(publish_summary(Store(rep.store), rep)["html"])
         return
     if fmt is ReportFormat.table and output is None:
         out.print(summary_table(rep))
@@ -74,9 +80,9 @@ def report(
     elif fmt is ReportFormat.html:
         from portq.tasks.reports.html import batch_html
 
-        text = batch_html(rep)
+        text = batch_html(rep, base)
     else:  # md, or a table written to a file: Markdown is the table
-        text = batch_markdown(rep)
+        text = batch_markdown(rep, base)
     if output is None:
         # plain write: Rich would wrap and style a document meant for machines
         typer.echo(text, nl=False)

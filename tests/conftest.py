@@ -174,9 +174,10 @@ def start_worker(queue_db: str, store_dir: Path, tmp_path: Path) -> Iterator:
         w.stop()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the real `portq` entry point in a subprocess (as a user would)."""
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `portq` entry point in a subprocess (as a user would), in `cwd` if given."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "portq.client", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, cwd=cwd)

@@ -32,3 +32,20 @@ def test_the_nightly_manifest_example_is_a_valid_manifest(tmp_path):
     (tmp_path / "nightly.yaml").write_text(example)
     plan = load_manifest(tmp_path / "nightly.yaml")
     assert plan.series == "vision" and [len(g.paths) for g in plan.groups] == [1, 1]
+def test_the_python_api_example_runs(tmp_path):
+    """The README's Python example, as a user would run it: a fresh interpreter, the embedded default."""
+    import os
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Python API", 1)[1].split("\n### ", 1)[0]
+    (example,) = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")}
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "'succeeded': 1" in lines[0]
+    assert any(line.startswith("sequential <in-memory Sequential>") and " onnx True " in line for line in lines)
+    assert lines[-1].endswith("summary.html") and (tmp_path / "portq-store" / "batches").is_dir()

@@ -743,6 +743,8 @@ class ArtifactReport(_Report):
                               "'base of <id>' (an optimization is made from it), or 'repair of <id>' (a "
                               "mixed-precision retry of a half-precision variant that failed parity)")
     attempts: list[RouteAttemptReport] = Field(default_factory=list, description="every route tried, in order")
+    notes: list[str] = Field(default_factory=list, description="what the route had to rewrite to convert the "
+                                                                "model (e.g. fused transformer kernels into plain ops)")
     reproduce: str | None = Field(None, description="a script that redoes the conversion and parity check, "
                                                     "relative to the job's result folder")
     size_bytes: int | None = Field(None, description="the artifact's size: its file and its data files")
@@ -863,6 +865,8 @@ class JobReport(_Report):
                                       "publish; each artifact has its own breakdown")
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
     fusion: FusionReport | None = Field(None, description="fuse jobs: how the source model was fused")
+    notes: list[str] = Field(default_factory=list, description="what loading changed about the source, e.g. the "
+                                                                "float equivalent of a dynamically quantized model")
 
     def url(self, relative: str | None) -> str | None:
         """Where a user finds a file of this job (an artifact path or reproduce script)."""
@@ -891,6 +895,8 @@ class JobRecord(_Report):
     worker: str | None = Field(None, description="the worker that ran (or runs) the latest attempt")
     dead_letter: str | None = Field(None, description="store key of the job's dead-letter record: it ended "
                                                       "without a report, and `portq retry` can resubmit it")
+    step: str | None = Field(None, description="what a running job is doing now: load, source (running the source "
+                                               "model), export:ID, parity:ID, latency:ID, localise:ID")
     updated_at: str = Field(default_factory=utcnow)
 
 

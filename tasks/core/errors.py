@@ -6,6 +6,8 @@ CLI is the one boundary that turns them into `[error] ...` and an exit code.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def first_line(e: BaseException, limit: int = 400) -> str:
     """The first line of an exception's text (torch's messages run to pages), or its type name."""
@@ -118,6 +120,12 @@ class IsolatedStepCrash(PortqError):
     kind = "crash"
 
 
+class WaitTimeout(PortqError):
+    """Following a batch gave up after its timeout; the jobs themselves carry on."""
+
+    kind = "timeout"
+
+
 class UnknownNameError(ConfigError, KeyError):
     """A registry lookup for a name that is not registered; the message lists the known names."""
 
@@ -125,3 +133,17 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
+
+
+def validation_problems(e: Any, names: dict[str, str] | None = None, prefix: str = "") -> str:
+    """A pydantic ValidationError as one line of portq's: each problem as `where: what`, without pydantic's
+    error codes, input echoes or documentation URLs. `names` renames locations (e.g. `batch_id` -> `--batch`);
+    `prefix` goes before each location (`option `)."""
+    problems = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "value"
+        message = str(err["msg"])
+        for code in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(code)
+        problems.append(f"{prefix}{(names or {}).get(where, where)}: {message}")
+    return "; ".join(problems)

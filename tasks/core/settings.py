@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.errors import ConfigError, validation_problems
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_STORE = "portq-store"
@@ -148,10 +148,8 @@ class Settings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()
-            )
-            raise ConfigError(problems, step="settings", hint="check PORTQ_* variables and flags") from None
+            raise ConfigError(validation_problems(e), step="settings",
+                              hint="check PORTQ_* variables and flags") from None
 
 
 def redact_url(url: str) -> str:

@@ -45,6 +45,9 @@ PRELOAD = ("portq.tasks.execution.step_preload",)
 #: Seconds kept back from the job's time limit for what follows the steps (reports, publishing).
 JOB_MARGIN_S = 5.0
 
+#: Seconds a step's process that has sent its result gets to exit by itself before it is killed.
+EXIT_GRACE_S = 10.0
+
 _SIGNAL_MEANING = {
     "SIGSEGV": "segmentation fault in native code",
     "SIGABRT": "aborted, typically a failed C++ assertion or an uncaught C++ exception",
@@ -110,7 +113,7 @@ class ChildProcess:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            outcome = self._run_child(step, ctx.without_source(staging), log_path, budget)
+            outcome = self._run_child(step, ctx.without_source(staging), log_path, budget, ctx.on_phase)
             if isinstance(outcome, ArtifactReport):
                 if outcome.path:  # an artifact was written: its folder joins the job's files
                     shutil.rmtree(final_dir, ignore_errors=True)
@@ -121,8 +124,8 @@ class ChildProcess:
             shutil.rmtree(staging, ignore_errors=True)
             _append_log(log_path, workdir, ctx.artifact_id)
 
-    def _run_child(self, step: Step, ctx: StepContext, log_path: Path,
-                   budget: float | None) -> ArtifactReport | IsolatedStepCrash:
+    def _run_child(self, step: Step, ctx: StepContext, log_path: Path, budget: float | None,
+                   on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
         proc_ctx = forkserver()
         recv, send = proc_ctx.Pipe(duplex=False)
         proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
@@ -143,6 +146,8 @@ class ChildProcess:
                         break  # the child exited (or died) without a result
                     if kind == "phase":
                         phase = value
+                        if on_phase is not None:
+                            on_phase(value)
                         continue
                     if kind == "result":
                         return ArtifactReport.model_validate_json(value)
@@ -160,6 +165,11 @@ class ChildProcess:
                                   "was killed")
                         break
         finally:
+            if not killed:
+                # a child that has reported ends on its own: its exit runs the finalizers that release what its
+                # libraries made (multiprocessing semaphores, which the shared resource tracker would otherwise
+                # report as leaked at shutdown); only one that hangs on the way out is killed
+                proc.join(EXIT_GRACE_S)
             if killed or proc.is_alive():
                 _kill_tree(proc)
             proc.join(10)
@@ -315,8 +325,7 @@ def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str) -> None:
 
         send("phase", ctx.step("load"))
         ctx.source = build_source(ctx.spec, ctx.store, ctx.evidence.device)
-        _report_phases(ctx, send)
-        send("phase", ctx.step("export"))
+        ctx.on_phase = lambda name: send("phase", name)  # export, session, parity, latency, localise
         send("result", step(ctx).model_dump_json())
     except BaseException as e:  # this process is the step's boundary: say what broke, then exit
         send("error", f"{type(e).__name__}: {first_line(e)}")
@@ -333,28 +342,3 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-
-
-def _report_phases(ctx: StepContext, send: Callable[[str, str], None]) -> None:
-    """Tell the parent when the step moves from export to session creation to running the artifact.
-
-    Wraps this format's handler in this (throwaway) process only, so a death can be named precisely
-    without touching the step's code.
-    """
-    from portq.tasks.formats import FORMATS
-
-    handler = FORMATS.get(ctx.request.format.value)
-    export, open_runner = handler.export, handler.open_runner
-
-    def export_phase(req: Any) -> Any:
-        send("phase", ctx.step("export"))
-        return export(req)
-
-    def session_phase(path: Path, device: str, options: Any = None) -> Any:
-        send("phase", ctx.step("session"))
-        runner = open_runner(path, device, options)
-        send("phase", ctx.step("run"))
-        return runner
-
-    handler.export = export_phase  # type: ignore[method-assign]
-    handler.open_runner = session_phase  # type: ignore[method-assign]

@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
             return report.model_copy(update={"cached": True, "job_id": spec.job_id, "batch": spec.batch_id,
                                              "model": spec.model})
 
-    records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker)
+    records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker, step="load")
     isolation = isolation or InProcess()
     isolation.prepare()  # not for a cached job: nothing of it runs
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
@@ -96,7 +97,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         workdir = Path(tmp)
         try:
             with captured(workdir / LOG_FILE):
-                _convert(spec, store, workdir, report, isolation)
+                _convert(spec, store, workdir, report, isolation,
+                         on_step=lambda step: records.note_step(store, record, step))
         except (TransientError, StoreError):
             raise  # storage trouble: the queue retries the job, with backoff
         except PortqError as e:
@@ -136,6 +138,17 @@ def _committed(store: Store, key: str) -> str | None:
         return store.committed(key, REPORT_FILE)
     except StoreError as e:
         raise TransientError(e.cause, step="store", hint=e.hint) from e
+#: step phases worth a write of the job's record (opening a session is over in a moment)
+PROGRESS_PHASES = ("export", "parity", "latency", "localise")
+
+
+def progress(on_step: Callable[[str], None]) -> Callable[[str], None]:
+    """The steps' phase callback: passes on the phases a progress display shows."""
+    def on_phase(step: str) -> None:
+        if step.split(":", 1)[0] in PROGRESS_PHASES:
+            on_step(step)
+
+    return on_phase
 
 
 def _artifact_problem(a: ArtifactReport) -> str:
@@ -178,7 +191,8 @@ def _seconds_between(earlier: str, later: str | None) -> float | None:
 
 
 def _run_planned(item: Planned, spec: JobSpec, store: Store, workdir: Path, evidence: SourceEvidence,
-                 model: LoadedModel, made: dict[str, ArtifactReport], isolation: Isolation) -> ArtifactReport:
+                 model: LoadedModel, made: dict[str, ArtifactReport], isolation: Isolation,
+                 on_step: Callable[[str], None]) -> ArtifactReport:
     """One planned artifact: skipped with its reason, failed on its options, or its step's report."""
     from portq.tasks.execution.steps import StepContext, new_report, run_artifact
     from portq.tasks.formats import FORMATS
@@ -202,7 +216,8 @@ def _run_planned(item: Planned, spec: JobSpec, store: Store, workdir: Path, evid
     ctx = StepContext(spec=spec, request=request, options=resolved.options, evidence=evidence,
                       out_dir=workdir / request.id, store=store, source=model,
                       base_file=workdir / base.path if base and base.path else None,
-                      base_route=base.route if base else None, requested_by=item.requested_by)
+                      base_route=base.route if base else None, requested_by=item.requested_by,
+                      on_phase=progress(on_step))
     # the isolation may run the step in a child process (a crash costs one artifact)
     return _labelled(isolation.run_step(run_artifact, ctx), item)
 
@@ -238,7 +253,8 @@ def _repair_for(item: Planned, artifact: ArtifactReport, spec: JobSpec) -> Plann
                    requested_by=f"repair of {artifact.id}")
 
 
-def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation) -> None:
+def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation,
+             on_step: Callable[[str], None]) -> None:
     from portq.tasks.checks.runners import torch_device
     from portq.tasks.execution.source_run import gather_evidence, resolve_inputs
     from portq.tasks.execution.timings import Stopwatch
@@ -252,9 +268,11 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     device = torch_device(spec.target)
     with clock.stage("load"):
         model = build_source(spec, store)
+    report.notes = list(model.notes)
     with clock.stage("inputs"):
         sig = resolve_inputs(spec, store, model)
     report.inputs = sig.describe()
+    on_step("source")  # the source model runs on every sample and is timed
     with clock.stage("source"):
         evidence = gather_evidence(spec, model, sig, device)
     report.environment = evidence.environment
@@ -268,7 +286,7 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     while queue:
         item = queue.pop(0)
         step_start = time.perf_counter()
-        artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation)
+        artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation, on_step)
         _step_time(artifact, time.perf_counter() - step_start)
         clock.add("artifacts", time.perf_counter() - step_start)
         report.artifacts.append(artifact)

@@ -10,6 +10,7 @@ may run it in a child process, which builds the source again through the job's s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ class StepContext:
     base_file: Path | None = None  # for an optimization: its base artifact's file, when the job made it
     base_route: str | None = None  # ... and the export route that made it
     requested_by: str = "request"  # request | optimize | base of <id> | repair of <id>
+    # told the step's name (`parity:onnx`) whenever the step moves on: the job's record (progress displays read
+    # it), or, in a step's child process, the parent; not sent to a child process
+    on_phase: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def artifact_id(self) -> str:
@@ -56,9 +60,17 @@ class StepContext:
         """The step name errors carry: `export:onnx`, `parity:onnx.opset17`, ..."""
         return f"{phase}:{self.artifact_id}"
 
+    def enter(self, phase: str) -> str:
+        """The step name for `phase`, after telling whoever follows the step that it has begun."""
+        step = self.step(phase)
+        if self.on_phase is not None:
+            self.on_phase(step)
+        return step
+
     def without_source(self, out_dir: Path) -> StepContext:
-        """What a step's child process receives: everything but the loaded model, writing into `out_dir`."""
-        return replace(self, source=None, out_dir=out_dir)
+        """What a step's child process receives: everything but the loaded model (and the parent's progress
+        callback), writing into `out_dir`."""
+        return replace(self, source=None, out_dir=out_dir, on_phase=None)
 
 
 def new_report(request: ArtifactRequest, status: StepStatus = StepStatus.failed, error: str | None = None,
@@ -84,7 +96,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     variant = handler.variants.get(ctx.request.variant)
     clock = Stopwatch()
     artifact.timings = clock.stages
-    step = ctx.step("export")
+    step = ctx.enter("export")
     try:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         req = ExportRequest(model=ctx.source, args=to_tensors(ev.export_sample, ev.device),
@@ -101,7 +113,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
             finally:
                 artifact.attempts = attempt_reports(req)
         else:
-            step = ctx.step("optimize")
+            step = ctx.enter("optimize")
             try:
                 with clock.stage("optimize"):
                     made = optimize(ctx, handler, variant, req, precision)
@@ -116,7 +128,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
                 return artifact
             result, ctx.options, transform = made.result, made.options, (variant.transform, made.recipe_options)
             artifact.options = made.options
-        artifact.route, artifact.opset = result.route, result.opset
+        artifact.route, artifact.opset, artifact.notes = result.route, result.opset, result.notes
         step = ctx.step("export")
         with clock.stage("script"):
             script = write_for_artifact(ctx, handler, result, req, precision.value, transform=transform,
@@ -125,24 +137,24 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
         artifact.size_bytes = result.size_bytes
         artifact.data = [f"{ctx.artifact_id}/{p.name}" for p in result.data]
-        step = ctx.step("session")
+        step = ctx.enter("session")
         probe = MemoryProbe(ev.device).start()
         start = time.perf_counter()
         runner = handler.open_runner(result.path, ev.device, ctx.options)
         load_ms = (time.perf_counter() - start) * 1e3
         clock.add("session", load_ms / 1e3)
-        step = ctx.step("parity")
+        step = ctx.enter("parity")
         with clock.stage("parity"):
             actual = [call(runner, s) for s in ev.samples]
             artifact.parity = compare(ev.reference, actual, tolerance, seed=ctx.spec.options.parity.seed,
                                       device=ev.device, precision=precision, user_samples=ev.user_samples,
                                       sample_shapes=ev.sample_shapes())
-        step = ctx.step("latency")
+        step = ctx.enter("latency")
         with clock.stage("latency"):
             artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
                                              host_copies=handler.format.value == "onnx")
         if not artifact.parity.passed and ctx.spec.options.parity.localise:
-            step = ctx.step("localise")
+            step = ctx.enter("localise")
             with clock.stage("localise"):
                 artifact.parity.first_divergence, artifact.parity.localisation = localise(
                     handler, ctx, result.path, runner, artifact)

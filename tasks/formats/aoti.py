@@ -11,7 +11,7 @@ import shutil
 from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format, Target
 from portq.tasks.formats import recipes
-from portq.tasks.formats.base import FORMATS, FormatHandler, Route
+from portq.tasks.formats.base import FORMATS, SCRIPT_REWRITES, FormatHandler, Route
 
 FILENAME = "model.aoti.pt2"
 
@@ -27,7 +27,7 @@ FORMATS.add(
     FormatHandler(
         format=Format.aoti,
         filename=FILENAME,
-        routes=[Route("inductor", recipes.aoti_inductor)],
+        routes=[Route("inductor", recipes.aoti_inductor, SCRIPT_REWRITES)],
         opener=runtimes.open_aoti,
         unsupported=_unsupported,
     ),

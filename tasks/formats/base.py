@@ -28,14 +28,20 @@ from typing import Any
 
 from portq.tasks.checks.runners import Runner
 from portq.tasks.core.contract import DEFAULT_VARIANT, ArtifactRequest, Format, RouteAttemptReport, Target
-from portq.tasks.core.errors import ConfigError, ConversionError, PortqError
+from portq.tasks.core.errors import ConfigError, ConversionError, PortqError, validation_problems
 from portq.tasks.core.registry import Registry
+from portq.tasks.formats import script_complex, script_prepare, script_unfuse, symbolics
 from portq.tasks.formats.diagnose import Blocker, blocker
 from portq.tasks.formats.recipes import NotApplicable
 from portq.tasks.sources.loading import LoadedModel
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], None]
+#: (source, example inputs, path, opts) -> notes on what the route had to rewrite (None: nothing)
+Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], "list[str] | None"]
+
+#: plain modules the recipes use to prepare TorchScript archives (fused fast paths, complex values, symbolics):
+#: a route that may take an archive lists them, so its reproduce script carries them
+SCRIPT_REWRITES: tuple[ModuleType, ...] = (script_unfuse, script_complex, symbolics, script_prepare)
 
 
 @dataclass
@@ -73,6 +79,7 @@ class ExportResult:
     route: str
     opset: int | None = None
     data: list[Path] = field(default_factory=list)  # files the artifact needs beside it (ONNX external data)
+    notes: list[str] = field(default_factory=list)  # what the route had to rewrite, for the artifact's report
 
     @property
     def size_bytes(self) -> int:
@@ -82,10 +89,12 @@ class ExportResult:
 
 @dataclass(frozen=True)
 class Route:
-    """One way to produce a format: a name (as reports show it) and its recipe."""
+    """One way to produce a format: a name (as reports show it), its recipe, and the plain modules besides
+    `recipes` that the recipe calls (its reproduce script carries them)."""
 
     name: str
     recipe: Recipe
+    modules: tuple[ModuleType, ...] = ()
 
 
 def _plain_result(req: ExportRequest, path: Path, route: str) -> ExportResult:
@@ -197,8 +206,7 @@ class FormatHandler:
         try:
             options = self.options.model_validate({**request.options, **variant.fixed}).model_dump(mode="json")
         except ValidationError as e:
-            problems = "; ".join(f"option {'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}"
-                                 for err in e.errors())
+            problems = validation_problems(e, prefix="option ")
             raise ConfigError(f"artifact {request.id}: {problems}", step="options") from None
         return ResolvedArtifact(request=request, variant=variant, options=options)
 
@@ -224,8 +232,9 @@ class FormatHandler:
             start = time.perf_counter()
             try:
                 with native_output_to_log(f"{self.format.value} route {route.name}"):
-                    route.recipe(req.model, req.args, str(path), req.opts())
+                    notes = route.recipe(req.model, req.args, str(path), req.opts())
                 result = self.finish(req, path, route.name)
+                result.notes = list(notes or [])
             except NotApplicable as e:
                 attempts.append(RouteAttempt(route.name, f"not applicable: {e}", time.perf_counter() - start,
                                              applicable=False))

@@ -18,11 +18,16 @@ _UNSUPPORTED_FX = re.compile(r"Unsupported FX nodes: \{'call_function': \[([^\]]
 # TorchScript -> ExportedProgram converter
 _TS2EP_OP = re.compile(r"(?:Unsupported node kind|Cannot convert|unsupported)\s*:?\s*'?((?:aten|prim)::\w+)", re.I)
 # torch.export guards
-_CONSTRAINT = re.compile(r"Constraints violated \(([^)]*)\)!")
+_CONSTRAINT = re.compile(r"Constraints violated \((.+?)\)!")
 _SPECIALIZED = re.compile(r"^\s*- (.*)$", re.M)
 _DATA_DEPENDENT = re.compile(r"Could not (?:guard on|extract specialized integer from) data-dependent expression "
                              r"(.+?)(?: \(|$)", re.M)
 _ANY_OP = re.compile(r"\b((?:aten|prim|onnx)::\w+|aten\.\w+(?:\.\w+)?)")
+# torch.export unrolls aten.lstm / aten.gru over time, so their sequence length cannot stay dynamic
+_RNN = re.compile(r"\b(?:aten[.:]+(?:lstm|gru|rnn_tanh|rnn_relu)|nn\.(?:LSTM|GRU|RNN)|torch/nn/modules/rnn\.py)")
+# what the TorchScript rewrites refuse (script_unfuse.UnfuseError, script_complex.LoweringError,
+# script_prepare.RewriteMismatch): their messages say what and where
+_REWRITE_REFUSALS = ("UnfuseError", "LoweringError", "RewriteMismatch")
 
 
 @dataclass
@@ -58,6 +63,12 @@ def blocker(e: BaseException) -> Blocker:
     if m:
         return Blocker(f"unsupported operator {m[1]} (no ONNX symbolic at opset {m[2]})", m[1])
     m = _DYNAMO_OP.search(text)
+    if m and "complex-valued input" in text:
+        op = _canonical(m[1])
+        return Blocker(f"complex-valued {op}: the dynamo exporter translates no complex tensors",
+                       hint="compute rotary embeddings with real cos/sin rather than torch.polar/view_as_complex, "
+                            "export without dynamic dims, or submit the model as TorchScript (torch.jit.trace), "
+                            "whose complex arithmetic portq rewrites into real ops")
     if m:
         op = _canonical(m[1])
         return Blocker(f"unsupported operator {op} (no ONNX function or decomposition for {m[1]}.{m[2]})", op)
@@ -70,9 +81,25 @@ def blocker(e: BaseException) -> Blocker:
     if m:
         detail = _SPECIALIZED.search(text[m.end():])
         why = detail[1].split(". ")[0] if detail else "the code does not allow other sizes"
+        if _RNN.search(text):
+            return Blocker(f"guard failed for dynamic dim {m[1]}: {why}",
+                           hint="torch.export unrolls nn.LSTM/GRU over time, so their sequence length cannot stay "
+                                "dynamic on this route; the torchscript route keeps it dynamic")
         return Blocker(f"guard failed for dynamic dim {m[1]}: {why}",
                        hint=f"the model's code fixes the size of {m[1]}: drop --dynamic {m[1]} or make that code "
                             "size-agnostic")
+    if "PendingUnbackedSymbolNotFound" in text or "Pending unbacked symbols" in text:
+        return Blocker("the ExportedProgram's shape environment kept unbacked symbols from an earlier export "
+                       "(data-dependent sizes, e.g. mixture-of-experts routing)",
+                       hint="load the program again for this route (torch.export.load) instead of reusing it")
+    if "min() arg is an empty sequence" in text and _raised_in(e, "registration.py"):
+        return Blocker("the TorchScript-based exporter's registry holds an empty entry for an operator (a custom "
+                       "symbolic was unregistered in this process)",
+                       hint="run the export in a fresh process (PORTQ_ISOLATE=1 does)")
+    for refusal in _REWRITE_REFUSALS:
+        if refusal in type(e).__name__ or f"{refusal}:" in text:
+            return Blocker(f"the TorchScript rewrite refused: {_clip(first_line_of(text))}",
+                           hint="the job log has the rewrite's full error; another route may still convert it")
     m = _DATA_DEPENDENT.search(text)
     if m:
         return Blocker(f"guard failed: the code branches on data-dependent value {m[1]}",
@@ -90,6 +117,16 @@ def blocker(e: BaseException) -> Blocker:
         return Blocker(_clip(cause), _canonical(named[1]) if named else None)
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return Blocker(f"{type(e).__name__}: {_clip(first)}")
+
+
+def _raised_in(e: BaseException, filename: str) -> bool:
+    import traceback
+
+    return any(frame.filename.endswith(filename) for frame in traceback.extract_tb(e.__traceback__))
+
+
+def first_line_of(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _text(e: BaseException) -> str:

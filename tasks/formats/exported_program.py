@@ -11,7 +11,7 @@ from typing import Any
 from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format
 from portq.tasks.formats import recipes
-from portq.tasks.formats.base import FORMATS, FormatHandler, Route
+from portq.tasks.formats.base import FORMATS, SCRIPT_REWRITES, FormatHandler, Route
 
 FILENAME = "model.pt2"
 
@@ -27,7 +27,7 @@ FORMATS.add(
     FormatHandler(
         format=Format.pt2,
         filename=FILENAME,
-        routes=[Route("export", recipes.pt2_export)],
+        routes=[Route("export", recipes.pt2_export, SCRIPT_REWRITES)],
         opener=runtimes.open_pt2,
         localise=_localise,
     ),

@@ -4,9 +4,10 @@ Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
   passthrough        an ONNX source file as it is (`portq optimize`); not applicable to PyTorch sources
   dynamo             torch.onnx.export(dynamo=True) on the nn.Module or ExportedProgram
   dynamo_decomposed  the ExportedProgram decomposed first (fused fast-path kernels rewritten), then dynamo
-  torchscript        torch.onnx.export(dynamo=False), the TorchScript-based exporter: on a ScriptModule, an
-                     nn.Module or the program's module
-  ts2ep              a TorchScript archive converted to an ExportedProgram (TS2EPConverter), then dynamo
+  torchscript        torch.onnx.export(dynamo=False), the TorchScript-based exporter: on a ScriptModule (prepared:
+                     fused fast paths and complex values rewritten, every value typed, symbolics for diff, the FFT
+                     family and unfold), an nn.Module or the program's module (without dynamic sizes)
+  ts2ep              a TorchScript archive (prepared) converted to an ExportedProgram (TS2EPConverter), then dynamo
   ts2ep_decomposed   the same, decomposed first
 For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
 
@@ -31,7 +32,15 @@ from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
 from portq.tasks.formats import onnx_optimize, onnx_precision, recipes
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route, Variant
+from portq.tasks.formats.base import (
+    FORMATS,
+    SCRIPT_REWRITES,
+    ExportRequest,
+    ExportResult,
+    FormatHandler,
+    Route,
+    Variant,
+)
 from portq.tasks.formats.hardware import cpu_has_native_fp16
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -161,9 +170,9 @@ ONNX = FormatHandler(
         Route("passthrough", recipes.onnx_passthrough),
         Route("dynamo", recipes.onnx_dynamo),
         Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
-        Route("torchscript", recipes.onnx_torchscript),
-        Route("ts2ep", recipes.onnx_ts2ep),
-        Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed),
+        Route("torchscript", recipes.onnx_torchscript, SCRIPT_REWRITES),
+        Route("ts2ep", recipes.onnx_ts2ep, SCRIPT_REWRITES),
+        Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed, SCRIPT_REWRITES),
     ],
     opener=runtimes.open_onnx,
     checked_open=open_checked,

@@ -2,17 +2,26 @@
 reproduce script carries a copy of this file's source and runs them the same way.
 
 So this module stands alone: it imports only torch, numpy and onnxruntime (inside functions), never
-portq (lines marked `portq-only` are dropped from the copy). Every route has the same signature,
-`route(source, args, path, opts)`, where `source` has `.module` (eager callable), `.script`
-(ScriptModule or None) and `.program` (ExportedProgram or None); `args` are the example inputs as
-tensors; `opts` holds input_names, output_names, dynamic ({input index: {axis: dim name}}) and opset.
-A route that does not apply to the source raises `NotApplicable`.
+portq (lines marked `portq-only` are dropped from the copy; the script carries the modules they name,
+listed on the route). Every route has the same signature, `route(source, args, path, opts)`, where
+`source` has `.module` (eager callable), `.script` (ScriptModule or None) and `.program` (ExportedProgram
+or None); `args` are the example inputs as tensors; `opts` holds input_names, output_names, dynamic
+({input index: {axis: dim name}}) and opset. A route returns notes on what it had to rewrite (or None),
+which the artifact's report shows. A route that does not apply to the source raises `NotApplicable`.
+
+TorchScript archives go through `script_prepare.prepare_script` first (fused transformer fast paths and
+complex arithmetic rewritten into plain ops, checked against the archive), and the TorchScript-based
+exporter gets every value's dtype and rank (`script_complex.typed_function`) and the symbolics it lacks
+(`symbolics.torchscript_symbolics`: diff, the FFT family, unfold with dynamic sizes).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from portq.tasks.formats.script_complex import typed_function  # portq-only
+from portq.tasks.formats.script_prepare import prepare_script  # portq-only
+from portq.tasks.formats.symbolics import torchscript_symbolics  # portq-only
 from portq.tasks.formats.unfuse import unfused_table  # portq-only
 
 #: opset used when none is given
@@ -29,8 +38,9 @@ def _dynamic(opts: dict[str, Any]) -> dict[int, dict[int, str]]:
             if axes}
 
 
-def dynamic_shapes(args: tuple[Any, ...], opts: dict[str, Any]) -> tuple[Any, ...] | None:
-    """torch.export dynamic_shapes: one named Dim per dim name, shared by every input that uses it."""
+def dynamic_shapes(args: tuple[Any, ...], opts: dict[str, Any], auto: bool = False) -> tuple[Any, ...] | None:
+    """torch.export dynamic_shapes: one named Dim per dim name, shared by every input that uses it; with `auto`,
+    Dim.DYNAMIC for each (torch.export then infers each dim's range and its relations to the others)."""
     import torch
 
     dynamic = _dynamic(opts)
@@ -40,7 +50,10 @@ def dynamic_shapes(args: tuple[Any, ...], opts: dict[str, Any]) -> tuple[Any, ..
     spec = []
     for i in range(len(args)):
         axes = dynamic.get(i, {})
-        spec.append({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()} or None)
+        if auto:
+            spec.append({axis: torch.export.Dim.DYNAMIC for axis in axes} or None)
+        else:
+            spec.append({axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in axes.items()} or None)
     return tuple(spec)
 
 
@@ -50,29 +63,96 @@ def dynamic_axes(opts: dict[str, Any]) -> dict[str, dict[int, str]] | None:
     return {names[i]: axes for i, axes in _dynamic(opts).items()} or None
 
 
-def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], decompose: bool = False) -> Any:
+def _refined_dims(e: BaseException) -> bool:
+    """torch.export refused the named dims only because it narrowed their range or related them ("Constraints
+    violated ... Suggested fixes"), e.g. a minimum length that a frame count needs."""
+    text, seen = "", 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 6:
+        text += str(cur)
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return "Constraints violated" in text or "Suggested fixes" in text
+
+
+def export_with_dims(module: Any, args: tuple[Any, ...], opts: dict[str, Any], notes: list[str]) -> Any:
+    """torch.export.export with the named dynamic dims; when export only refines their ranges or relations, again
+    with Dim.DYNAMIC, which accepts the refinement. A dim the code really fixes to one size fails both ways, and
+    the named dims' error is raised (it names the dim)."""
+    import torch
+
+    return _retry_with_auto_dims(lambda auto: torch.export.export(
+        module, args, dynamic_shapes=dynamic_shapes(args, opts, auto=auto)), notes)
+
+
+#: the note a route returns when the named dims had to become Dim.DYNAMIC
+AUTO_DIMS_NOTE = ("torch.export narrowed the dynamic dims' ranges (e.g. a minimum length); exported with "
+                  "Dim.DYNAMIC, which keeps the narrowed ranges")
+
+
+def _retry_with_auto_dims(export: Any, notes: list[str]) -> Any:
+    """export(auto=False); on a refinement of the named dims, export(auto=True) with a note."""
+    try:
+        return export(False)
+    except Exception as e:
+        if not _refined_dims(e):
+            raise
+        named = e
+    try:
+        result = export(True)
+    except Exception:
+        raise named from None
+    notes.append(AUTO_DIMS_NOTE)
+    return result
+
+
+def _check_sets(args: tuple[Any, ...], opts: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The example inputs, and with dynamic dims the same one longer: what rewrites are checked and typed on."""
+    return [args, resized_args(args, opts)] if _dynamic(opts) else [args]
+
+
+def fresh_program(program: Any) -> Any:
+    """An independent copy of an ExportedProgram (an in-memory save and load). torch.onnx.export can leave a
+    program's shape environment with pending unbacked symbols (mixture-of-experts routing with torch.where), and
+    the next run_decompositions on that object fails with PendingUnbackedSymbolNotFound; a loaded copy does not
+    share that state (copy.deepcopy does)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    return torch.export.load(buffer)
+
+
+def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], decompose: bool = False,
+                     notes: list[str] | None = None) -> Any:
     """An ExportedProgram of the source with the requested dynamic dims.
 
-    A program is used as saved (its dims are as dynamic as it was exported with; on a cuda target its module
-    is exported again on the device); a TorchScript module goes through TorchScript -> ExportedProgram
-    conversion; an nn.Module through torch.export. With `decompose`, fused fast-path kernels and other
-    non-core ops are rewritten into core ATen ops (`unfuse.unfused_table`).
+    A program is used as saved, as a fresh copy (its dims are as dynamic as it was exported with; on a cuda target
+    its module is exported again on the device); a TorchScript module is prepared (`prepare_script`), then
+    converted by TorchScript -> ExportedProgram; an nn.Module goes through torch.export. With `decompose`, fused
+    fast-path kernels and other non-core ops are rewritten into core ATen ops (`unfuse.unfused_table`). What had
+    to be rewritten is appended to `notes`.
     """
     import torch
 
-    shapes = dynamic_shapes(args, opts)
+    notes = [] if notes is None else notes
     if source.program is not None:
-        program = source.program
-        if str(opts.get("device", "cpu")).startswith("cuda"):
-            program = torch.export.export(source.module, args, dynamic_shapes=shapes)
+        if str(opts.get("device", "cpu")).startswith("cuda"):  # the source's module is on the device already
+            program = torch.export.export(source.module, args, dynamic_shapes=dynamic_shapes(args, opts))
+        else:
+            program = fresh_program(source.program)
     elif source.script is not None:
         from torch._export.converter import TS2EPConverter
 
-        program = TS2EPConverter(source.script, args).convert()
-        if shapes is not None:  # the converter traces at the example's sizes; export again with dynamic dims
-            program = torch.export.export(program.module(), args, dynamic_shapes=shapes)
+        script, rewrites = prepare_script(source.script, args, _check_sets(args, opts))
+        notes += rewrites
+        program = TS2EPConverter(script, args).convert()
+        if _dynamic(opts):  # the converter traces at the example's sizes; export again with dynamic dims
+            program = export_with_dims(program.module(), args, opts, notes)
     else:
-        program = torch.export.export(source.module, args, dynamic_shapes=shapes)
+        program = export_with_dims(source.module, args, opts, notes)
     if decompose:
         program = program.run_decompositions(unfused_table())
     return program
@@ -160,33 +240,122 @@ def _torch_source(source: Any) -> None:
         raise NotApplicable("the source is already ONNX (only the passthrough route applies)")
 
 
-def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def onnx_dynamo(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str] | None:
     """torch.onnx's dynamo exporter on the nn.Module (or the ExportedProgram)."""
     _torch_source(source)
     if source.script is not None:
         raise NotApplicable("the dynamo exporter does not take TorchScript modules")
     if source.program is not None:
         _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True)
-    else:
-        _onnx_export(source.module, args, path, opts, dynamo=True,
-                     dynamic_shapes=dynamic_shapes(args, opts))
+        return None
+    notes: list[str] = []
+    _retry_with_auto_dims(lambda auto: _onnx_export(source.module, args, path, opts, dynamo=True,
+                                                    dynamic_shapes=dynamic_shapes(args, opts, auto=auto)), notes)
+    return notes
 
 
-def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def onnx_dynamo_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
     """The program decomposed first (fused kernels included), then the dynamo exporter."""
     _torch_source(source)
     if source.script is not None:
         raise NotApplicable("TorchScript sources take the ts2ep routes")
-    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True)
+    notes: list[str] = []
+    _onnx_export(exported_program(source, args, opts, decompose=True, notes=notes), args, path, opts, dynamo=True)
+    return notes
 
 
-def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
-    """torch.onnx's TorchScript-based exporter (dynamo=False) on the ScriptModule, nn.Module or program's module."""
+def onnx_torchscript(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str] | None:
+    """torch.onnx's TorchScript-based exporter (dynamo=False) on the ScriptModule, nn.Module or program's module.
+
+    An archive is prepared first (`prepare_script`), then exported as a function of its frozen graph with every
+    value typed, and the symbolics this exporter lacks registered for the one export. A program that computes with
+    complex values is traced first and prepared the same way."""
     _torch_source(source)
-    target = source.script if source.script is not None else source.module
+    opset = opts.get("opset") or DEFAULT_OPSET
+    script = source.script
     if source.program is not None:
-        target = _EvalOnly(target)
+        if _dynamic(opts) and _reads_sizes(source.program):
+            raise RuntimeError("the TorchScript-based exporter traces an ExportedProgram's module, and the program "
+                               "reads its dynamic sizes (aten.sym_size), which tracing fixes to the example's; it "
+                               "would be wrong at other sizes, so this route takes such programs only without "
+                               "dynamic dims")
+        if _complex_values(source.program):
+            script = _traced(_EvalOnly(source.module), args)
+    if script is not None:
+        checks = _check_sets(args, opts)
+        prepared, notes = prepare_script(script, args, checks)
+        with torchscript_symbolics(opset):
+            _onnx_export(typed_function(prepared, checks), args, path, opts, dynamo=False,
+                         dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
+        _constants_to_initializers(path)
+        onnx_weights_beside(path, _external_for_file(path, opts))  # the weights are initializers only now
+        _check_onnx(path)
+        return notes
+    target = source.module if source.program is None else _EvalOnly(source.module)
     _onnx_export(target, args, path, opts, dynamo=False, dynamic_axes=dynamic_axes(opts), do_constant_folding=True)
+    return None
+
+
+def _external_for_file(path: str, opts: dict[str, Any]) -> bool:
+    """external_data_wanted for an ONNX file already written: always, or (auto) when its weights are large."""
+    import onnx
+
+    if (opts.get("external_data") or "auto") == "always":
+        return True
+    header = onnx.load(path, load_external_data=False)
+    return sum(len(t.raw_data) for t in header.graph.initializer) > EXTERNAL_DATA_BYTES
+
+
+def _constants_to_initializers(path: str) -> None:
+    """Weights of an exported function come out as Constant nodes (the graph was frozen): make them initializers,
+    where ONNX tools (optimizers, quantizers, editors) look for weights, as a module's export has them."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+        onnx.save(model, path)
+
+
+def _check_onnx(path: str) -> None:
+    """The ONNX checker with strict type and shape inference: a graph the exporter typed wrongly (an op given a
+    type it does not take) fails this route here, so the next one is tried, rather than failing in onnxruntime."""
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _complex_values(program: Any) -> bool:
+    import torch
+
+    return any(isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].is_complex()
+               for node in program.graph.nodes)
+
+
+def _traced(module: Any, args: tuple[Any, ...]) -> Any:
+    """A TorchScript trace in eval mode (freezing folds weights into constants only there)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.jit.trace(module, args, strict=False, check_trace=False).eval()
+
+
+def _reads_sizes(program: Any) -> bool:
+    import torch
+
+    return any(node.target is torch.ops.aten.sym_size.int for node in program.graph.nodes)
 
 
 def _EvalOnly(module: Any) -> Any:  # noqa: N802  (a class made on demand, so torch is imported late)
@@ -208,20 +377,24 @@ def _EvalOnly(module: Any) -> Any:  # noqa: N802  (a class made on demand, so to
     return EvalOnly(module)
 
 
-def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def onnx_ts2ep(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
     """A TorchScript archive converted to an ExportedProgram (TS2EPConverter), then the dynamo exporter."""
     _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
-    _onnx_export(exported_program(source, args, opts), args, path, opts, dynamo=True)
+    notes: list[str] = []
+    _onnx_export(exported_program(source, args, opts, notes=notes), args, path, opts, dynamo=True)
+    return notes
 
 
-def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def onnx_ts2ep_decomposed(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
     """TorchScript -> ExportedProgram, decomposed (fused kernels rewritten into plain ops), then dynamo."""
     _torch_source(source)
     if source.script is None:
         raise NotApplicable("only TorchScript sources are converted to an ExportedProgram first")
-    _onnx_export(exported_program(source, args, opts, decompose=True), args, path, opts, dynamo=True)
+    notes: list[str] = []
+    _onnx_export(exported_program(source, args, opts, decompose=True, notes=notes), args, path, opts, dynamo=True)
+    return notes
 
 
 # ----------------------------------------------------------------------------------------- TorchScript
@@ -299,17 +472,21 @@ def torchscript_script(source: Any, args: tuple[Any, ...], path: str, opts: dict
 
 # ------------------------------------------------------------------------------------ ExportedProgram, AOTI
 
-def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
     """The program as saved, torch.export of the module, or TorchScript -> ExportedProgram; torch.export.save."""
     _torch_source(source)
     import torch
 
-    torch.export.save(exported_program(source, args, opts), path)
+    notes: list[str] = []
+    torch.export.save(exported_program(source, args, opts, notes=notes), path)
+    return notes
 
 
-def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> None:
+def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
     """The ExportedProgram compiled by AOTInductor into a package for the target device."""
     _torch_source(source)
     import torch
 
-    torch._inductor.aoti_compile_and_package(exported_program(source, args, opts), package_path=path)
+    notes: list[str] = []
+    torch._inductor.aoti_compile_and_package(exported_program(source, args, opts, notes=notes), package_path=path)
+    return notes

@@ -1,11 +1,11 @@
 """Reproduce scripts: beside each artifact, a small Python file that redoes its conversion and parity check by hand.
 
 `<artifact id>/reproduce_<artifact id>.py` carries copies of the plain modules portq itself ran: how the
-source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes` and
-`unfuse`), how the artifact is opened and called (`portq.tasks.checks.runtimes`) and how each output is
-judged (`portq.tasks.checks.output_check`). It reads the job's samples from `reproduce_inputs.npz` in the
-job's folder. It needs torch and numpy (and onnxruntime for ONNX), not portq, so it can go into an
-upstream bug report.
+source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes`,
+`unfuse`, and the modules the route lists, such as the TorchScript rewrites), how the artifact is opened
+and called (`portq.tasks.checks.runtimes`) and how each output is judged (`portq.tasks.checks.output_check`).
+It reads the job's samples from `reproduce_inputs.npz` in the job's folder. It needs torch and numpy (and
+onnxruntime for ONNX), not portq, so it can go into an upstream bug report.
 """
 
 from __future__ import annotations
@@ -149,15 +149,17 @@ def main() -> int:
     if SETTINGS["transform"]:  # an optimization: export the base artifact, then run the optimization recipe
         out = Path(cli.out)
         base = str(out.with_name(out.stem + ".base" + out.suffix))
-        globals()[SETTINGS["recipe"]](source, example, base, opts)
+        notes = globals()[SETTINGS["recipe"]](source, example, base, opts)
         topts = {{k: (str(here / v) if k in {data_files!r} else v) for k, v in SETTINGS["transform_opts"].items()}}
         facts = globals()[SETTINGS["transform"]](base, cli.out, topts)
         print(f"converted the source by route {{SETTINGS['route']}}, then {{SETTINGS['transform']}} -> {{cli.out}}")
         print("optimizer facts: " + json.dumps({{k: facts[k] for k in sorted(facts) if k != "load_with"}},
                                               default=str)[:600])
     else:
-        globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
+        notes = globals()[SETTINGS["recipe"]](source, example, cli.out, opts)
         print(f"converted the source -> {{cli.out}} by route {{SETTINGS['route']}}")
+    for note in notes or []:
+        print(f"  {{note}}")
 
     artifact = globals()[SETTINGS["opener"]](cli.out, device, SETTINGS["options"])
     checks: dict[str, OutputCheck] = {{}}
@@ -235,7 +237,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         fn, opts = transform
         settings["transform"] = fn.__name__
         settings["transform_opts"] = {k: (Path(v).name if k in _DATA_FILES else v) for k, v in opts.items()}
-    modules = [*builder.script_modules(), unfuse, recipes, *recipe_modules, runtimes, output_check]
+    modules = [*builder.script_modules(), unfuse, *route.modules, recipes, *recipe_modules, runtimes, output_check]
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

@@ -210,9 +210,9 @@ def script_settings(spec: JobSpec, model: LoadedModel, store: Store) -> dict[str
 
 def _script_modules() -> tuple[Any, ...]:
     from portq.tasks.fusion import arrays, output_space, recipe, training, validation, weight_space
-    from portq.tasks.sources import recipes
+    from portq.tasks.sources import dequantize, recipes
 
-    return (recipes, arrays, validation, training, output_space, weight_space, recipe)
+    return (dequantize, recipes, arrays, validation, training, output_space, weight_space, recipe)
 
 
 def _annotate(spec: JobSpec, model: LoadedModel, evidence: Any, report: Any) -> None:

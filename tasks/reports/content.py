@@ -120,6 +120,7 @@ def job_facts(r: JobReport) -> list[Fact]:
             facts.append(Fact("hint", f.hint))
     elif r.error:
         facts.append(Fact("error", r.error, bad=True))
+    facts += [Fact("note", note) for note in r.notes]
     if r.trust_pickle:
         facts.append(Fact("trust pickle", "yes (--trust-pickle: the model was loaded by full unpickling, which "
                                           "can run code from the file)", bad=True))
@@ -166,6 +167,7 @@ def artifact_facts(a: ArtifactReport) -> list[Fact]:
         if summary:
             facts.append(Fact("optimizer", summary))
         facts += [Fact("note", n) for n in o.facts.get("notes", [])]
+    facts += [Fact("rewrite", note) for note in a.notes]
     if a.opset is not None:
         facts.append(Fact("opset", str(a.opset)))
     if a.size_bytes is not None:
@@ -377,7 +379,8 @@ def environment_line(env: dict) -> str:  # type: ignore[type-arg]
     return "; ".join(parts)
 
 
-SUMMARY_COLUMNS = ["model", "target", "job status", *ARTIFACT_COLUMNS]
+#: `source` is the file each job came from, as the user gave it (albert.pt and albert.pt2 are two jobs named albert)
+SUMMARY_COLUMNS = ["model", "source", "target", "job status", *ARTIFACT_COLUMNS]
 
 
 def summary_rows(b: BatchReport) -> list[list[str]]:
@@ -385,9 +388,10 @@ def summary_rows(b: BatchReport) -> list[list[str]]:
     for j in b.jobs:
         status = j.status.value + (" (cached)" if j.cached else "")
         if not j.artifacts:
-            rows.append([j.model, j.target.value, status, *["-"] * (len(ARTIFACT_COLUMNS) - 2), "", j.error or ""])
+            rows.append([j.model, j.source, j.target.value, status, *["-"] * (len(ARTIFACT_COLUMNS) - 2), "",
+                         j.error or ""])
         for a in j.artifacts:
-            rows.append([j.model, j.target.value, status, *artifact_row(a)])
+            rows.append([j.model, j.source, j.target.value, status, *artifact_row(a)])
     return rows
 
 
@@ -398,5 +402,31 @@ def counts_line(b: BatchReport) -> str:
     return counts + (f"; {hits} cache hit(s): {', '.join(j.model for j in b.jobs if j.cached)}" if hits else "")
 
 
-def batch_markdown(b: BatchReport) -> str:
-    return f"# portq batch {b.batch}\n\n{counts_line(b)}\n\n{markdown_table(SUMMARY_COLUMNS, summary_rows(b))}\n"
+def relative_link(target: str, base: str) -> str:
+    """`target` (a path or URL in the store) as a link from the folder `base`: relative when both are in one
+    filesystem or under one URL root, so a page keeps working when the store is served or published."""
+    import os
+    import posixpath
+    from urllib.parse import urlsplit
+
+    t, b = urlsplit(target), urlsplit(base)
+    if "://" not in target and "://" not in base:
+        return os.path.relpath(target, base)
+    if (t.scheme, t.netloc) == (b.scheme, b.netloc) and t.scheme:
+        return posixpath.relpath(t.path, b.path or "/")
+    return target
+
+
+def job_links(b: BatchReport, base: str, suffix: str) -> list[tuple[str, str]]:
+    """(label, link to the job's report.<suffix>) for every job that has a report, relative to `base`."""
+    return [(f"{j.model} ({j.source}, {j.target.value})", relative_link(f"{j.result}/report.{suffix}", base))
+            for j in b.jobs if j.result]
+
+
+def batch_markdown(b: BatchReport, base: str | None = None) -> str:
+    """The batch's summary in Markdown; with `base` (the folder the file will be in), links to each job's report."""
+    text = f"# portq batch {b.batch}\n\n{counts_line(b)}\n\n{markdown_table(SUMMARY_COLUMNS, summary_rows(b))}\n"
+    links = job_links(b, base, "md") if base is not None else []
+    if links:
+        text += "\n## job reports\n\n" + "\n".join(f"- [{label}]({link})" for label, link in links) + "\n"
+    return text

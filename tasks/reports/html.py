@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import math
-import posixpath
 from collections.abc import Sequence
 
 from portq.tasks.core.contract import (
@@ -39,6 +38,7 @@ from portq.tasks.reports.content import (
     counts_line,
     environment_line,
     job_facts,
+    job_links,
     latency_facts,
     latency_headline,
     parity_notes,
@@ -307,26 +307,9 @@ def job_html(r: JobReport) -> str:
     return _page(f"portq {r.model}", body)
 
 
-def batch_page_key(batch: str) -> str:
-    """Where `portq report BATCH --format html --to-store` puts the batch page in the store."""
-    return f"batches/{batch}/report.html"
-
-
-def link(target: str, page: str | None, store: str) -> str:
-    """A link from the page at `page` to `target` (both URLs or paths in the store `store`): relative when both
-    are in the store, so it holds wherever the store is served or synced to; the full URL otherwise."""
-    root = store.rstrip("/") + "/"
-    if page is None or not (target.startswith(root) and page.startswith(root)):
-        return target
-    return posixpath.relpath(target[len(root):], posixpath.dirname(page[len(root):]) or ".")
-
-
-def batch_html(b: BatchReport, page: str | None = None) -> str:
-    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted.
-
-    `page`: the page's own URL when it is written into the store; the links to the job reports are then
-    relative to it. Otherwise they are the reports' full URLs (paths on a directory store).
-    """
+def batch_html(b: BatchReport, base: str) -> str:
+    """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted, and a link to each
+    job's report.html relative to `base`, the folder the page will be in (`relative_link`)."""
     rows = summary_rows(b)
     best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
     body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts_line(b))}; store <code>{_e(b.store)}</code></p>",
@@ -337,8 +320,7 @@ def batch_html(b: BatchReport, page: str | None = None) -> str:
         body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
                              title="speedup over the source, x100 (100 = as fast)", x_label="model / artifact",
                              width=max(420, 60 * len(speedups))))
-    links = [f"<li><a href=\"{_e(link(j.report[:-len('.json')] + '.html', page, b.store))}\">{_e(j.model)} "
-             f"({_e(j.target.value)})</a></li>" for j in b.jobs if j.report and j.report.endswith(".json")]
+    links = [f"<li><a href=\"{_e(link)}\">{_e(label)}</a></li>" for label, link in job_links(b, base, "html")]
     if links:
         body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
     return _page(f"portq batch {b.batch}", body)

@@ -20,7 +20,7 @@ from typing import Any
 
 from portq.tasks.core.contract import ConvertSource, JobKind, JobSpec
 from portq.tasks.core.registry import Registry
-from portq.tasks.sources import recipes
+from portq.tasks.sources import dequantize, recipes
 from portq.tasks.sources.loading import LoadedModel, LoadRequest, load_model
 from portq.tasks.state.store import Store
 
@@ -79,4 +79,4 @@ def _convert_script_settings(spec: JobSpec, model: LoadedModel, store: Store) ->
 
 SOURCE_BUILDERS.add(JobKind.convert.value, SourceBuilder(build=_build_convert,
                                                          script_settings=_convert_script_settings,
-                                                         script_modules=lambda: (recipes,)))
+                                                         script_modules=lambda: (dequantize, recipes)))

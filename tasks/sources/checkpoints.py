@@ -33,7 +33,10 @@ def load_torch_save(req: LoadRequest) -> LoadedModel:
             ) from None
         obj = torch.load(str(req.path), map_location="cpu", weights_only=False)
     if isinstance(obj, torch.nn.Module):
-        return LoadedModel(kind="pickled_module", module=obj, input_names=_forward_names(obj))
+        from portq.tasks.sources.loading import float_equivalent
+
+        module, notes = float_equivalent(obj, req.display)
+        return LoadedModel(kind="pickled_module", module=module, input_names=_forward_names(obj), notes=notes)
     state = find_state_dict(obj)
     if state is None:
         raise ModelLoadError(f"torch.save file holds a {type(obj).__name__}, not a module, state dict or "

@@ -29,6 +29,7 @@ class LoadedModel:
     program: Any = None  # torch.export.ExportedProgram, for .pt2
     script: Any = None  # torch.jit.ScriptModule, for TorchScript
     onnx: str | None = None  # the file, for an ONNX source (`portq optimize`)
+    notes: list[str] = field(default_factory=list)  # what loading changed (e.g. the float equivalent), for the report
 
 
 @dataclass
@@ -141,10 +142,28 @@ def _load_onnx(req: LoadRequest) -> LoadedModel:
 @LOADERS.register("torchscript")
 def _load_torchscript(req: LoadRequest) -> LoadedModel:
     import torch
+    from portq.tasks.sources.traced_loops import BAKED_LOOP_CAUSE, BAKED_LOOP_HINT, baked_data_dependent_loops
 
     script = torch.jit.load(str(req.path), map_location="cpu")
     names = [a.name for a in script.forward.schema.arguments][1:]
-    return LoadedModel(kind="torchscript", module=script, script=script, input_names=names)
+    baked = baked_data_dependent_loops(script)
+    if baked:  # the archive is wrong for other inputs before any exporter sees it
+        raise ModelLoadError(BAKED_LOOP_CAUSE.format(where="; ".join(baked)), step="load", file=req.display,
+                             hint=BAKED_LOOP_HINT)
+    script, notes = float_equivalent(script, req.display)
+    return LoadedModel(kind="torchscript", module=script, script=script, input_names=names, notes=notes)
+
+
+def float_equivalent(model: Any, display: str) -> tuple[Any, list[str]]:
+    """A dynamically quantized model's float equivalent (and the note saying so); a statically quantized one is
+    refused with why and what to do."""
+    from portq.tasks.sources.dequantize import DequantError
+    from portq.tasks.sources.dequantize import float_equivalent as dequantized
+
+    try:
+        return dequantized(model)
+    except DequantError as e:
+        raise ModelLoadError(str(e), step="load", file=display) from None
 
 
 #: packages whose output classes (pytree nodes, e.g. transformers' ModelOutput) a .pt2 may name; portq
@@ -175,9 +194,13 @@ def _load_program(req: LoadRequest) -> Any:
         try:
             return torch.export.load(str(req.path))
         except Exception as e:
-            found = _UNREGISTERED_PYTREE.search("\n".join([*handler.messages, str(e)]))
+            logged = "\n".join(handler.messages)
+            found = _UNREGISTERED_PYTREE.search(f"{logged}\n{e}")
             if not found:
-                raise
+                from portq.tasks.sources.load_failures import describe_load_failure
+
+                failure = describe_load_failure(str(req.path), e, logged)
+                raise ModelLoadError(failure.cause, step="load", file=req.display, hint=failure.hint) from e
             type_name = found[1]
             package = type_name.split(".")[0]
             if package not in PYTREE_PACKAGES or importlib.util.find_spec(package) is None:

@@ -2,7 +2,8 @@
 checkpoint rules below, and every reproduce script carries a copy of this file's source to rebuild the
 source exactly as portq did.
 
-So this module stands alone: it imports torch, numpy and safetensors inside functions, never portq.
+So this module stands alone: it imports torch, numpy and safetensors inside functions, and portq only on
+lines marked `portq-only` (the script carries `dequantize`'s source before this one).
 `build_source(settings, path)` (and `load_model_file`, which fused models load each member with) returns
 an object with `.module` (eager callable), `.script` (ScriptModule or None), `.program` (ExportedProgram or
 None) and, for an ONNX file, `.onnx` (its path), which is what every export recipe takes.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import importlib
 import types
 from typing import Any
+
+from portq.tasks.sources.dequantize import float_equivalent  # portq-only
 
 #: keys under which training checkpoints commonly keep the model's weights, most specific first
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "weights")
@@ -94,15 +97,15 @@ def load_model_file(settings: dict[str, Any], path: str | None = None) -> Any:
     kind = settings["kind"]
     if kind == "onnx":
         return types.SimpleNamespace(module=onnx_module(path), script=None, program=None, onnx=path)
-    if kind == "torchscript":
-        script = torch.jit.load(path, map_location="cpu").eval()
+    if kind == "torchscript":  # a dynamically quantized archive becomes its float equivalent, as in portq
+        script, _ = float_equivalent(torch.jit.load(path, map_location="cpu").eval())
         return types.SimpleNamespace(module=script, script=script, program=None)
     if kind == "exported_program":
         program = torch.export.load(path)
         return types.SimpleNamespace(module=program.module(), script=None, program=program)
     if kind == "pickled_module":  # portq loaded it with --trust-pickle: this runs code from the file
-        return types.SimpleNamespace(module=torch.load(path, map_location="cpu", weights_only=False).eval(),
-                                     script=None, program=None)
+        module, _ = float_equivalent(torch.load(path, map_location="cpu", weights_only=False).eval())
+        return types.SimpleNamespace(module=module, script=None, program=None)
     if kind == "safetensors":
         from safetensors.torch import load_file
 

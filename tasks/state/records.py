@@ -27,7 +27,7 @@ from portq.tasks.core.contract import (
     read_versioned,
     utcnow,
 )
-from portq.tasks.core.errors import InputError, PortqError
+from portq.tasks.core.errors import InputError, PortqError, StoreError
 from portq.tasks.state.store import Store, record_key
 from pydantic import ValidationError
 
@@ -56,8 +56,8 @@ def new_record(spec: JobSpec, status: JobStatus = JobStatus.queued, error: str |
 def transition(store: Store, record: JobRecord, to: JobStatus, *, fresh: bool = False, **fields: Any) -> JobRecord:
     """Move a record to `to`, set `fields` (error, result, cached, worker, attempts, dead_letter) and write it.
 
-    `fresh`: the record was never written (its status is the one it starts in). The error is cleared unless
-    given; a move to running starts a new attempt.
+    `fresh`: the record was never written (its status is the one it starts in). The error and the step are
+    cleared unless given; a move to running starts a new attempt.
     """
     current = None if fresh else record.status
     if to not in ALLOWED[current]:
@@ -65,12 +65,23 @@ def transition(store: Store, record: JobRecord, to: JobStatus, *, fresh: bool = 
                                 f"{to.value}", step="state", hint="please report this with the batch's records")
     record.status = to
     record.error = fields.pop("error", None)
+    record.step = fields.pop("step", None)
     if to is JobStatus.running:
         record.attempts += 1
     for name, value in fields.items():
         setattr(record, name, value)
     write_record(store, record)
     return record
+
+
+def note_step(store: Store, record: JobRecord, step: str) -> None:
+    """What a running job is doing now (`export:onnx`, `parity:onnx`...), for progress displays; not a status
+    change. Best effort: a store hiccup here must not fail the job."""
+    record.step = step
+    try:
+        write_record(store, record)
+    except StoreError:
+        pass
 
 
 def reset(store: Store, record: JobRecord) -> JobRecord:

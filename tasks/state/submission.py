@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from portq.tasks.core.contract import (
+    SAFE_ID,
     SIDECAR_SUFFIX,
     ConvertSource,
     FinetuneOptions,
@@ -33,9 +34,10 @@ from portq.tasks.core.contract import (
     new_id,
     safe_name,
 )
-from portq.tasks.core.errors import ConfigError, InputError, PortqError
+from portq.tasks.core.errors import ConfigError, InputError, PortqError, validation_problems
 from portq.tasks.state import delivery, records
 from portq.tasks.state.store import Store, input_key, sha256_file
+from pydantic import ValidationError
 
 
 def new_batch_id() -> str:
@@ -49,11 +51,11 @@ class Submission:
     rejected: list[JobRecord] = field(default_factory=list)
 
 
-def _upload(store: Store, path: Path) -> SourceRef:
+def _upload(store: Store, path: Path, name: str | None = None) -> SourceRef:
     sha = sha256_file(path)
     key = input_key(sha, "".join(path.suffixes[-1:]))
     store.put_file(path, key)
-    return SourceRef(key=key, name=str(path), sha256=sha, size=path.stat().st_size)
+    return SourceRef(key=key, name=name or str(path), sha256=sha, size=path.stat().st_size)
 
 
 def check_sample_path(path: Path, max_bytes: int) -> None:
@@ -77,12 +79,21 @@ def check_model_path(path: Path, max_bytes: int) -> None:
 
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
             load: dict[str, Any] | None = None, force: bool = False, calibration: list[Path] | None = None,
-            max_bytes: int, max_sample_bytes: int | None = None) -> Submission:
+            max_bytes: int, max_sample_bytes: int | None = None, displays: dict[str, str] | None = None) -> Submission:
     """Build one `convert` JobSpec per model path and write its spec and `queued` record; bad paths become
     failed records. `options` are the JobOptions fields (the sample is added per file); `load` the
-    ConvertSource fields (arch, arch_kwargs, trust_pickle); `calibration` files go to the optimize options."""
+    ConvertSource fields (arch, arch_kwargs, trust_pickle); `calibration` files go to the optimize options;
+    `displays` what to call a path in records and errors when it is not the user's own (an in-memory module
+    saved to a temporary file)."""
+    if batch is not None and not SAFE_ID.match(batch):  # before anything is written under its name
+        raise ConfigError(f"batch name {batch!r} is not a valid id: letters, digits, '.', '_' and '-', starting with "
+                          "a letter or digit, at most 128 characters", step="submit", hint="e.g. nightly-2024-06-01")
     sub = Submission(batch=batch or new_batch_id())
-    JobOptions.model_validate(options)  # a bad option fails the whole submission before anything is uploaded
+    try:  # a bad option fails the whole submission before anything is uploaded
+        JobOptions.model_validate(options)
+        ConvertSource.model_validate({"model": {"key": "-", "name": "-", "sha256": "-", "size": 0}, **(load or {})})
+    except ValidationError as e:
+        raise ConfigError(validation_problems(e), step="submit") from None
     if calibration:
         refs = []
         for path in calibration:
@@ -91,11 +102,12 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
         options = {**options, "optimize": {**(options.get("optimize") or {}), "calibration": refs}}
     for raw in paths:
         path = Path(raw)
+        display = (displays or {}).get(raw, str(path))
         model = model_name(raw)
         job_id = new_id("j")
         try:
             check_model_path(path, max_bytes)
-            source = _upload(store, path)
+            source = _upload(store, path, display)
             sidecar = path.with_suffix(SIDECAR_SUFFIX)
             sample = None
             if sidecar.is_file() and sidecar != path:
@@ -105,7 +117,7 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
                            source=ConvertSource(model=source, **(load or {})),
                            options=JobOptions.model_validate({**options, "sample": sample}))
         except PortqError as e:
-            rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=str(path),
+            rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=display,
                             target=Target(options.get("target", "cpu")), status=JobStatus.failed)
             records.transition(store, rec, JobStatus.failed, fresh=True, error=e.message)
             sub.rejected.append(rec)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -22,8 +23,9 @@ def test_submit_runs_here_and_reports(example_models, env):
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == "batch demo"
     assert "running 3 job(s) here" in res.stderr
-    for model in example_models:
-        assert re.search(rf"{model}\s+│\s+cpu\s+│\s+succeeded\s+│\s+onnx\s+│\s+succeeded\s+│\s+pass", res.stdout)
+    for model, path in example_models.items():
+        assert re.search(rf"{model}\s+│\s+{re.escape(str(path))}\s+│\s+cpu\s+│\s+succeeded\s+│\s+onnx\s+│\s+succeeded"
+                         rf"\s+│\s+pass", res.stdout)
 
     rep = run_cli("report", "demo", "--json", env=env)
     assert rep.returncode == 0
@@ -99,4 +101,61 @@ def test_report_markdown_file(example_models, env, tmp_path):
     res = run_cli("report", "md", "--format", "md", "--output", str(tmp_path / "r.md"), env=env)
     assert res.returncode == 0
     text = (tmp_path / "r.md").read_text()
-    assert text.startswith("# portq batch md") and "| mlp | cpu | succeeded | onnx | succeeded | pass |" in text
+    assert text.startswith("# portq batch md")
+    assert f"| mlp | {example_models['mlp']} | cpu | succeeded | onnx | succeeded | pass |" in text
+
+
+def test_two_files_of_one_name_progress_reports_and_a_quiet_exit(tmp_path, env):
+    """albert.pt and albert.pt2 are two jobs named albert: the table, `status` and --json say which file each came
+    from. Each job's result is printed as it finishes, then where the reports are; nothing alarming at exit."""
+    import numpy as np
+    import torch
+
+    model, x = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh()).eval(), torch.randn(2, 6)
+    torch.jit.save(torch.jit.trace(model, x), tmp_path / "albert.pt")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "albert.pt2")
+    np.savez(tmp_path / "albert.npz", x=x.numpy())  # the sidecar both files share
+    pt, pt2 = "albert.pt", "albert.pt2"  # as the user typed them: `portq submit albert.pt*`
+    res = run_cli("submit", pt, pt2, "--batch", "twins", "--runs", "3", "--warmup", "1", env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for path in (pt, pt2):
+        assert re.search(rf"albert\s+│\s+{re.escape(path)}\s+│\s+cpu\s+│\s+succeeded", res.stdout)
+        assert f"✓ albert ({path}): succeeded" in res.stderr
+    store = env["PORTQ_STORE"]
+    assert f"reports: summary page {store}/batches/twins/summary.html (Markdown: {store}/batches/twins/summary.md)" \
+        in res.stderr
+    assert "portq report twins --format html -o summary.html" in res.stderr
+    assert "leaked" not in res.stderr and "Traceback" not in res.stderr and "warn" not in res.stderr.lower()
+
+    page = (tmp_path / "store" / "batches" / "twins" / "summary.html").read_text()
+    links = re.findall(r'href="([^"]+)"', page)
+    assert len(links) == 2 and all(link.startswith("../../results/") and link.endswith("/report.html")
+                                   for link in links)
+    assert all((tmp_path / "store" / "batches" / "twins" / link).resolve().is_file() for link in links)
+
+    status = run_cli("status", "twins", env=env)
+    assert status.returncode == 0
+    assert re.search(r"albert\s+│\s+albert.pt\s+│", status.stdout) and re.search(r"albert\s+│\s+albert.pt2\s+│",
+                                                                                 status.stdout)
+    doc = json.loads(run_cli("report", "twins", "--json", env=env).stdout)
+    assert sorted(job["source"] for job in doc["jobs"]) == [pt, pt2]
+
+
+def test_help_documents_every_exit_code_and_completion_is_on():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for code in ("0 success", "1 a job failed", "2 bad usage", "3 --timeout expired", "130 interrupted"):
+        assert code in text
+    assert "--install-completion" in res.stdout and "--show-completion" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "../../etc"], "[error] [step submit] batch name '../../etc' is not a valid id"),
+    (["--runs", "0"], "[error] [step submit] latency.runs: Input should be greater than or equal to 1"),
+])
+def test_refusals_read_like_portqs_errors(example_models, env, args, message):
+    res = run_cli("submit", str(example_models["mlp"]), *args, env=env)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "pydantic" not in res.stderr and "Value error" not in res.stderr and res.stderr.count("\n") == 1
+    assert not (Path(env["PORTQ_STORE"]).parent / "etc").exists()

@@ -49,7 +49,7 @@ def test_table_markdown_and_html(batch, tmp_path):
     table = run_cli("report", "rep", env=batch)
     assert table.returncode == 0 and "best" in table.stdout
     md = run_cli("report", "rep", "--format", "md", env=batch).stdout
-    assert md.startswith("# portq batch rep") and "| model | target | job status | artifact |" in md
+    assert md.startswith("# portq batch rep") and "| model | source | target | job status | artifact |" in md
     res = run_cli("report", "rep", "--format", "html", "-o", str(tmp_path / "s.html"), env=batch)
     assert res.returncode == 0
     page = (tmp_path / "s.html").read_text()

@@ -30,6 +30,9 @@ def test_submit_wait_through_redis_and_a_worker(example_models, start_worker, qu
                   env=env)
     assert res.returncode == 0, res.stderr + worker.output()
     assert f"queued 3 job(s) on {redact_url(queue_db)}; store: {store_dir}" in res.stderr
+    for model, path in example_models.items():  # each result as it finished, then where the reports are
+        assert f"✓ {model} ({path}): succeeded" in res.stderr
+    assert f"reports: summary page {store_dir}/batches/q/summary.html" in res.stderr
     doc = report(env, "q")
     assert doc["counts"]["succeeded"] == 3
     for job in doc["jobs"]:

@@ -105,8 +105,8 @@ def test_a_batch_on_s3_survives_a_killed_worker_and_resubmits_from_the_cache(tmp
 
     # the batch page in the store links each job's report.html relative to itself; a page written elsewhere
     # links the full URLs; never a path on the machine that wrote it
-    assert page.returncode == 0 and page.stdout.strip() == f"{s3_store}/batches/s3k9/report.html", page.stderr
-    hrefs = re.findall(r'href="([^"]+)"', store.read_bytes("batches/s3k9/report.html").decode())
+    assert page.returncode == 0 and page.stdout.strip() == f"{s3_store}/batches/s3k9/summary.html", page.stderr
+    hrefs = re.findall(r'href="([^"]+)"', store.read_bytes("batches/s3k9/summary.html").decode())
     assert len(hrefs) == 6 and all(h.startswith("../../results/") and h.endswith("/report.html") for h in hrefs)
     assert all(store.exists(posixpath.normpath(f"batches/s3k9/{h}")) for h in hrefs)
     assert local_page.returncode == 0, local_page.stderr

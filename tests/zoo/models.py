@@ -31,12 +31,26 @@ class ZooCase:
     family: str
     build: Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
     names: list[str]  # forward-argument names, in order (the sidecar .npz keys)
-    save_as: tuple[str, ...] = ("trace", "export")  # TorchScript by trace or script; ExportedProgram by export
+    # TorchScript by trace or script; ExportedProgram by export; a whole pickled module (torch.save) by pickle
+    save_as: tuple[str, ...] = ("trace", "export")
     # format or "format:file kind" -> a regex the failure must match; absent means it must convert with parity
     expected_failures: dict[str, str] = field(default_factory=dict)
+    # the whole job must fail before any format, with an error matching this regex (a model portq refuses)
+    refused: str | None = None
+    # file kind -> a regex that the job's or an artifact's notes must match (what portq rewrote, and said so)
+    notes: dict[str, str] = field(default_factory=dict)
+    # build and save in a fresh process: what the build registers (a custom operator library) stays there
+    save_in_subprocess: bool = False
     dynamic_batch: bool = True  # convert with --dynamic batch (parity then also runs at another batch size)
     # file kinds also compiled with AOTInductor (8-16 s a model on 2 cores, so a representative few)
     aoti: tuple[str, ...] = ()
+
+    @property
+    def kinds(self) -> list[str]:
+        """The file kinds this case is saved as (tests/zoo/build.py KINDS)."""
+        wanted = {"trace": "torchscript", "script": "torchscript", "export": "exported_program",
+                  "pickle": "pickled_module"}
+        return list(dict.fromkeys(wanted[s] for s in self.save_as))
 
 
 ZOO: dict[str, ZooCase] = {}
@@ -501,3 +515,7 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]
     torch.manual_seed(seed)
     module, args = ZOO[name].build()
     return module.eval(), args
+
+
+# the classes of model issue 14 found hard (they register themselves into ZOO)
+import tests.zoo.harder  # noqa: E402,F401

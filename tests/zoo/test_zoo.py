@@ -1,9 +1,10 @@
 """The model zoo end to end: every file through run_job to every format, parity at two batch sizes.
 
-Each zoo file (a case saved as TorchScript and as an ExportedProgram) is converted to ONNX, TorchScript
-and pt2, and a representative few to AOTInductor (PORTQ_ZOO_AOTI=all compiles every file). A conversion
-must succeed with passing parity unless the case lists it as an expected failure, and then the error must
-say the expected reason. The success table is printed at the end of the run (tests/zoo/conftest.py).
+Each zoo file (a case saved as TorchScript, as an ExportedProgram, or as a pickled module) is converted to
+ONNX, TorchScript and pt2, and a representative few to AOTInductor (PORTQ_ZOO_AOTI=all compiles every file). A
+conversion must succeed with passing parity unless the case lists it as an expected failure, and then the error
+must say the expected reason; a case portq refuses must fail before any format with the reason it names. The
+success table is printed at the end of the run (tests/zoo/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from portq.tasks.execution.run import run_job
 from portq.tasks.state.store import Store
 
 from tests.jobs import prepare
-from tests.zoo.build import KINDS
 from tests.zoo.conftest import RESULTS
 from tests.zoo.models import ZOO
 
-FILES = [(case, kind) for case in ZOO for kind in KINDS]
+FILES = [(case, kind) for case in ZOO for kind in ZOO[case].kinds]
 ONNX_TARGET = 0.95
 
 
@@ -41,12 +41,20 @@ def test_zoo_file_converts(case: str, kind: str, zoo_file, tmp_path) -> None:
     spec = ZOO[case]
     store = Store(str(tmp_path / "store"))
     options = {"formats": _formats(case, kind), "latency": {"warmup": 0, "runs": 1},
-               "dynamic": ["batch"] if zoo.dynamic else []}
+               "dynamic": ["batch"] if zoo.dynamic else [], "trust_pickle": kind == "pickled_module"}
     (job,) = prepare([str(zoo.path)], store, batch="zoo", options=options, max_bytes=1 << 30).specs
     report = run_job(job, store)
+    if spec.refused:  # portq refuses the model before any format, and says why and what to do
+        RESULTS.extend((case, spec.family, kind, f.value, False, report.error or "") for f in _formats(case, kind))
+        assert report.status is JobStatus.failed and not report.artifacts, f"{zoo.id}: expected a refusal"
+        assert re.search(spec.refused, report.error or ""), f"{zoo.id}: refused with {report.error!r}"
+        return
     if zoo.dynamic:
         assert all(i["dynamic"] == {"0": "batch"} for i in report.inputs), report.inputs
     assert report.artifacts, f"{zoo.id}: the job failed before any format: {report.error}"
+    if kind in spec.notes:
+        notes = [*report.notes, *(n for a in report.artifacts for n in a.notes)]
+        assert any(re.search(spec.notes[kind], n) for n in notes), f"{zoo.id}: no note matches {spec.notes[kind]!r}"
     problems = []
     for art in report.artifacts:
         passed = art.status is StepStatus.succeeded and art.parity is not None and art.parity.passed
@@ -67,7 +75,8 @@ def test_zoo_file_converts(case: str, kind: str, zoo_file, tmp_path) -> None:
             assert art.parity.samples >= 3
     assert not problems, f"{zoo.id}: " + "; ".join(problems)
     onnx_art = next(a for a in report.artifacts if a.format is Format.onnx)
-    _check_onnx_structure(report.url(onnx_art.path), onnx_art, zoo.dynamic)
+    if onnx_art.path:  # not when ONNX is an expected failure
+        _check_onnx_structure(report.url(onnx_art.path), onnx_art, zoo.dynamic)
     assert report.status is (JobStatus.failed if any(f.split(":")[1] == kind for f in spec.expected_failures)
                              else JobStatus.succeeded)
 
@@ -84,9 +93,10 @@ def _check_onnx_structure(path: str, art, dynamic: bool) -> None:
 
 @pytest.mark.slow
 def test_zoo_success_rate() -> None:
-    """The bar from the issue: at least 95% of the zoo's files convert to ONNX with passing parity."""
-    onnx_results = [r for r in RESULTS if r[3] == "onnx"]
-    if len(onnx_results) < len(FILES):
+    """The bar from the issue: at least 95% of the zoo's files convert to ONNX with passing parity (files portq
+    refuses by design, with what to do instead, are not in the count)."""
+    onnx_results = [r for r in RESULTS if r[3] == "onnx" and not ZOO[r[0]].refused]
+    if len(onnx_results) < len([f for f in FILES if not ZOO[f[0]].refused]):
         pytest.skip("needs the whole zoo in this run")
     rate = sum(r[4] for r in onnx_results) / len(onnx_results)
     assert rate >= ONNX_TARGET, f"ONNX success rate {rate:.1%} is below {ONNX_TARGET:.0%}"

@@ -43,7 +43,7 @@ def _run_script(path: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def fused_job(tmp_path):
-    with torch.no_grad():  # the fused fast path: only the decomposing route converts it
+    with torch.no_grad():  # the fused fast path: converted once rewritten into plain ops
         traced = torch.jit.trace(Encoder().eval(), (torch.randint(0, 50, (2, 6)),), strict=False)
     torch.jit.save(traced, tmp_path / "enc.pt")
     store = Store(str(tmp_path / "store"))
@@ -56,17 +56,21 @@ def fused_job(tmp_path):
 def test_onnx_script_redoes_the_route_that_worked(fused_job):
     assert fused_job.status is JobStatus.succeeded, fused_job.error
     onnx_art = fused_job.artifacts[0]
-    assert onnx_art.route == "ts2ep_decomposed" and onnx_art.reproduce == "onnx/reproduce_onnx.py"
+    assert onnx_art.route == "torchscript" and onnx_art.reproduce == "onnx/reproduce_onnx.py"
+    assert onnx_art.notes == ["rewrote 1 x aten::_transformer_encoder_layer_fwd into plain ops"]
     script = fused_job.url(onnx_art.reproduce)
     text = Path(script).read_text()
     assert not re.search(r"^\s*(from|import) portq", text, re.M), "the script must not need portq"
     settings = _settings(script)
-    assert (settings["recipe"], settings["opener"], settings["artifact"]) == ("onnx_ts2ep_decomposed", "open_onnx",
-                                                                              "onnx")
-    assert "def onnx_ts2ep_decomposed(" in text and "def open_onnx(" in text and "class OutputCheck" in text
+    assert (settings["recipe"], settings["opener"], settings["artifact"]) == ("onnx_torchscript", "open_onnx", "onnx")
+    # the route's own modules travel with it: the rewrite, the typing and the symbolics it ran
+    for definition in ("def onnx_torchscript(", "def prepare_script(", "def unfuse_graph(", "def typed_function(",
+                       "def torchscript_symbolics(", "def open_onnx(", "class OutputCheck"):
+        assert definition in text
     res = _run_script(script)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "by route ts2ep_decomposed" in res.stdout and res.stdout.rstrip().endswith("parity passed")
+    assert "by route torchscript" in res.stdout and res.stdout.rstrip().endswith("parity passed")
+    assert "rewrote 1 x aten::_transformer_encoder_layer_fwd into plain ops" in res.stdout
     # every sample portq checked, at both batch sizes, every output
     assert res.stdout.count("output.hidden [") == onnx_art.parity.samples
     assert "[2x6x16]" in res.stdout and "[4x6x16]" in res.stdout

@@ -71,11 +71,23 @@ def test_html_is_self_contained_and_escaped():
     assert "m&amp;m" in page and "y&lt;script&gt;" in page
     job = _job()
     batch = BatchReport(batch="b", store="/s", counts={"succeeded": 1, "total": 1}, jobs=[
-        BatchJob(job_id="j1", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded,
+        BatchJob(job_id="j1", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded, result="/s/results/k",
                  report="/s/results/k/report.json", artifacts=job.artifacts, best=job.best)])
-    page = batch_html(batch)
-    assert 'href="/s/results/k/report.html"' in page and page.count('class="best"') == 1
-    assert "| m | cpu | succeeded | onnx | succeeded | pass |" in batch_markdown(batch)
+    page = batch_html(batch, "/s/batches/b")
+    assert page.count('class="best"') == 1
+    assert "| m | m.pt | cpu | succeeded | onnx | succeeded | pass |" in batch_markdown(batch)
+
+
+def test_the_batch_page_links_job_reports_relatively_so_a_served_store_works():
+    """Written into the store beside the batch's records, the page links ../../results/<key>/report.html, whether
+    the store is a directory or an object store (never an absolute local path)."""
+    for store in ("/srv/portq", "s3://bucket/portq"):
+        job = BatchJob(job_id="j1", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded,
+                       result=f"{store}/results/k", report=f"{store}/results/k/report.json")
+        batch = BatchReport(batch="b", store=store, counts={"succeeded": 1, "total": 1}, jobs=[job])
+        page = batch_html(batch, f"{store}/batches/b")
+        assert 'href="../../results/k/report.html"' in page and store not in page.split("<ul>")[-1]
+        assert "[m (m.pt, cpu)](../../results/k/report.md)" in batch_markdown(batch, f"{store}/batches/b")
 
 
 def _timing(p50, first):

@@ -51,7 +51,8 @@ def test_a_reader_fetches_only_new_and_changed_records(s3_store):
 
 @pytest.mark.parametrize("n", [20])
 def test_following_a_batch_reads_each_change_once_not_every_record_each_poll(s3_store, n):
-    from portq.client.submit import follow
+    from portq.client.api import _follow
+    from portq.client.progress import BatchWatcher
 
     store = Store(s3_store)
     recs = queued_batch(store, "f", n)
@@ -65,9 +66,9 @@ def test_following_a_batch_reads_each_change_once_not_every_record_each_poll(s3_
 
     writer = threading.Thread(target=work)
     writer.start()
-    done = follow(store, "f", poll=0.05, timeout=60)
+    done = _follow(BatchWatcher(store, "f"), 60, None, poll_s=0.05)  # what portq wait / --wait run
     writer.join()
-    assert [r.status for r in done] == [JobStatus.succeeded] * n
+    assert [j.status for j in done.jobs] == [JobStatus.succeeded] * n
     polls = requests["ListObjectsV2"]
     reads = requests["GetObject"]
     assert polls >= 20  # re-reading every record on each poll would have cost polls * n reads

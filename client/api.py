@@ -1,0 +1,357 @@
+"""portq's Python API (`import portq`): submit models, follow a batch, read its report.
+
+The `portq` command is built on these functions, so both take one path: the same settings resolution
+(keyword arguments, then `PORTQ_*` environment variables, then defaults, through `Settings.resolve`), the
+same checks, the same errors (`portq.PortqError` and its subclasses; nothing here exits the process), and
+the typed objects of the job contract (`BatchReport`, `JobRecord`) as results.
+
+    import portq
+
+    report = portq.submit(["models/bert.pt2"], formats=["onnx", "torchscript"], store="/shared/portq")
+    for job in report.jobs:
+        print(job.model, job.status.value, job.best)
+
+With no broker configured, jobs run in this process (the embedded default) and `submit` returns when they
+have finished. With a broker, `submit` queues them and, with `wait=True` (the default), follows the batch
+until every job has finished; `wait=False` returns at once with the batch as queued.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+from portq.client.in_memory import is_module, module_name, save_module
+from portq.client.progress import BatchProgress, BatchWatcher, OnProgress
+from portq.tasks.core.contract import (
+    ArtifactRequest,
+    BatchReport,
+    Format,
+    InputSpec,
+    JobRecord,
+    JobSpec,
+    Precision,
+    Target,
+    ToleranceMode,
+)
+from portq.tasks.core.errors import ConfigError, InputError, WaitTimeout
+from portq.tasks.core.settings import Settings
+from portq.tasks.formats import artifact_requests
+from portq.tasks.state import records as batches
+from portq.tasks.state.store import Store
+from portq.tasks.state.submission import Submission, prepare
+
+if TYPE_CHECKING:
+    import torch
+
+#: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
+ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
+
+#: polling interval while following a batch, seconds
+POLL_S = 0.5
+
+
+def settings(broker: str | None = None, store: str | None = None) -> Settings:
+    """The settings a call runs with: the keyword arguments, then PORTQ_* environment variables, then defaults."""
+    return Settings.resolve(broker_url=broker, store=store)
+
+
+def submit(
+    models: ModelSource | Sequence[ModelSource],
+    *,
+    target: Target | str = Target.cpu,
+    formats: Sequence[str | Format] = ("onnx",),
+    batch: str | None = None,
+    wait: bool = True,
+    timeout: float = 0,
+    inputs: Sequence[str | InputSpec] = (),
+    example_inputs: Any = None,
+    dynamic: Sequence[str] = (),
+    atol: float | None = None,
+    rtol: float | None = None,
+    tolerance_mode: ToleranceMode | str | None = None,
+    quantile: float | None = None,
+    tolerance_precision: Precision | str | None = None,
+    optimize: str | Sequence[str] | None = None,
+    precision: str | Sequence[str | Precision] | None = None,
+    calibration: Sequence[str | os.PathLike[str]] = (),
+    output_tol: Mapping[str, Mapping[str, Any]] | None = None,
+    localise: bool = True,
+    opset: int | None = None,
+    seed: int = 0,
+    runs: int | None = None,
+    warmup: int | None = None,
+    batch_sizes: Sequence[int] = (),
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    force: bool = False,
+    broker: str | None = None,
+    store: str | None = None,
+    progress: OnProgress | None = None,
+    on_submitted: Callable[[Submission, Settings, Store], None] | None = None,
+    on_started: Callable[[Submission, Settings, Store], None] | None = None,
+) -> BatchReport:
+    """Convert models: one job per model file (or in-memory `nn.Module`), each to every format in `formats`.
+
+    Returns the batch report: every job with its status, artifacts, parity and latency, once they have finished;
+    with `wait=False` on a queue, the batch as queued. A job that fails is in the report (`status` failed, `error`
+    why); what stops the whole submission (a bad option, an unreachable broker) raises a `PortqError`, and
+    following the batch past `timeout` seconds (0: no limit) raises `WaitTimeout`.
+
+    An `nn.Module` needs `example_inputs` (a tensor or a tuple of them); it is saved as a `.pt2` by
+    torch.export (else TorchScript by torch.jit.trace) and submitted as that file. `inputs` are input specs
+    (`'ids:int64[batch=2,16]{0,30000}'`), `output_tol` per-output tolerances (`{"logits": {"atol": 1e-3}}`);
+    `optimize` ("auto", or variant names) adds optimization variants, `precision` the lossy precisions they may
+    use (`["int8"]`), `calibration` .npz files for static int8; the other keywords are the `portq submit` flags
+    of the same names. `progress` is called at every poll while
+    the batch runs; `on_submitted` once the jobs are recorded in the store (the batch id is known), `on_started`
+    once they are on the queue, or about to run here.
+    """
+    resolved = settings(broker, store)
+    st = Store(resolved.store)
+    sources = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not sources:
+        raise InputError("no models given", step="submit", hint="pass model files or nn.Module objects")
+    options, load = job_options(
+        target=target, formats=formats, inputs=inputs, dynamic=dynamic, atol=atol, rtol=rtol,
+        tolerance_mode=tolerance_mode, quantile=quantile, tolerance_precision=tolerance_precision,
+        optimize=optimize, precision=precision, output_tol=output_tol, localise=localise, opset=opset, seed=seed,
+        runs=runs, warmup=warmup, batch_sizes=batch_sizes, arch=arch, arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle)
+    with tempfile.TemporaryDirectory(prefix="portq-modules-") as tmp:
+        paths, displays = _files(sources, example_inputs, Path(tmp), list(dynamic))
+        sub = prepare(paths, st, batch=batch, options=options, load=load, force=force,
+                      calibration=calibration_files(calibration), max_bytes=resolved.max_model_bytes,
+                      max_sample_bytes=resolved.max_sample_bytes, displays=displays)
+    return dispatch(sub, resolved, st, wait=wait, timeout=timeout, progress=progress, on_submitted=on_submitted,
+                    on_started=on_started)
+
+
+class Jobs(Protocol):
+    """What `dispatch` takes: a batch's prepared jobs (a Submission, a fusion, a manifest's night)."""
+
+    batch: str
+    specs: list[JobSpec]
+    rejected: list[JobRecord]
+
+
+def dispatch(sub: Jobs, resolved: Settings, st: Store, *, wait: bool = True, timeout: float = 0,
+             progress: OnProgress | None = None,
+             on_submitted: Callable[[Any, Settings, Store], None] | None = None,
+             on_started: Callable[[Any, Settings, Store], None] | None = None) -> BatchReport:
+    """Run prepared jobs: here (the embedded default, followed to the end) or onto the queue (followed with
+    `wait`); the batch report. Every command that makes jobs (submit, fuse, a manifest's night) ends here."""
+    if on_submitted is not None:
+        on_submitted(sub, resolved, st)
+    watcher = BatchWatcher(st, sub.batch)
+    if resolved.embedded:
+        if on_started is not None:
+            on_started(sub, resolved, st)
+        _run_here(sub, st, resolved, progress, watcher)
+        return _follow(watcher, 0, progress)
+    from portq.client.dispatch import enqueue
+
+    enqueue(sub.specs, resolved, st)
+    if on_started is not None:
+        on_started(sub, resolved, st)
+    if not wait:
+        return batches.batch_report(st, sub.batch)
+    return _follow(watcher, timeout, progress)
+
+
+def status(batch: str, *, store: str | None = None) -> list[JobRecord]:
+    """Each job's record: queued, running (and the step it runs now), succeeded, failed or cancelled."""
+    return batches.require_batch(Store(settings(store=store).store), batch)
+
+
+def report(batch: str, *, store: str | None = None) -> BatchReport:
+    """The batch report (the contract `portq report BATCH --json` prints): every job, artifact, parity, latency."""
+    return batches.batch_report(Store(settings(store=store).store), batch)
+
+
+def summary_pages(batch: str, *, store: str | None = None) -> dict[str, str]:
+    """Where the batch's summary pages are in the store (`html`, `md`): written when a client saw it finish."""
+    from portq.tasks.reports.batch_pages import page_urls
+
+    return page_urls(Store(settings(store=store).store), batch)
+
+
+def wait(batch: str, *, timeout: float = 0, store: str | None = None,
+         progress: OnProgress | None = None) -> BatchReport:
+    """Follow a batch until every job has finished (from any process: it reads the store), then its report.
+
+    Raises WaitTimeout after `timeout` seconds (0: no limit); the jobs carry on regardless.
+    """
+    st = Store(settings(store=store).store)
+    batches.require_batch(st, batch)
+    return _follow(BatchWatcher(st, batch), timeout, progress)
+
+
+# ----------------------------------------------------------------------------------------------- the parts
+
+
+def job_options(*, target: Target | str, formats: Sequence[str | Format], inputs: Sequence[str | InputSpec],
+                dynamic: Sequence[str], atol: float | None, rtol: float | None,
+                tolerance_mode: ToleranceMode | str | None, quantile: float | None,
+                tolerance_precision: Precision | str | None, optimize: str | Sequence[str] | None,
+                precision: str | Sequence[str | Precision] | None,
+                output_tol: Mapping[str, Mapping[str, Any]] | None, localise: bool, opset: int | None, seed: int,
+                runs: int | None, warmup: int | None, batch_sizes: Sequence[int], arch: str | None,
+                arch_kwargs: Mapping[str, Any] | None, trust_pickle: bool,
+                step: str = "submit") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JobOptions fields and the convert source's load fields, checked (a ConfigError names the problem)."""
+    try:
+        target = Target(target)
+    except ValueError:
+        raise ConfigError(f"target {target!r} is not one of {', '.join(t.value for t in Target)}",
+                          step="submit") from None
+    options: dict[str, Any] = {
+        "target": target, "artifacts": artifact_requests([getattr(f, "value", f) for f in formats] or ["onnx"],
+                                                         {"onnx": {"opset": opset}}),
+        "inputs": [_input_spec(s) for s in inputs], "dynamic": list(dynamic),
+        "parity": {"seed": seed, "localise": localise},
+    }
+    tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
+                                             ("quantile", quantile), ("precision", tolerance_precision))
+                           if v is not None}
+    if output_tol:
+        tol["outputs"] = {name: dict(fields) for name, fields in output_tol.items()}
+    if tol:
+        options["tolerance"] = tol
+    latency: dict[str, Any] = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
+    if batch_sizes:
+        latency["batch_sizes"] = list(batch_sizes)
+    if latency:
+        options["latency"] = latency
+    if optimize or precision:
+        options["optimize"] = optimize_options(optimize, precision, options["artifacts"], target, step)
+    load = {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "trust_pickle": trust_pickle}
+    return options, load
+
+
+def _names(value: str | Sequence[Any] | None) -> list[str]:
+    """"a,b" or ["a", "b"] -> ["a", "b"]."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [getattr(v, "value", v) for v in value]
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def optimize_options(candidates: str | Sequence[str] | None, precisions: str | Sequence[Any] | None,
+                     artifacts: list[ArtifactRequest], target: Target, step: str = "submit") -> dict[str, Any]:
+    """`optimize` and `precision` as the job's optimize options, refused here when no requested format has such a
+    variant or no variant computes in such a precision on the target."""
+    from portq.tasks.core.contract import OptimizeOptions
+    from portq.tasks.formats.selection import check_optimize
+
+    allowed = []
+    for text in _names(precisions):
+        try:
+            allowed.append(Precision(text))
+        except ValueError:
+            raise ConfigError(f"--precision {text!r} is not one of fp16, bf16, int8", step=step) from None
+    options = OptimizeOptions(candidates=_names(candidates) or ["auto"], precisions=allowed)
+    check_optimize(options, list(dict.fromkeys(a.format for a in artifacts)), target.value)
+    return options.model_dump(mode="json", exclude={"calibration"})
+
+
+def calibration_files(paths: Sequence[str | os.PathLike[str]], step: str = "submit") -> list[Path]:
+    """--calibration: files, or every .npz in a directory (name order)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("*.npz"))
+            if not found:
+                raise ConfigError(f"--calibration {path}: the directory holds no .npz file", step=step)
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"--calibration {path}: no such file or directory", step=step)
+    return files
+
+
+def _input_spec(spec: str | InputSpec) -> InputSpec:
+    if isinstance(spec, InputSpec):
+        return spec
+    try:
+        return InputSpec.parse(spec)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError too: one message either way
+        from portq.tasks.core.errors import validation_problems
+
+        raise ConfigError(validation_problems(e) if hasattr(e, "errors") else str(e), step="submit") from None
+
+
+def _files(sources: list[Any], example_inputs: Any, directory: Path,
+           dynamic: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Paths to submit: the user's files as given, modules saved under `directory` (and what to call them)."""
+    paths: list[str] = []
+    displays: dict[str, str] = {}
+    taken: set[str] = set()
+    for source in sources:
+        if is_module(source):
+            saved = save_module(source, example_inputs, directory, module_name(source, taken), dynamic)
+            paths.append(str(saved.path))
+            displays[str(saved.path)] = saved.display
+        elif isinstance(source, (str, os.PathLike)):
+            paths.append(os.fspath(source))
+        else:
+            raise InputError(f"cannot submit a {type(source).__name__}: give model file paths or nn.Module "
+                             "objects", step="submit")
+    return paths, displays
+
+
+def _run_here(sub: Submission, st: Store, resolved: Settings, progress: OnProgress | None,
+              watcher: BatchWatcher) -> None:
+    """The embedded default: the jobs run in this thread while another follows their records for `progress`."""
+    from portq.client.dispatch import run_here
+
+    if progress is None:
+        run_here(sub.specs, st, resolved)
+        return
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(POLL_S):
+            progress(watcher.poll())
+
+    thread = threading.Thread(target=follow, name="portq-progress", daemon=True)
+    thread.start()
+    try:
+        run_here(sub.specs, st, resolved)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _follow(watcher: BatchWatcher, timeout: float, progress: OnProgress | None,
+            poll_s: float = POLL_S) -> BatchReport:
+    """Poll the batch's records until every job has finished; its report then."""
+    import time
+
+    while True:
+        state: BatchProgress = watcher.poll()
+        if progress is not None:
+            progress(state)
+        if state.complete:
+            from portq.tasks.reports.batch_pages import publish_summary
+
+            finished = batches.batch_report(watcher.store, watcher.batch, state.records)  # no second read
+            publish_summary(watcher.store, finished)
+            return finished
+        if timeout and state.elapsed_s > timeout:
+            raise WaitTimeout(f"gave up following batch {watcher.batch} after {timeout:g}s; "
+                              f"{state.total - state.done} job(s) still unfinished", step="wait",
+                              hint=f"they carry on: `portq wait {watcher.batch}` or `portq status {watcher.batch}` "
+                                   "later")
+        time.sleep(poll_s)
+
+
+__all__ = ["BatchProgress", "ModelSource", "artifact_requests", "dispatch", "job_options", "report", "settings",
+           "status", "submit", "summary_pages", "wait"]

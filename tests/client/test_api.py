@@ -1,0 +1,95 @@
+"""`import portq`: the Python API, in this process (the embedded default) and through Redis and a real worker.
+
+Same settings resolution and errors as the CLI (which is built on it): keyword arguments, then PORTQ_*
+variables, then defaults; PortqError subclasses, never a pydantic dump or a sys.exit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import portq
+import pytest
+import torch
+from torch import nn
+
+FAST = {"runs": 3, "warmup": 1}
+
+
+@pytest.fixture
+def here(monkeypatch: pytest.MonkeyPatch, store_dir: Path) -> Path:
+    """The embedded default, steps in this process (PORTQ_ISOLATE=0, read from the environment)."""
+    for var in ("PORTQ_BROKER_URL", "PORTQ_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PORTQ_ISOLATE", "0")
+    return store_dir
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).relu()
+
+
+def test_files_and_an_in_memory_module_in_one_batch(here: Path, example_models: dict[str, Path]) -> None:
+    seen: list[portq.BatchProgress] = []
+    report = portq.submit([example_models["mlp"], Tagger()], example_inputs=(torch.randn(2, 8),), batch="api",
+                          formats=["onnx", "torchscript"], dynamic=["batch"], store=str(here), progress=seen.append,
+                          **FAST)
+    assert isinstance(report, portq.BatchReport) and report.batch == "api" and report.store == str(here)
+    assert report.counts["succeeded"] == 2, [j.error for j in report.jobs]
+    by_model = {job.model: job for job in report.jobs}
+    assert by_model["mlp"].source == str(example_models["mlp"])
+    tagger = by_model["tagger"]
+    assert tagger.source == "<in-memory Tagger> (saved by torch.export)"
+    assert {a.id for a in tagger.artifacts} == {"onnx", "torchscript"} and all(a.parity.passed for a in
+                                                                               tagger.artifacts)
+    assert tagger.artifacts[0].parity.samples >= 3  # the dynamic batch was exported dynamic: parity at two sizes
+    # the progress callback saw every job finish, once
+    assert sorted(r.model for state in seen for r in state.finished_now) == ["mlp", "tagger"]
+    # status, report and wait read the same batch back (wait returns at once: it has finished)
+    assert [r.status.value for r in portq.status("api", store=str(here))] == ["succeeded", "succeeded"]
+    assert portq.report("api", store=str(here)) == portq.wait("api", store=str(here), timeout=5)
+    assert Path(portq.summary_pages("api", store=str(here))["html"]).is_file()
+
+
+def test_errors_are_portqs(here: Path, example_models: dict[str, Path]) -> None:
+    with pytest.raises(portq.ConfigError, match=r"\[step submit\] latency.runs: Input should be greater") as e:
+        portq.submit([example_models["mlp"]], runs=0, store=str(here))
+    assert "pydantic" not in e.value.message and "Value error" not in e.value.message
+    with pytest.raises(portq.ConfigError, match="batch name '../x' is not a valid id"):
+        portq.submit([example_models["mlp"]], batch="../x", store=str(here))
+    with pytest.raises(portq.InputError, match="needs example inputs") as missing:
+        portq.submit([Tagger()], store=str(here))
+    assert "example_inputs=(tensor, ...)" in missing.value.message
+    with pytest.raises(portq.InputError, match="no batch 'nosuch'"):
+        portq.status("nosuch", store=str(here))
+    with pytest.raises(portq.ConfigError, match=r"\[step settings\] broker_url: broker URL must be redis://"):
+        portq.submit([example_models["mlp"]], broker="http://nope", store=str(here))
+    assert not (here / "batches" / "../x").exists()
+
+
+@pytest.mark.queue
+def test_through_redis_and_a_worker(example_models: dict[str, Path], start_worker, queue_db: str,
+                                    store_dir: Path) -> None:
+    start_worker("cpu")
+    states: list[portq.BatchProgress] = []
+    report = portq.submit([example_models["mlp"], example_models["textcls"]], batch="q", broker=queue_db,
+                          store=str(store_dir), progress=states.append, timeout=240, **FAST)
+    assert report.counts["succeeded"] == 2, [j.error for j in report.jobs]
+    assert all(job.result and job.artifacts[0].parity.passed for job in report.jobs)
+    # the records carried the step each running job was in
+    steps = {r.step for s in states for r in s.running}
+    assert {"load", "source"} & steps or any(s and s.startswith(("export:", "parity:", "latency:")) for s in steps)
+
+
+@pytest.mark.queue
+def test_wait_times_out_with_the_jobs_left(example_models: dict[str, Path], queue_db: str, store_dir: Path) -> None:
+    queued = portq.submit([example_models["mlp"]], batch="nobody", broker=queue_db, store=str(store_dir), wait=False)
+    assert [j.status.value for j in queued.jobs] == ["queued"]  # no worker is listening
+    with pytest.raises(portq.WaitTimeout, match="1 job\\(s\\) still unfinished"):
+        portq.wait("nobody", store=str(store_dir), timeout=1)
