@@ -18,8 +18,9 @@ def test_the_throughput_benchmark_runs_in_quick_mode(redis_url):
                          text=True, env=env, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    for mode, outcome in (("sequential loop", "3/3 close"), ("portq embedded (one process", "(exit 0)"),
-                          ("portq embedded, the same batch again", "(exit 0)"), ("portq, two workers on Redis", "(exit 0)")):
+    modes = [("sequential loop", "3/3 close"), ("portq embedded (one process", "(exit 0)"),
+             ("portq embedded, the same batch again", "(exit 0)"), ("portq, two workers on Redis", "(exit 0)")]
+    for mode, outcome in modes:
         line = next((x for x in lines if x.startswith(mode)), "")
         assert "x the loop" in line and outcome in line, res.stdout
     assert "where a job's time goes" in res.stdout and "artifact export" in res.stdout
