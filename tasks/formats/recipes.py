@@ -483,10 +483,13 @@ def pt2_export(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, An
 
 
 def aoti_inductor(source: Any, args: tuple[Any, ...], path: str, opts: dict[str, Any]) -> list[str]:
-    """The ExportedProgram compiled by AOTInductor into a package for the target device."""
+    """The ExportedProgram compiled by AOTInductor into a package for the target device (with `max_autotune`:
+    inductor benchmarks kernel choices while compiling; slower to build, sometimes faster to run on a GPU)."""
     _torch_source(source)
     import torch
 
     notes: list[str] = []
-    torch._inductor.aoti_compile_and_package(exported_program(source, args, opts, notes=notes), package_path=path)
+    configs = {"max_autotune": True} if opts.get("max_autotune") else None
+    torch._inductor.aoti_compile_and_package(exported_program(source, args, opts, notes=notes), package_path=path,
+                                             inductor_configs=configs)
     return notes

@@ -36,7 +36,10 @@ def variant_of(request: ArtifactRequest) -> Variant:
 
 
 def optimization_variants(fmt: Format) -> list[Variant]:
-    return [v for name, v in FORMATS.get(fmt.value).variants if name != DEFAULT_VARIANT and v.transform is not None]
+    """The variants `--optimize` can try: those made by a recipe from a base artifact, and those an
+    optimization setting defines (a candidate for some target)."""
+    return [v for name, v in FORMATS.get(fmt.value).variants
+            if name != DEFAULT_VARIANT and (v.transform is not None or v.candidate_for)]
 
 
 def plan(options: JobOptions, target: str) -> list[Planned]:
