@@ -7,7 +7,8 @@ a cached resubmit, and where each job's time goes (the `timings` every job repor
 The loop is what a user would write: load the ExportedProgram, `torch.onnx.export` it, open it in
 onnxruntime, compare one output with eager PyTorch. portq does more per model (parity on several samples,
 latency of the source and the artifact until stable, a reproduce script, reports), so the comparison is
-the cost of that evidence. Each mode gets its own store (no cache hits between modes). The two workers
+the cost of that evidence. Each mode gets its own store (no cache hits between modes). The two workers (one
+`portq worker` with a pool of two processes, as `portq worker --queue cpu` starts on a 2-core machine)
 are started, warm, before their clock starts, as a pool is. `--quick` runs 3 models to check the
 benchmark works (CI runs it so); the ratios mean little then.
 """
@@ -89,6 +90,15 @@ def portq(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.Compl
     return time.perf_counter() - start, res
 
 
+def _wait_warm(worker: object, processes: int, timeout: float = 180) -> None:
+    """Until each pool process has logged that it is warm (imports and its step forkserver's, done)."""
+    deadline = time.monotonic() + timeout
+    while worker.output().count("pool process warm") < processes:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            raise TimeoutError("the pool did not warm up:\n" + worker.output())  # type: ignore[attr-defined]
+        time.sleep(0.2)
+
+
 def stage_breakdown(store: Path, batch: str) -> dict[str, float]:
     """Mean seconds per stage over the batch's job reports (artifact stages summed per job)."""
     totals: dict[str, list[float]] = {}
@@ -144,10 +154,12 @@ def main() -> None:
     server = RedisServer(tmp / "redis").start()
     try:
         queue_store = tmp / "queue"
-        workers = [WorkerProcess(server.url(), queue_store, "cpu", tmp / f"w{i}.log") for i in range(2)]
+        # one `portq worker` with a pool of two processes: each computes on one core (portq.tasks.checks.threads)
+        workers = [WorkerProcess(server.url(), queue_store, "cpu", tmp / "w.log", concurrency=2)]
         try:
             for w in workers:
                 w.wait_ready()
+                _wait_warm(w, processes=2)
             t, res = portq(["submit", *files, "--batch", "q", "--wait", *light],
                            {"PORTQ_STORE": str(queue_store), "PORTQ_BROKER_URL": server.url()})
             rows.append(("portq, two workers on Redis (warm pool)", t, f"exit {res.returncode}"))

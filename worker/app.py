@@ -10,6 +10,7 @@ effective hard time limit (after Celery's own `--time-limit`) is not below the v
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from functools import cached_property
 from typing import Any
@@ -124,6 +125,16 @@ def limits_problem(time_limit: float | None, visibility_timeout: float | None) -
         return (f"the hard time limit ({time_limit:g}s) is not below the visibility timeout ({visibility_timeout:g}s), "
                 "so a job still running when Redis redelivers it would run twice")
     return None
+
+
+@worker_init.connect
+def _share_cores(sender: Any = None, **_: Any) -> None:
+    """Before the pool forks: its processes split this host's cores between them (portq.tasks.checks.threads)."""
+    from portq.tasks.checks.threads import POOL_PROCESSES_ENV
+
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        os.environ[POOL_PROCESSES_ENV] = str(concurrency)
 
 
 @worker_init.connect

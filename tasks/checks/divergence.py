@@ -220,6 +220,9 @@ def _reexport(model: Any, ev: SourceEvidence, opset: int | None) -> Any:
     import torch
 
     args, _ = _export_inputs(ev)
+    from portq.tasks.formats import exporter_cache
+
+    exporter_cache.install()
     onnx_program = torch.onnx.export(source_program(model, ev), args, dynamo=True, opset_version=opset,
                                      input_names=ev.input_names, output_names=ev.output_names, verbose=False)
     assert onnx_program is not None  # dynamo=True always returns the program

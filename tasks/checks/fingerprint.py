@@ -66,13 +66,14 @@ def _static() -> dict[str, Any]:
 
 def _torch_part(device: str) -> dict[str, Any]:
     import torch
+    from portq.tasks.checks.threads import applied
 
     part: dict[str, Any] = {
         "threads": {
             "torch_intra_op": torch.get_num_threads(),
             "torch_inter_op": torch.get_num_interop_threads(),
-            # portq leaves onnxruntime's intra-op pool at its default: one thread per physical core
-            "onnxruntime_intra_op": "default",
+            # the job's thread count (portq.tasks.checks.threads), or onnxruntime's default: a thread per core
+            "onnxruntime_intra_op": applied() or "default",
             **{k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
         },
         "torch_cuda": torch.version.cuda,

@@ -91,12 +91,17 @@ class TorchRuntime:
         return flatten(raw)
 
 
+#: The job's CPU threads, set in a job's process by `portq.tasks.checks.threads.apply` (None, as in a reproduce
+#: script: onnxruntime's default, a thread per core).
+JOB_THREADS: int | None = None
+
+
 class OrtRuntime:
     """An onnxruntime session for an ONNX artifact, with the session options the artifact asked for.
 
     options: `graph_optimization` (disabled, basic, extended, layout, all; onnxruntime's default is all),
     `disabled_optimizers` (graph transformers not to run: an optimized file may say so) and
-    `intra_op_threads` (0 or unset: onnxruntime's default).
+    `intra_op_threads` (0 or unset: the job's thread count, `portq.tasks.checks.threads`, where one is set).
     """
 
     def __init__(self, path: str, device: str, options: dict[str, Any] | None = None,
@@ -109,8 +114,9 @@ class OrtRuntime:
         session_options.log_severity_level = 3
         level = options.get("graph_optimization") or "all"
         session_options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
-        if options.get("intra_op_threads"):
-            session_options.intra_op_num_threads = int(options["intra_op_threads"])
+        intra_op = options.get("intra_op_threads") or JOB_THREADS
+        if intra_op:
+            session_options.intra_op_num_threads = int(intra_op)
         if providers is None:
             providers = ["CUDAExecutionProvider"] if str(device).startswith("cuda") else ["CPUExecutionProvider"]
         self.session_options = session_options

@@ -30,6 +30,7 @@ ENV = {
     "PORTQ_ISOLATE": "isolate",
     "PORTQ_STEP_TIME_LIMIT": "step_time_limit",
     "PORTQ_STEP_MEMORY_LIMIT": "step_memory_limit",
+    "PORTQ_THREADS": "threads",
     "PORTQ_NIGHTLY_MANIFESTS": "nightly_manifests",
     "PORTQ_NIGHTLY_SCHEDULE": "nightly_schedule",
 }
@@ -50,6 +51,8 @@ class Settings(BaseModel):
     step_time_limit: int | None = Field(None, ge=1, description="limit per isolated format step, seconds; "
                                                                 "default: what is left of the job's time limit")
     step_memory_limit: int | None = Field(None, ge=1, description="resident memory limit per isolated step, bytes")
+    threads: int | None = Field(None, ge=1, description="CPU threads each job computes with (torch and onnxruntime); "
+                                "default: the usable cores divided by the worker's concurrency")
     nightly_manifests: tuple[str, ...] = Field((), description="manifests Celery beat submits "
                                          "(paths the workers see; comma-separated in the environment)")
     nightly_schedule: str = Field("0 2 * * *", description="when beat submits them: a crontab line "

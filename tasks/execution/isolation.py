@@ -22,8 +22,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -66,11 +68,20 @@ class Isolation(Protocol):
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport: ...
 
 
+@dataclass
 class InProcess:
-    """Run the step right here (PORTQ_ISOLATE=0): no overhead, no protection."""
+    """Run the step right here (PORTQ_ISOLATE=0): no overhead, no protection.
+
+    `threads`: the job's CPU threads (`portq.tasks.checks.threads`); None leaves the libraries' defaults.
+    """
+
+    threads: int | None = None
 
     def prepare(self) -> None:
-        pass
+        if self.threads:
+            from portq.tasks.checks import threads
+
+            threads.apply(self.threads)
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         return step(ctx)
@@ -88,6 +99,7 @@ class ChildProcess:
     memory_limit_bytes: int | None = None
     deadline: float | None = None
     poll_s: float = 0.05
+    threads: int | None = None
 
     def budget(self) -> float | None:
         """Seconds the next step may run, or None for no limit."""
@@ -99,6 +111,10 @@ class ChildProcess:
     def prepare(self) -> None:
         """The job will run steps: start the forkserver now, while the job builds and times its source."""
         warm_up()
+        if self.threads:
+            from portq.tasks.checks import threads
+
+            threads.apply(self.threads)  # the source is timed in this process, with the steps' thread count
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         budget = self.budget()
@@ -129,11 +145,12 @@ class ChildProcess:
         proc_ctx = forkserver()
         recv, send = proc_ctx.Pipe(duplex=False)
         proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
-                                args=(send, step, ctx, str(log_path)))
+                                args=(send, step, ctx, str(log_path), self.threads))
         phase = ctx.step("export")
         start = time.monotonic()
         _allow_children(proc)
-        proc.start()
+        with _main_not_reimported():
+            proc.start()
         send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
         killed: str | None = None
         peak = 0
@@ -183,25 +200,41 @@ class ChildProcess:
 
 def isolation_for(settings: Settings, started: float | None = None) -> Isolation:
     """The isolation a job started at `started` (time.monotonic()) runs its steps under."""
+    from portq.tasks.checks.threads import job_threads
+
+    threads = job_threads(settings.threads)
     if not settings.isolate:
-        return InProcess()
+        return InProcess(threads=threads)
     start = time.monotonic() if started is None else started
     margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
     return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
-                        deadline=start + settings.task_time_limit - margin)
+                        deadline=start + settings.task_time_limit - margin, threads=threads)
 
 
-def warm_up() -> None:
-    """Start this process's forkserver now, if it is not running, without waiting for it: it imports torch
-    and the exporters (seconds) while the job builds its source and times it, instead of when the first
-    artifact's step forks. Later calls cost nothing."""
+def warm_up(wait: bool = False) -> None:
+    """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
+    builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
+    when the first artifact's step forks. Later calls cost nothing.
+
+    `wait`: return only once the forkserver has finished that (a warm pool process does, in the background,
+    so that its first job finds it ready)."""
     import multiprocessing.forkserver as server
 
-    forkserver()
+    ctx = forkserver()
     try:
         server.ensure_running()
     except OSError:  # it starts on the first step then, as before
-        pass
+        return
+    if wait:  # the forkserver forks only once its preload is done: a no-op child's start waits for that
+        proc = ctx.Process(target=_no_op, name="portq-warm-check")
+        _allow_children(proc)
+        with _main_not_reimported():
+            proc.start()
+        proc.join(300)
+
+
+def _no_op() -> None:
+    pass
 
 
 @lru_cache(maxsize=1)
@@ -228,6 +261,30 @@ def _allow_children(proc: Any) -> None:
         key = config.get("authkey")
         if not isinstance(key, AuthenticationString):
             config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """Start a step's process without it importing the caller's `__main__` again.
+
+    multiprocessing makes a forkserver child import the parent's main script (or `-m` module), as spawn does,
+    in case the target lives there. A step's target is portq's own code, and a user's script that calls
+    `portq.submit` at its top level, without `if __name__ == "__main__":`, would run again in every step,
+    which submitted the batch again and failed the step. So the main module's file and spec are hidden while the
+    process starts.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(hidden)
 
 
 def _death(exitcode: int | None) -> str:
@@ -303,7 +360,7 @@ def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
 _FAULT_LOG: Any = None  # kept open for faulthandler for the child's lifetime
 
 
-def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str) -> None:
+def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str, threads: int | None = None) -> None:
     """Runs in the forkserver child: build the source again, run the step, send the report (or what broke)."""
     import faulthandler
 
@@ -322,6 +379,11 @@ def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str) -> None:
 
     try:
         from portq.tasks.sources.builders import build_source
+
+        if threads:
+            from portq.tasks.checks import threads as cpu_threads
+
+            cpu_threads.apply(threads)
 
         send("phase", ctx.step("load"))
         ctx.source = build_source(ctx.spec, ctx.store, ctx.evidence.device)

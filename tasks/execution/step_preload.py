@@ -2,8 +2,9 @@
 what they import lazily on their first export, so that each step's child starts with all of it loaded.
 
 Without this, every isolated step paid the first-export imports again (about 1.5 s on 2 CPU cores for a
-tiny model); with it, a child's first torch.export takes what a warm process's does. Imports only: no
-torch op runs here, so no thread pool or device state exists to be inherited by the forked children.
+tiny model); with it, a child's first torch.export takes what a warm process's does. It also builds the
+ONNX exporter's translation table once (`portq.tasks.formats.exporter_cache`). Imports only: no torch op
+runs here, so no thread pool or device state exists to be inherited by the forked children.
 """
 
 from __future__ import annotations
@@ -34,3 +35,11 @@ for _name in MODULES:
         importlib.import_module(_name)
     except Exception as _e:  # a broken optional import must not take the forkserver down
         FAILED[_name] = f"{type(_e).__name__}: {_e}"
+
+# The ONNX exporter's translation table (pure Python, no torch op runs): built here once, not by every step.
+try:
+    from portq.tasks.formats import exporter_cache
+
+    exporter_cache.warm()
+except Exception as _e:
+    FAILED["portq.tasks.formats.exporter_cache"] = f"{type(_e).__name__}: {_e}"

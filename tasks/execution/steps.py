@@ -86,9 +86,10 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     from portq.tasks.checks.memory import MemoryProbe
     from portq.tasks.checks.parity import compare
     from portq.tasks.checks.runners import call, to_tensors
-    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports
+    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports, exporter_cache
     from portq.tasks.formats.reproduce import write_for_artifact
 
+    exporter_cache.install()  # the dynamo exporter's translation table, built once per process
     assert ctx.source is not None, "the step's source model is built before the step runs"
     handler = FORMATS.get(ctx.request.format.value)
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance

@@ -93,3 +93,27 @@ def test_wait_times_out_with_the_jobs_left(example_models: dict[str, Path], queu
     assert [j.status.value for j in queued.jobs] == ["queued"]  # no worker is listening
     with pytest.raises(portq.WaitTimeout, match="1 job\\(s\\) still unfinished"):
         portq.wait("nobody", store=str(store_dir), timeout=1)
+
+
+def test_a_script_without_a_main_guard_runs_isolated_steps_once(tmp_path: Path) -> None:
+    """A user's script that calls portq.submit at its top level (no `if __name__ == "__main__":`): each isolated
+    step's process must not import the script again (multiprocessing's default), which submitted the batch
+    again from inside the step and failed it."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "convert.py"
+    marker = tmp_path / "runs.txt"
+    script.write_text(
+        "import torch, portq\n"
+        f"open({str(marker)!r}, 'a').write('run\\n')\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+        f"report = portq.submit(model, example_inputs=torch.randn(2, 4), store={str(tmp_path / 'store')!r},"
+        " runs=3, warmup=1)\n"
+        "print('STATUS', report.jobs[0].status.value, report.jobs[0].error)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")}  # isolated steps: the default
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=tmp_path)
+    assert "STATUS succeeded None" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert marker.read_text() == "run\n"  # the script ran once: no step process imported it again

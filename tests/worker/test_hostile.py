@@ -77,8 +77,13 @@ def test_a_batch_of_hostile_jobs(example_models, tmp_path, queue_db, store_dir):
 
     jobs = {j["model"]: j for j in doc["jobs"]}
     assert set(jobs) == {"sleeper", "crasher", "hanger", "evil", "x", "mlp", "convnet", "escaped"}
+    from portq.tasks.checks.threads import usable_cores
+
+    share = max(1, usable_cores() // 2)  # a pool of two processes: each computes on its share of the cores
     for good in ("mlp", "convnet", "x"):
         assert jobs[good]["status"] == "succeeded", jobs[good]["error"]
+        threads = json.loads((Path(jobs[good]["result"]) / "report.json").read_text())["environment"]["threads"]
+        assert threads["torch_intra_op"] == share and threads["onnxruntime_intra_op"] == share, threads
     assert doc["counts"] == {"queued": 0, "running": 0, "succeeded": 3, "failed": 5, "cancelled": 0, "total": 8}
 
     # the job time limit: its process was killed; the worker's main process recorded why and kept a dead letter
