@@ -132,14 +132,6 @@ def submit(
                     on_started=on_started)
 
 
-def _warm_here(resolved: Settings) -> None:
-    """The embedded default will run isolated steps: start their forkserver (its imports take seconds) now."""
-    if resolved.embedded and resolved.isolate:
-        from portq.tasks.execution.isolation import warm_up
-
-        warm_up()
-
-
 class Jobs(Protocol):
     """What `dispatch` takes: a batch's prepared jobs (a Submission, a fusion, a manifest's night)."""
 
@@ -158,7 +150,6 @@ def dispatch(sub: Jobs, resolved: Settings, st: Store, *, wait: bool = True, tim
         on_submitted(sub, resolved, st)
     watcher = BatchWatcher(st, sub.batch)
     if resolved.embedded:
-        _warm_here(resolved)
         if on_started is not None:
             on_started(sub, resolved, st)
         _run_here(sub, st, resolved, progress, watcher)
