@@ -8,7 +8,8 @@ where redis-server is missing), and prints one table: the card, the driver and t
 mode and artifact its p50, speedup over eager PyTorch on the GPU, parity and peak CUDA memory. Exit 0 when
 every artifact that ran passed parity on the GPU, 1 otherwise, 2 where no CUDA device is visible (nothing
 runs then). Formats: onnx (needs onnxruntime-gpu's CUDA provider; reported as failed with the reason where it
-is missing), torchscript, pt2, aoti; optimization: `--optimize auto --precision fp16`.
+is missing), torchscript, pt2, aoti; optimization: `--optimize auto --precision fp16,bf16` (pt2 and aoti
+fp16/bf16 through autocast, aoti max-autotune).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def main() -> int:
           f"{', '.join(env.get('onnxruntime_providers_available', []))})")
     tmp = Path(tempfile.mkdtemp(prefix="portq-gpu-"))
     paths = list(map(str, models(tmp / "models", args.quick)))
-    job = ["--target", "cuda", *[x for f in FORMATS for x in ("-f", f)], "--optimize", "auto", "--precision", "fp16"]
+    job = ["--target", "cuda", *[x for f in FORMATS for x in ("-f", f)], "--optimize", "auto",
+           "--precision", "fp16,bf16"]
     job += ["--runs", "10"] if args.quick else []
     table = [["model", "mode", "artifact", "status", "p50 ms", "speedup", "parity", "CUDA peak MB", "providers"]]
     start = time.perf_counter()

@@ -142,3 +142,27 @@ def test_bad_optimization_options_are_refused_before_work_starts(example_models,
     res = run_cli("submit", str(example_models["mlp"]), *args, env={"PORTQ_STORE": str(tmp_path / "s")})
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not (tmp_path / "s" / "inputs").exists()  # nothing was uploaded
+
+
+def test_half_precision_torch_variants_on_the_cpu_run_or_say_why_not(tmp_path):
+    """pt2.fp16 / pt2.bf16 under `--optimize auto --precision fp16,bf16`: tried where this CPU computes that
+    precision natively, skipped with the reason where it does not; a variant that runs keeps fp32 I/O and is
+    held to its precision's tolerance."""
+    from portq.tasks.formats.hardware import cpu_has_native_bf16, cpu_has_native_fp16
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    path = _save(tmp_path, "mlp", mlp, torch.randn(4, 32))
+    store = Store(str(tmp_path / "store"))
+    report = _run(path, store, artifacts=[{"format": "pt2"}],
+                  optimize={"candidates": ["auto"], "precisions": ["fp16", "bf16"]})
+    assert report.status is JobStatus.succeeded, report.error
+    arts = {a.id: a for a in report.artifacts}
+    for precision, native in (("fp16", cpu_has_native_fp16()), ("bf16", cpu_has_native_bf16())):
+        a = arts[f"pt2.{precision}"]
+        if native:
+            assert a.status is StepStatus.succeeded and a.parity.passed, a.error
+            assert a.precision.value == precision and a.parity.precision.value == precision
+            assert a.parity.max_abs_err > 0  # it did compute in half precision
+        else:
+            assert a.status is StepStatus.skipped and f"no native {precision}" in a.error, a.error

@@ -18,7 +18,7 @@ from portq.tasks.formats.selection import optimization_variants
 
 from tests.models_optimize import Encoder, Fp16Overflow, ResidualCNN, randomize_batchnorm
 
-TOL = {None: (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "int8": (0.15, 0.15)}
+TOL = {None: (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (5e-2, 5e-2), "int8": (0.15, 0.15)}
 
 
 def _cnn() -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -49,9 +49,13 @@ VARIANT_CASES: dict[tuple[str, str], Callable[[], tuple[torch.nn.Module, tuple[i
     ("onnx", "int8-static"): _cnn,
     ("torchscript", "frozen"): _cnn,
     ("aoti", "max-autotune"): _mlp,
+    ("pt2", "fp16"): _mlp,
+    ("pt2", "bf16"): _cnn,
+    ("aoti", "fp16"): _mlp,
+    ("aoti", "bf16"): _cnn,
 }
-#: an AOTInductor compile with max-autotune takes minutes on 2 CPU cores
-SLOW_VARIANTS = {("aoti", "max-autotune")}
+#: an AOTInductor compile takes most of a minute on 2 CPU cores
+SLOW_VARIANTS = {("aoti", "max-autotune"), ("aoti", "fp16"), ("aoti", "bf16")}
 
 
 def test_every_optimization_variant_has_a_case() -> None:
@@ -153,6 +157,17 @@ def _check_setting_variant(fmt: str, name: str, model: torch.nn.Module, xs: list
                         device="cpu", options=options, display="small.pt")
     result = handler.export(req)
     runner = handler.open_runner(result.path, "cpu", options)
+    precision = handler.variants.get(name).precision
+    atol, rtol = TOL[precision]
     with torch.no_grad():
         (_, got), = call(runner, [xs[0]])
-        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4, rtol=1e-3)
+        assert got.dtype == np.float32  # a half-precision artifact keeps float32 outputs
+        np.testing.assert_allclose(got, model(x).numpy(), atol=atol, rtol=rtol)
+    if precision in ("fp16", "bf16"):  # and computes in half precision: the graph holds the casts autocast made
+        assert any("autocast" in note for note in result.notes), result.notes
+        if fmt == "pt2":
+            program = torch.export.load(result.path)
+            half = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+            casts = [n for n in program.graph.nodes if n.op == "call_function" and "_to_copy" in str(n.target)
+                     and n.kwargs.get("dtype") == half]
+            assert casts, program.graph
