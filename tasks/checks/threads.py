@@ -21,8 +21,6 @@ from pathlib import Path
 #: set by the worker's main process from its concurrency, inherited by its pool processes
 POOL_PROCESSES_ENV = "PORTQ_POOL_PROCESSES"
 
-_applied: int | None = None
-
 
 def usable_cores() -> int:
     """Cores this process may run on: its CPU affinity, bounded by a cgroup CPU quota (containers)."""
@@ -62,18 +60,21 @@ def job_threads(configured: int | None = None) -> int:
     return max(1, usable_cores() // processes)
 
 
-def apply(threads: int) -> None:
-    """Limit this process's torch intra-op pool (and the onnxruntime sessions it opens) to `threads`."""
-    global _applied
+def apply(threads: int | None) -> None:
+    """Limit this process's torch intra-op pool (and the onnxruntime sessions it opens) to `threads`; None
+    leaves the libraries' defaults."""
+    if not threads:
+        return
     import torch
     from portq.tasks.checks import runtimes
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     runtimes.JOB_THREADS = threads
-    _applied = threads
 
 
 def applied() -> int | None:
     """The limit `apply` set in this process (None: the libraries' defaults)."""
-    return _applied
+    from portq.tasks.checks import runtimes
+
+    return runtimes.JOB_THREADS

@@ -78,10 +78,9 @@ class InProcess:
     threads: int | None = None
 
     def prepare(self) -> None:
-        if self.threads:
-            from portq.tasks.checks import threads
+        from portq.tasks.checks import threads
 
-            threads.apply(self.threads)
+        threads.apply(self.threads)
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         return step(ctx)
@@ -110,11 +109,10 @@ class ChildProcess:
 
     def prepare(self) -> None:
         """The job will run steps: start the forkserver now, while the job builds and times its source."""
-        warm_up()
-        if self.threads:
-            from portq.tasks.checks import threads
+        from portq.tasks.checks import threads
 
-            threads.apply(self.threads)  # the source is timed in this process, with the steps' thread count
+        warm_up()
+        threads.apply(self.threads)  # the source is timed in this process, with the steps' thread count
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         budget = self.budget()
@@ -378,12 +376,10 @@ def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str, threads:
         conn.send((kind, value))
 
     try:
+        from portq.tasks.checks import threads as cpu_threads
         from portq.tasks.sources.builders import build_source
 
-        if threads:
-            from portq.tasks.checks import threads as cpu_threads
-
-            cpu_threads.apply(threads)
+        cpu_threads.apply(threads)
 
         send("phase", ctx.step("load"))
         ctx.source = build_source(ctx.spec, ctx.store, ctx.evidence.device)

@@ -36,8 +36,7 @@ def test_applied_threads_reach_torch_and_onnxruntime(tmp_path, monkeypatch: pyte
     before = torch.get_num_threads()
     from portq.tasks.checks import runtimes
 
-    monkeypatch.setattr(threads, "_applied", None)  # restored afterwards: other tests see the default
-    monkeypatch.setattr(runtimes, "JOB_THREADS", None)
+    monkeypatch.setattr(runtimes, "JOB_THREADS", None)  # restored afterwards: other tests see the default
     try:
         threads.apply(1)
         assert torch.get_num_threads() == 1 and threads.applied() == 1
