@@ -1,4 +1,4 @@
-"""`portq`: the command line. One error boundary (`main`): a PortqError becomes `[error] ...` on stderr
+"""`portq`: the command line. One error boundary (`_main`): a PortqError becomes `[error] ...` on stderr
 and exit code 1 (2 for bad settings or options, 3 when following a batch timed out); nothing else prints
 tracebacks at users. The commands parse, print and set exit codes; the work is `portq.client.api`'s.
 
@@ -62,6 +62,17 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 
 def main() -> None:
+    """The `portq` command: its exit skips the interpreter's teardown of torch (`process_exit`: over a second)."""
+    from portq.tasks.execution.process_exit import exit_now
+
+    try:
+        _main()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
+
+
+def _main() -> None:
     from portq.client import control, fuse, nightly, optimize, pool, results, submit  # noqa: F401  (registration)
     from pydantic import ValidationError
 

@@ -43,3 +43,9 @@ try:
     exporter_cache.warm()
 except Exception as _e:
     FAILED["portq.tasks.formats.exporter_cache"] = f"{type(_e).__name__}: {_e}"
+
+# The forkserver ends when the process that started it does; without the teardown of all of the above (1.5 s,
+# while it held that process's stdout and stderr open). Its children end with os._exit and never get here.
+from portq.tasks.execution.process_exit import skip_teardown_at_exit  # noqa: E402
+
+skip_teardown_at_exit()

@@ -1,0 +1,71 @@
+"""Ending a process without the interpreter's teardown keeps everything a normal exit does: the status, the exit
+handlers, buffered output, and threads that are still working."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def run(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_exit_now_keeps_the_status_the_exit_handlers_and_buffered_output(tmp_path):
+    res = run("""
+        import atexit, sys
+        from pathlib import Path
+        from portq.tasks.execution.process_exit import exit_now
+
+        atexit.register(lambda: Path("handler-ran").write_text("yes"))
+        sys.stdout.write("buffered, no newline")  # a pipe is block-buffered: still in the buffer at exit
+        exit_now(3)
+        Path("after-exit").write_text("must not run")
+    """, tmp_path)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == "buffered, no newline"
+    assert (tmp_path / "handler-ran").read_text() == "yes"
+    assert not (tmp_path / "after-exit").exists()
+
+
+def test_exit_now_with_a_message_prints_it_and_exits_1_as_sys_exit_does(tmp_path):
+    res = run("""
+        from portq.tasks.execution.process_exit import exit_now
+        exit_now("bad things")
+    """, tmp_path)
+    assert res.returncode == 1 and res.stderr.strip() == "bad things"
+
+
+def test_exit_now_waits_for_a_working_thread_as_a_normal_exit_does(tmp_path):
+    res = run("""
+        import threading, time
+        from pathlib import Path
+        from portq.tasks.execution.process_exit import exit_now
+
+        def work():
+            time.sleep(0.5)
+            Path("thread-finished").write_text("yes")
+
+        threading.Thread(target=work).start()  # not a daemon: the process waits for it
+        exit_now(0)
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "thread-finished").read_text() == "yes"
+
+
+def test_skip_teardown_at_exit_runs_the_other_exit_handlers_first(tmp_path):
+    res = run("""
+        import atexit, sys
+        from pathlib import Path
+        from portq.tasks.execution.process_exit import skip_teardown_at_exit
+
+        atexit.register(lambda: Path("earlier-handler").write_text("yes"))
+        skip_teardown_at_exit()
+        atexit.register(lambda: Path("later-handler").write_text("yes"))
+        sys.stdout.write("still flushed")
+        sys.exit(0)
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "still flushed"
+    assert (tmp_path / "earlier-handler").exists() and (tmp_path / "later-handler").exists()
