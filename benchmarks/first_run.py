@@ -8,8 +8,11 @@
   outputs against PyTorch's) on the same model: a BertModel of 2 layers, hidden size 64, random weights,
   saved both as a Hugging Face folder (for optimum) and as a torch.export program (for portq).
 - **small ResNet-style CNN, ONNX and TorchScript**: `portq submit cnn.pt2 -f onnx -f torchscript` against
-  NVIDIA Model Navigator's `nav.torch.optimize` limited to ONNX and TorchScript on the CPU (its export,
-  correctness and performance steps), in a script this benchmark writes.
+  NVIDIA Model Navigator's `nav.torch.optimize` limited to ONNX and TorchScript on the CPU (its exports,
+  correctness and performance steps, the performance at the example's batch size, as portq measures it), in a
+  script this benchmark writes. Model Navigator 0.14 on a CPU-only torch needs one fix to run its Torch and
+  TorchScript performance steps at all: its timer calls `torch.cuda.synchronize()` unconditionally
+  (`model_navigator/runners/torch.py`); without it those steps fail and the call ends sooner.
 
 optimum-cli and Model Navigator are not portq's dependencies: pass where they are (`--optimum` an `optimum-cli`
 executable, `--navigator` a Python interpreter that imports `model_navigator`); each one not given or not found
@@ -64,23 +67,24 @@ def build():
 '''
 
 NAVIGATOR_SCRIPT = '''
-import sys, time
+import sys
 sys.path.insert(0, {folder!r})
-start = time.perf_counter()
 import model_navigator as nav
 from cnn_model import build
 
 model, example = build()
 package = nav.torch.optimize(
     model=model,
-    dataloader=[example for _ in range(2)],
-    target_formats=(nav.Format.ONNX, nav.Format.TORCHSCRIPT),
+    dataloader=[example for _ in range(10)],
+    target_formats=(nav.Format.TORCHSCRIPT, nav.Format.ONNX),
     target_device=nav.DeviceKind.CPU,
-    runners=("OnnxCPU", "TorchScriptCPU"),
+    runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"),  # the source's runner is the correctness reference
+    optimization_profile=nav.OptimizationProfile(batch_sizes=[1]),  # the example's shape, as portq measures
     workspace={workspace!r},
-    verbose=False,
 )
-print("navigator status", package.status.status, time.perf_counter() - start)
+for key, status in package.status.models_status.items():
+    for runner, runner_status in status.runners_status.items():
+        print(key, runner, {{str(k): v.name for k, v in runner_status.status.items()}})
 '''
 
 

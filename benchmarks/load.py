@@ -7,7 +7,9 @@ cost per job, and a worker's memory over many jobs.
 Parts (`--only isolation|queue|memory`; all by default):
 
 - **isolation**: `--jobs` distinct tiny TorchScript models (no cache hits), converted to TorchScript with one
-  latency run, on `--workers` fresh workers, with step isolation on (the default) and off, side by side.
+  latency run, on `--workers` fresh workers with a pool of `--concurrency` each (one worker with a pool of two,
+  as `portq worker` runs on 2 cores), with step isolation on (the default) and off, side by side, with where a
+  job's time goes.
 - **queue**: the queue's own cost per job, measured over `--queue-jobs` trivial jobs: copies of one tiny model
   under different names, so the first job converts it and every other one is served from the cache. What such a
   job costs is the queue's machinery and nothing else: the client writing the job's record and enqueueing it,
@@ -39,16 +41,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def isolation(tmp: Path, server, jobs: int, workers: int) -> None:
+def isolation(tmp: Path, server, jobs: int, workers: int, concurrency: int) -> None:
     from tests.conftest import WorkerProcess, run_cli
     from tests.worker.test_load import tiny_models
 
     paths = tiny_models(tmp / "models", jobs)
-    print(f"isolation: {jobs} jobs, {workers} workers (concurrency 1 each)")
+    from benchmarks.throughput import stage_breakdown
+
+    print(f"isolation: {jobs} jobs, {workers} worker(s) with a pool of {concurrency}")
     for db, (name, env) in enumerate({"isolated (default)": {}, "in-process": {"PORTQ_ISOLATE": "0"}}.items()):
         store = tmp / f"store{db}"
         broker = server.url(db)
-        procs = [WorkerProcess(broker, store, "cpu", tmp / f"{db}-w{i}.log", env=env) for i in range(workers)]
+        procs = [WorkerProcess(broker, store, "cpu", tmp / f"{db}-w{i}.log", concurrency=concurrency, env=env)
+                 for i in range(workers)]
         for w in procs:
             w.wait_ready()
         start = time.monotonic()
@@ -58,7 +63,11 @@ def isolation(tmp: Path, server, jobs: int, workers: int) -> None:
         for w in procs:
             w.stop()
         status = "ok" if res.returncode == 0 else f"exit {res.returncode}"
-        print(f"  {name:20} {elapsed:7.1f}s  {jobs / elapsed:5.1f} jobs/s  ({status})")
+        stages = stage_breakdown(store, "load")
+        where = ", ".join(f"{k} {v:.3f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])
+                          if k not in ("queue wait", "job total") and v >= 0.005)
+        print(f"  {name:20} {elapsed:7.1f}s  {jobs / elapsed:5.1f} jobs/s  ({status}); a job "
+              f"{stages.get('job total', 0):.3f}s: {where}")
 
 
 def _when(stamp: str) -> float:
@@ -198,7 +207,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=200, help="jobs of the isolation comparison")
-    ap.add_argument("--workers", type=int, default=2, help="workers of the isolation comparison")
+    ap.add_argument("--workers", type=int, default=1, help="workers of the isolation comparison")
+    ap.add_argument("--concurrency", type=int, default=2, help="each worker's pool size, isolation comparison")
     ap.add_argument("--queue-jobs", type=int, default=1000)
     ap.add_argument("--memory-jobs", type=int, default=500)
     ap.add_argument("--only", choices=["isolation", "queue", "memory"])
@@ -214,7 +224,7 @@ def main() -> None:
         if args.only in (None, "memory"):
             memory(tmp, server, args.memory_jobs)
         if args.only in (None, "isolation") and not args.quick:
-            isolation(tmp, server, args.jobs, args.workers)
+            isolation(tmp, server, args.jobs, args.workers, args.concurrency)
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
