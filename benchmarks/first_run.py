@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 #: the CNN, as source: Model Navigator's script defines it from this text, portq gets its torch.export program
 CNN_SOURCE = '''
+import sys
 import torch
 from torch import nn
 
@@ -66,25 +67,32 @@ def build():
     return SmallResNet().eval(), torch.randn(1, 3, 64, 64)
 '''
 
-NAVIGATOR_SCRIPT = '''
-import sys
-sys.path.insert(0, {folder!r})
-import model_navigator as nav
-from cnn_model import build
+NAVIGATOR_SCRIPT = CNN_SOURCE + '''
 
-model, example = build()
-package = nav.torch.optimize(
-    model=model,
-    dataloader=[example for _ in range(10)],
-    target_formats=(nav.Format.TORCHSCRIPT, nav.Format.ONNX),
-    target_device=nav.DeviceKind.CPU,
-    runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"),  # the source's runner is the correctness reference
-    optimization_profile=nav.OptimizationProfile(batch_sizes=[1]),  # the example's shape, as portq measures
-    workspace={workspace!r},
-)
-for key, status in package.status.models_status.items():
-    for runner, runner_status in status.runners_status.items():
-        print(key, runner, {{str(k): v.name for k, v in runner_status.status.items()}})
+import model_navigator as nav
+
+
+def main():
+    model, example = build()
+    package = nav.torch.optimize(
+        model=model,
+        dataloader=[torch.randn_like(example) for _ in range(10)],
+        target_formats=(nav.Format.TORCHSCRIPT, nav.Format.ONNX),
+        target_device=nav.DeviceKind.CPU,
+        runners=("TorchCPU", "TorchScriptCPU", "OnnxCPU"),  # the source's runner is the correctness reference
+        optimization_profile=nav.OptimizationProfile(batch_sizes=[1]),  # the example's shape, as portq measures
+        workspace={workspace!r},
+    )
+    checks = [(key, runner, str(command), status.name) for key, model_status in package.status.models_status.items()
+              for runner, runner_status in model_status.runners_status.items()
+              for command, status in runner_status.status.items()]
+    bad = [check for check in checks if check[3] != "OK"]
+    print(f"navigator checks: {{len(checks) - len(bad)}} of {{len(checks)}} OK" + (f"; not OK: {{bad}}" if bad else ""))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":  # Model Navigator's export processes import this script again
+    main()
 '''
 
 
@@ -134,7 +142,9 @@ def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None =
     start = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, text=True, env=full, cwd=cwd)
     seconds = time.perf_counter() - start
-    return seconds, "" if res.returncode == 0 else f"exit {res.returncode}: {(res.stderr or res.stdout)[-400:]}"
+    said = [line for line in res.stdout.splitlines() if line.startswith("navigator checks:")]
+    tail = said[-1] if said else (res.stderr or res.stdout)[-400:]
+    return seconds, "" if res.returncode == 0 else f"exit {res.returncode}: {tail}"
 
 
 def span(values: list[float]) -> str:
@@ -165,7 +175,7 @@ def main() -> None:
     def measure(name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         seconds, failed = timed(argv, env, cwd)
         if failed:
-            failures[name] = failed
+            failures[name] = f"{seconds:.1f} s, then {failed}"
         else:
             times.setdefault(name, []).append(seconds)
 
@@ -182,7 +192,7 @@ def main() -> None:
                 {"PORTQ_STORE": str(tmp / f"store-cnn-{i}")})
         if args.navigator:
             script = tmp / f"navigator_{i}.py"
-            script.write_text(NAVIGATOR_SCRIPT.format(folder=str(tmp), workspace=str(tmp / f"navigator-{i}")))
+            script.write_text(NAVIGATOR_SCRIPT.format(workspace=str(tmp / f"navigator-{i}")))
             measure("cnn: Model Navigator optimize (ONNX and TorchScript, CPU)", [args.navigator, str(script)],
                     cwd=tmp)
     if not args.optimum:
