@@ -37,13 +37,7 @@ def exit_now(code: object = 0) -> None:
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if others or threading.current_thread() is not threading.main_thread():
         sys.exit(status)  # a normal exit waits for them
-    atexit._run_exitfuncs()  # type: ignore[attr-defined]  # CPython's own call at exit; prints what a handler raises
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`portq ... | head`), a closed stream
-            pass
-    os._exit(status)
+    _end(status)
 
 
 def skip_teardown_at_exit() -> None:
@@ -56,10 +50,14 @@ def _exit_from_handler() -> None:
     # Python has waited for the threads and is running the exit handlers, this one (registered last) first: run
     # the others now, then end before the teardown.
     atexit.unregister(_exit_from_handler)
-    atexit._run_exitfuncs()  # type: ignore[attr-defined]
+    _end(0)
+
+
+def _end(status: int) -> None:
+    atexit._run_exitfuncs()  # type: ignore[attr-defined]  # CPython's own call at exit; prints what a handler raises
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # a closed pipe (`portq ... | head`), a closed stream
             pass
-    os._exit(0)
+    os._exit(status)
