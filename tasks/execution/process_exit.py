@@ -11,7 +11,9 @@ loads all of it, `exit_now`) and the step forkserver (`skip_teardown_at_exit`) e
 2. stdout and stderr are flushed;
 3. `os._exit(code)`.
 
-A process that still has threads of its own running (not daemons) exits normally: they are waited for.
+A process that still has threads of its own running (not daemons) exits normally: they are waited for. So does
+one under a profiler or a debugger (`python -m cProfile -m portq.client ...` writes its file after the program
+returns).
 
 The forkserver's teardown also held the caller's stdout and stderr open: a forkserver inherits them, so
 `portq submit ... | tee log`, or a program reading the command's output, waited 1.5 s more for the pipe's end.
@@ -35,8 +37,9 @@ def exit_now(code: object = 0) -> None:
         print(code, file=sys.stderr)
         status = 1
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if others or threading.current_thread() is not threading.main_thread():
-        sys.exit(status)  # a normal exit waits for them
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if others or watched or threading.current_thread() is not threading.main_thread():
+        sys.exit(status)  # a normal exit waits for the threads, and lets a profiler write its results
     _end(status)
 
 

@@ -69,3 +69,12 @@ def test_skip_teardown_at_exit_runs_the_other_exit_handlers_first(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout == "still flushed"
     assert (tmp_path / "earlier-handler").exists() and (tmp_path / "later-handler").exists()
+
+
+def test_a_profiled_command_still_gets_its_profile_written(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("from portq.tasks.execution.process_exit import exit_now\nexit_now(0)\n")
+    res = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof.out"), str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "prof.out").stat().st_size > 0
