@@ -17,6 +17,7 @@ exporter gets every value's dtype and rank (`script_complex.typed_function`) and
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from portq.tasks.formats.script_complex import typed_function  # portq-only
@@ -125,13 +126,29 @@ def fresh_program(program: Any) -> Any:
     return torch.export.load(buffer)
 
 
+#: loaded programs already handed to an export once: any later export gets a fresh copy (`fresh_program`)
+_HANDED_OUT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def program_for_export(program: Any) -> Any:
+    """The loaded program itself for its first export, a fresh copy for every later one. The copy costs a save and
+    a load (0.2 s for a small BERT); a step's process loads its source for one export, which needs none."""
+    try:
+        first = program not in _HANDED_OUT
+        _HANDED_OUT.add(program)
+    except TypeError:  # not weakly referenceable: always a copy, as before
+        first = False
+    return program if first else fresh_program(program)
+
+
 def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], decompose: bool = False,
                      notes: list[str] | None = None) -> Any:
     """An ExportedProgram of the source with the requested dynamic dims.
 
-    A program is used as saved, as a fresh copy (its dims are as dynamic as it was exported with; on a cuda target
-    its module is exported again on the device); a TorchScript module is prepared (`prepare_script`), then
-    converted by TorchScript -> ExportedProgram; an nn.Module goes through torch.export. With `decompose`, fused
+    A program is used as saved, itself for its first export and a fresh copy after (its dims are as dynamic as it
+    was exported with; on a cuda target its module is exported again on the device); a TorchScript module is
+    prepared (`prepare_script`), then converted by TorchScript -> ExportedProgram; an nn.Module goes through
+    torch.export. With `decompose`, fused
     fast-path kernels and other non-core ops are rewritten into core ATen ops (`unfuse.unfused_table`). What had
     to be rewritten is appended to `notes`.
     """
@@ -142,7 +159,7 @@ def exported_program(source: Any, args: tuple[Any, ...], opts: dict[str, Any], d
         if str(opts.get("device", "cpu")).startswith("cuda"):  # the source's module is on the device already
             program = torch.export.export(source.module, args, dynamic_shapes=dynamic_shapes(args, opts))
         else:
-            program = fresh_program(source.program)
+            program = program_for_export(source.program)
     elif source.script is not None:
         from torch._export.converter import TS2EPConverter
 

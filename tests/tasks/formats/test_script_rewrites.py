@@ -203,6 +203,22 @@ def test_a_fresh_program_is_used_for_each_route() -> None:
     torch.testing.assert_close(fresh.module()(*args), module(*args))
 
 
+def test_a_loaded_program_is_exported_itself_once_then_as_fresh_copies() -> None:
+    """A step's process loads its source for one export: that export takes the program itself (no copy); every
+    later route, after torch.onnx.export has touched the program's shape environment, gets a working copy."""
+    torch.manual_seed(21)
+    module, args = harder.TinyMixtral(layers=1).eval(), (torch.randint(0, 100, (2, 5)),)
+    program = torch.export.export(module, args)
+    source = _source(module=program.module(), program=program)
+    opts = _opts(["input_ids"], {})
+    first = recipes.exported_program(source, args, opts)
+    assert first is program
+    torch.onnx.export(first, args, dynamo=True, verbose=False)  # leaves pending unbacked symbols on `program`
+    second = recipes.exported_program(source, args, opts, decompose=True)
+    assert second is not program
+    torch.testing.assert_close(second.module()(*args), module(*args))
+
+
 def test_the_torchscript_route_refuses_a_program_whose_sizes_tracing_would_fix(tmp_path: Path) -> None:
     torch.manual_seed(10)
     module, args = harder.PolarLlama(layers=1), (torch.randint(0, 100, (2, 7)),)
