@@ -4,6 +4,7 @@ handlers, buffered output, and threads that are still working."""
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def run(code: str, tmp_path) -> subprocess.CompletedProcess[str]:
@@ -78,3 +79,33 @@ def test_a_profiled_command_still_gets_its_profile_written(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "prof.out").stat().st_size > 0
+
+
+def write_freeze_count(path: str) -> None:
+    """A step process's view of the forkserver's preload (run in one by the test below)."""
+    import gc
+    from pathlib import Path
+
+    Path(path).write_text(str(gc.get_freeze_count()))
+
+
+def test_a_step_process_starts_with_the_forkserver_imports_frozen_and_the_caller_keeps_its_teardown(tmp_path):
+    root = Path(__file__).resolve().parents[3]
+    code = f"""
+        import atexit, gc, sys
+        from pathlib import Path
+        from portq.tasks.execution import isolation
+        from tests.tasks.execution.test_process_exit import write_freeze_count
+
+        isolation.warm_up(wait=True)
+        proc = isolation.forkserver().Process(target=write_freeze_count, args=({str(tmp_path / "count")!r},))
+        proc.start()
+        proc.join(120)
+        Path({str(tmp_path / "own")!r}).write_text(str(gc.get_freeze_count()))
+        sys.exit(5)  # the forkserver's quick exit is its own: this process's status stays its own
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert res.returncode == 5, res.stderr[-2000:]
+    assert int((tmp_path / "count").read_text()) > 100_000  # torch and the exporters, frozen in the forkserver
+    assert int((tmp_path / "own").read_text()) == 0  # importing portq froze nothing in the caller
