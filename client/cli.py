@@ -63,8 +63,10 @@ def resolve(broker: str | None = None, store: str | None = None, **flags: object
 
 def main() -> None:
     """The `portq` command: its exit skips the interpreter's teardown of torch (`process_exit`: over a second)."""
+    from portq.client.early import start_steps_early
     from portq.tasks.execution.process_exit import exit_now
 
+    start_steps_early(sys.argv[1:])
     try:
         _main()
     except SystemExit as e:

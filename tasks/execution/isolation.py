@@ -140,6 +140,8 @@ class ChildProcess:
 
     def _run_child(self, step: Step, ctx: StepContext, log_path: Path, budget: float | None,
                    on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
+        global _STEPS_RUN
+        _STEPS_RUN = True
         proc_ctx = forkserver()
         recv, send = proc_ctx.Pipe(duplex=False)
         proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
@@ -235,6 +237,26 @@ def _no_op() -> None:
     pass
 
 
+#: whether this process has started a step (`stop_if_unused`)
+_STEPS_RUN = False
+
+
+def stop_if_unused() -> None:
+    """Kill this process's forkserver if no step ever ran in it: one started ahead of a command's jobs that all
+    turned out to be cache hits would otherwise finish its imports (seconds) after the command, holding the
+    command's stdout and stderr, which a caller reading them waits for. Meant as an exit handler."""
+    import multiprocessing.forkserver as server
+
+    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
+    if _STEPS_RUN or not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 @lru_cache(maxsize=1)
 def forkserver() -> Any:
     """The multiprocessing context the steps run in (one forkserver per process, started on first use)."""
@@ -275,7 +297,7 @@ def _main_not_reimported() -> Iterator[None]:
     if main is None:
         yield
         return
-    hidden = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    hidden: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     main.__dict__.pop("__file__", None)
     main.__dict__["__spec__"] = None
     try:

@@ -6,6 +6,8 @@ variables, then defaults; PortqError subclasses, never a pydantic dump or a sys.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import portq
@@ -117,3 +119,13 @@ def test_a_script_without_a_main_guard_runs_isolated_steps_once(tmp_path: Path) 
                          cwd=tmp_path)
     assert "STATUS succeeded None" in res.stdout, res.stdout + res.stderr[-3000:]
     assert marker.read_text() == "run\n"  # the script ran once: no step process imported it again
+
+
+def test_import_portq_loads_nothing_until_a_name_is_used():
+    code = ("import sys, portq; assert 'portq.client.api' not in sys.modules; "
+            "from portq import submit, JobStatus, Settings; assert 'portq.client.api' in sys.modules; "
+            "assert portq.submit is submit and JobStatus.succeeded.value == 'succeeded'; "
+            "assert set(portq.__all__) <= set(dir(portq)); assert portq.client.api.submit is submit; "
+            "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

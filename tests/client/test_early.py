@@ -1,0 +1,44 @@
+"""The `portq` command starts the step forkserver as it starts when it will run jobs here, and kills it at its
+exit when no step ran (all cache hits): a caller reading the command's output does not wait for its imports."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from portq.client.early import start_steps_early
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["status", "b1"], {}),  # runs no jobs
+    (["submit", "m.pt", "--help"], {}),
+    (["submit", "m.pt", "--broker", "redis://127.0.0.1:6379/0"], {}),
+    (["submit", "m.pt"], {"PORTQ_BROKER_URL": "redis://127.0.0.1:6379/0"}),  # the queue runs them
+    (["submit", "m.pt"], {"PORTQ_ISOLATE": "0"}),  # steps run in-process: no forkserver
+])
+def test_no_forkserver_for_a_command_that_runs_no_steps_here(argv, env, monkeypatch):
+    for var in ("PORTQ_BROKER_URL", "PORTQ_ISOLATE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert start_steps_early(argv) is False
+
+
+def test_a_forkserver_started_early_and_never_used_is_gone_when_the_command_exits(tmp_path):
+    code = """
+        import multiprocessing.forkserver as server
+        from portq.client.early import start_steps_early
+        from portq.tasks.execution.process_exit import exit_now
+
+        assert start_steps_early(["submit", "model.pt"])
+        print(server._forkserver._forkserver_pid, flush=True)
+        exit_now(0)  # as the command exits: no step ran (every job was a cache hit)
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PORTQ_BROKER_URL", "PORTQ_ISOLATE")}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pid = int(res.stdout.split()[0])
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left to finish its imports
+        os.kill(pid, 0)
