@@ -31,8 +31,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-# Piped output is for files and scripts: wide enough that tables do not fold every cell.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# Piped output is for files and scripts: wide enough that a table's cells do not fold (a long model path beside a
+# latency marked "(unstable)" passed 200 columns)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 320)
 
 
 def error(message: str) -> None:
