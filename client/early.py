@@ -4,7 +4,7 @@ The embedded default runs each artifact's step in a process forked from a forkse
 torch.export's compiler stack and the exporters (`portq.tasks.execution.isolation`): 4-5 s of imports on 2
 cores. A job starts it as soon as it knows it will run a step, and builds and times its source meanwhile; on a
 first run of one small model that start is still what the first step waits for. Started here, before the
-command's own imports and planning, it is ready 0.4 s sooner. If every job turns out to be a cache hit, it is
+command's own imports and planning, it is ready 0.3 s sooner. If every job turns out to be a cache hit, it is
 killed at the command's exit (`stop_if_unused`), so the command ends at once.
 """
 
