@@ -1,5 +1,5 @@
 """`python -m portq.client` is the `portq` command."""
 
-from portq.client.cli import main
+from portq.client.early import main
 
 main()

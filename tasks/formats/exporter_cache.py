@@ -7,6 +7,12 @@ small model's 1 s export, every time, even in a warm process. `install` memoizes
 may register custom translations into it); the forkserver builds it once (`warm`), so each isolated
 step's child starts with it.
 
+Building it, onnxscript lists its torchlib functions with each one's domain, which for a traced function
+(most of them) it finds by parsing the function's Python source and translating its signature: 1.1 of the
+build's 1.5 s on 2 cores, on the critical path of a first run (the forkserver's start). The domain of a traced
+function is its opset's; `_fast_listing` lists them so while the registry is built (torch does not even read
+the domain), and a test checks that the listing equals onnxscript's own.
+
 This reaches into a private torch module: where that module is not as expected (another torch
 release), `install` does nothing and every export builds its registry as torch does.
 """
@@ -41,7 +47,7 @@ def install() -> bool:
     def from_torchlib(klass: type, opset_version: int = _constants.TORCHLIB_OPSET) -> Any:
         key = (klass, opset_version)
         if key not in built:
-            with _quiet():  # "torchvision is not installed. Skipping torchvision::nms", and so on
+            with _quiet(), _fast_listing():  # _quiet: "torchvision is not installed. Skipping ...", and so on
                 built[key] = build(klass, opset_version=opset_version)
         return _copy(built[key])
 
@@ -59,6 +65,63 @@ def _quiet() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _apis_module() -> Any:
+    """The onnxscript module whose `get_torchlib_ops` the exporter's registry calls (torch picks it by release)."""
+    import importlib
+
+    from torch.onnx._internal import _lazy_import
+
+    return importlib.import_module(_lazy_import.onnxscript_apis._name)
+
+
+def fast_torchlib_ops(original: Any) -> list[Any]:
+    """What onnxscript's `get_torchlib_ops` (`original`) returns, the same list, without parsing each traced
+    function's source for its domain (a traced function's domain is its opset's)."""
+    import sys
+
+    from onnxscript._internal.values import TracedOnnxFunction
+    from onnxscript.function_libs.torch_lib import ops, registration  # noqa: F401  (ops: their registration)
+
+    meta = sys.modules[original.__module__]._OnnxFunctionMeta
+
+    def domain(function: Any) -> str:
+        if isinstance(function, TracedOnnxFunction):
+            return function._opset.domain  # what its function_ir's signature translation sets
+        return function.function_ir.domain  # a scripted function holds its IR already
+
+    listing = []
+    for name, overloads in registration.default_registry.items():
+        if name.startswith("internal::"):  # onnxscript's own helpers, not ATen operators
+            continue
+        for functions, is_complex in ((overloads.overloads, False), (overloads.complex, True)):
+            listing += [meta(qualified_name=name, function=f, domain=domain(f), name=f.name, is_complex=is_complex)
+                        for f in functions]
+    return listing
+
+
+@contextmanager
+def _fast_listing() -> Iterator[None]:
+    """`fast_torchlib_ops` in place of onnxscript's while the registry is built; nothing changes where onnxscript
+    or torch is not laid out as expected."""
+    import sys
+
+    try:
+        module = _apis_module()
+        original = module.get_torchlib_ops
+        sys.modules[original.__module__]._OnnxFunctionMeta  # noqa: B018
+        from onnxscript._internal.values import TracedOnnxFunction  # noqa: F401
+        from onnxscript.function_libs.torch_lib import registration  # noqa: F401
+    except (ImportError, AttributeError, KeyError) as e:
+        log.debug("onnxscript's torchlib listing is used as it is: %s", e)
+        yield
+        return
+    module.get_torchlib_ops = lambda: fast_torchlib_ops(original)
+    try:
+        yield
+    finally:
+        module.get_torchlib_ops = original
 
 
 def _copy(registry: Any) -> Any:

@@ -42,3 +42,28 @@ def test_a_forkserver_started_early_and_never_used_is_gone_when_the_command_exit
     pid = int(res.stdout.split()[0])
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left to finish its imports
         os.kill(pid, 0)
+
+
+def test_the_command_starts_the_forkserver_before_importing_its_command_line(tmp_path):
+    """The entry point (`portq` and `python -m portq.client`) starts the forkserver, then imports typer and rich (the
+    command line's own imports) and runs the command, here a submit of a file that is not there."""
+    code = """
+        import atexit
+        import sys
+        import multiprocessing.forkserver as server
+        import portq.client.early as early
+
+        sys.argv = ["portq", "submit", "missing.pt"]
+        started = []
+        real = early.start_steps_early
+        early.start_steps_early = lambda argv: started.append(("typer" in sys.modules, real(argv)))
+        # the command ends with os._exit after the exit handlers (process_exit.exit_now)
+        atexit.register(lambda: print(started[0], server._forkserver._forkserver_pid is not None, flush=True))
+        early.main()
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PORTQ_STORE": str(tmp_path / "s")}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    # first: typer not imported yet, and the forkserver started (the command line's own call finds it started)
+    assert "(False, True) True" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "missing.pt" in res.stdout + res.stderr and res.returncode == 1  # and the command ran: the job failed

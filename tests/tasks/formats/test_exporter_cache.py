@@ -29,3 +29,15 @@ def test_each_export_gets_its_own_copy_of_one_built_registry(tmp_path) -> None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         np.testing.assert_allclose(got[0], model(x).detach().numpy(), atol=1e-5)
+
+
+def test_the_fast_torchlib_listing_is_onnxscripts_own() -> None:
+    """The registry is built from a listing that skips parsing each traced function's source: it must list the
+    same functions with the same domains as onnxscript's `get_torchlib_ops`, or the exporter translates wrongly."""
+    original = exporter_cache._apis_module().get_torchlib_ops
+    own, fast = original(), exporter_cache.fast_torchlib_ops(original)
+    assert len(own) > 400
+    assert [(m.qualified_name, m.function, m.domain, m.name, m.is_complex) for m in fast] == \
+        [(m.qualified_name, m.function, m.domain, m.name, m.is_complex) for m in own]
+    exporter_cache.warm()
+    assert exporter_cache._apis_module().get_torchlib_ops is original  # replaced only while the registry is built
