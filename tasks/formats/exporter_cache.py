@@ -73,7 +73,8 @@ def _apis_module() -> Any:
 
     from torch.onnx._internal import _lazy_import
 
-    return importlib.import_module(_lazy_import.onnxscript_apis._name)
+    lazy: Any = _lazy_import.onnxscript_apis  # a _LazyModule: the module's name, imported on first use
+    return importlib.import_module(lazy._name)
 
 
 def fast_torchlib_ops(original: Any) -> list[Any]:
