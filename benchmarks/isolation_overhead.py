@@ -24,7 +24,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from portq.tasks.core.contract import Format
-    from portq.tasks.execution.isolation import ChildProcess, InProcess, forkserver
+    from portq.tasks.execution.forkserver import forkserver
+    from portq.tasks.execution.isolation import ChildProcess, InProcess
     from portq.tasks.execution.run import run_job
     from portq.tasks.sources.examples import write_examples
     from portq.tasks.state.store import Store

@@ -6,43 +6,37 @@ session creation, parity and latency runs) in a fresh process and turns its deat
 `ArtifactReport` that says which step died and how ("[step export:aoti, ...] crashed with SIGSEGV");
 the job keeps its other artifacts and reports, and the worker carries on.
 
-The child is forked from a *forkserver*: a process started once (per worker process) that has torch and
-the exporters imported but has never touched CUDA. Forking a process after CUDA was initialised is
-broken; a forkserver child starts clean, and fast because the heavy imports are already done. The child
-receives the step's context without the model (models do not pickle reliably), builds the source again
-through the job's source builder, writes into a private folder, and sends the `ArtifactReport` back as
-JSON. The folder becomes the artifact's folder only when the step produced an artifact; a dead step's
-partial files are discarded. Its output (and, on a crash, the Python stack from `faulthandler`) is
-appended to the job's `job.log`.
+The child is forked from a *forkserver* (`portq.tasks.execution.forkserver`): a process started once (per
+worker process) that has torch and the exporters imported but has never touched CUDA. Forking a process after
+CUDA was initialised is broken; a forkserver child starts clean, and fast because the heavy imports are
+already done. The child receives the step's context without the model (models do not pickle reliably), builds
+the source again through the job's source builder, writes into a private folder, and sends the
+`ArtifactReport` back as JSON. The folder becomes the artifact's folder only when the step produced an
+artifact; a dead step's partial files are discarded. Its output (and, on a crash, the Python stack from
+`faulthandler`) is appended to the job's `job.log`.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from portq.tasks.core.contract import ArtifactReport, StepStatus
 from portq.tasks.core.errors import IsolatedStepCrash, first_line
 from portq.tasks.core.settings import Settings
+from portq.tasks.execution.forkserver import allow_children, forkserver, main_not_reimported, mark_used, warm_up
 
 if TYPE_CHECKING:
     from portq.tasks.execution.steps import StepContext
 
 #: `portq.tasks.execution.steps.run_artifact`: (context) -> the artifact's report
 Step = Callable[["StepContext"], ArtifactReport]
-
-#: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
-PRELOAD = ("portq.tasks.execution.step_preload",)
 
 #: Seconds kept back from the job's time limit for what follows the steps (reports, publishing).
 JOB_MARGIN_S = 5.0
@@ -140,16 +134,15 @@ class ChildProcess:
 
     def _run_child(self, step: Step, ctx: StepContext, log_path: Path, budget: float | None,
                    on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
-        global _STEPS_RUN
-        _STEPS_RUN = True
+        mark_used()
         proc_ctx = forkserver()
         recv, send = proc_ctx.Pipe(duplex=False)
         proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
                                 args=(send, step, ctx, str(log_path), self.threads))
         phase = ctx.step("export")
         start = time.monotonic()
-        _allow_children(proc)
-        with _main_not_reimported():
+        allow_children(proc)
+        with main_not_reimported():
             proc.start()
         send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
         killed: str | None = None
@@ -209,102 +202,6 @@ def isolation_for(settings: Settings, started: float | None = None) -> Isolation
     margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
     return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
                         deadline=start + settings.task_time_limit - margin, threads=threads)
-
-
-def warm_up(wait: bool = False) -> None:
-    """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
-    builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
-    when the first artifact's step forks. Later calls cost nothing.
-
-    `wait`: return only once the forkserver has finished that (a warm pool process does, in the background,
-    so that its first job finds it ready)."""
-    import multiprocessing.forkserver as server
-
-    ctx = forkserver()
-    try:
-        server.ensure_running()
-    except OSError:  # it starts on the first step then, as before
-        return
-    if wait:  # the forkserver forks only once its preload is done: a no-op child's start waits for that
-        proc = ctx.Process(target=_no_op, name="portq-warm-check")
-        _allow_children(proc)
-        with _main_not_reimported():
-            proc.start()
-        proc.join(300)
-
-
-def _no_op() -> None:
-    pass
-
-
-#: whether this process has started a step (`stop_if_unused`)
-_STEPS_RUN = False
-
-
-def stop_if_unused() -> None:
-    """Kill this process's forkserver if no step ever ran in it: one started ahead of a command's jobs that all
-    turned out to be cache hits would otherwise finish its imports (seconds) after the command, holding the
-    command's stdout and stderr, which a caller reading them waits for. Meant as an exit handler."""
-    import multiprocessing.forkserver as server
-
-    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
-    if _STEPS_RUN or not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
-
-
-@lru_cache(maxsize=1)
-def forkserver() -> Any:
-    """The multiprocessing context the steps run in (one forkserver per process, started on first use)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))
-    return ctx
-
-
-def _allow_children(proc: Any) -> None:
-    """Let a Celery prefork child start the step's process.
-
-    Celery's pool children are marked daemonic, and multiprocessing refuses children to daemons so that
-    they leave no orphans; a step's process dies with its forkserver, which dies with this process
-    (`_die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
-    which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
-    """
-    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
-
-    for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
-        if config.get("daemon"):
-            config["daemon"] = False
-        key = config.get("authkey")
-        if not isinstance(key, AuthenticationString):
-            config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
-
-
-@contextmanager
-def _main_not_reimported() -> Iterator[None]:
-    """Start a step's process without it importing the caller's `__main__` again.
-
-    multiprocessing makes a forkserver child import the parent's main script (or `-m` module), as spawn does,
-    in case the target lives there. A step's target is portq's own code, and a user's script that calls
-    `portq.submit` at its top level, without `if __name__ == "__main__":`, would run again in every step,
-    which submitted the batch again and failed the step. So the main module's file and spec are hidden while the
-    process starts.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    hidden: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(hidden)
 
 
 def _death(exitcode: int | None) -> str:

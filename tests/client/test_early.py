@@ -7,7 +7,9 @@ import sys
 import textwrap
 
 import pytest
-from portq.client.early import start_steps_early
+from portq.client.early import runs_steps_here, start_steps_early
+from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.settings import Settings
 
 
 @pytest.mark.parametrize("argv,env", [
@@ -67,3 +69,22 @@ def test_the_command_starts_the_forkserver_before_importing_its_command_line(tmp
     # first: typer not imported yet, and the forkserver started (the command line's own call finds it started)
     assert "(False, True) True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "missing.pt" in res.stdout + res.stderr and res.returncode == 1  # and the command ran: the job failed
+
+
+@pytest.mark.parametrize("env", [
+    {}, {"PORTQ_ISOLATE": ""}, {"PORTQ_BROKER_URL": ""}, {"PORTQ_BROKER_URL": "redis://127.0.0.1:6379/0"},
+    *({"PORTQ_ISOLATE": v} for v in ("1", "0", "true", "False", "ON", "off", "t", "F", "y", "N", "yes", "no")),
+    {"PORTQ_ISOLATE": "0", "PORTQ_BROKER_URL": "redis://h:6379/0"},
+])
+def test_the_early_reading_of_the_settings_is_the_settings_own(env):
+    """The command decides to start the forkserver without importing the settings' model: it must decide as the
+    settings do."""
+    settings = Settings.resolve(env=env)
+    assert runs_steps_here(env) is (not settings.broker_url and settings.isolate)
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", " yes ", "00"])
+def test_a_value_the_early_reading_does_not_know_is_left_to_the_settings(value):
+    assert runs_steps_here({"PORTQ_ISOLATE": value}) is None
+    with pytest.raises(ConfigError):  # which reject it, and the command says so
+        Settings.resolve(env={"PORTQ_ISOLATE": value})

@@ -94,11 +94,11 @@ def test_a_step_process_starts_with_the_forkserver_imports_frozen_and_the_caller
     code = f"""
         import atexit, gc, sys
         from pathlib import Path
-        from portq.tasks.execution import isolation
+        from portq.tasks.execution import forkserver
         from tests.tasks.execution.test_process_exit import write_freeze_count
 
-        isolation.warm_up(wait=True)
-        proc = isolation.forkserver().Process(target=write_freeze_count, args=({str(tmp_path / "count")!r},))
+        forkserver.warm_up(wait=True)
+        proc = forkserver.forkserver().Process(target=write_freeze_count, args=({str(tmp_path / "count")!r},))
         proc.start()
         proc.join(120)
         Path({str(tmp_path / "own")!r}).write_text(str(gc.get_freeze_count()))

@@ -1,0 +1,144 @@
+"""The step forkserver: one per process, started on first use (or ahead of it, `warm_up`), that imports torch
+and the exporters once (`PRELOAD`, `portq.tasks.execution.step_preload`) and forks each isolated step's process
+(`portq.tasks.execution.isolation`).
+
+This module imports nothing of portq's contract or settings (pydantic): the `portq` command starts the
+forkserver from here before its own imports (`portq.client.early`), so its imports begin as the process does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+#: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
+PRELOAD = ("portq.tasks.execution.step_preload",)
+#: ... and after it, by a forkserver started ahead of any job (`warm_up(exercise=True)`): one tiny export, so each
+#: step's child starts with the exporters' first-call work done
+EXERCISE = "portq.tasks.execution.step_exercise"
+
+
+def warm_up(wait: bool = False, exercise: bool = False) -> None:
+    """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
+    builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
+    when the first artifact's step forks. Later calls cost nothing.
+
+    `wait`: return only once the forkserver has finished that (a warm pool process does, in the background,
+    so that its first job finds it ready). `exercise`: a forkserver started by this call also runs one tiny
+    export (`step_exercise`, about a second more), for a process that warms up ahead of its jobs."""
+    import multiprocessing.forkserver as server
+
+    ctx = forkserver()
+    if exercise and not _started(server):
+        ctx.set_forkserver_preload([*PRELOAD, EXERCISE])
+    try:
+        server.ensure_running()
+    except OSError:  # it starts on the first step then, as before
+        return
+    if wait:  # the forkserver forks only once its preload is done: a no-op child's start waits for that
+        proc = ctx.Process(target=_no_op, name="portq-warm-check")
+        allow_children(proc)
+        with main_not_reimported():
+            proc.start()
+        proc.join(300)
+
+
+def _no_op() -> None:
+    pass
+
+
+def _started(server: Any) -> bool:
+    """Whether this process's forkserver has been started (its preload list is fixed then)."""
+    return getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None) is not None
+
+
+#: whether this process has started a step (`stop_if_unused`)
+_STEPS_RUN = False
+
+
+def mark_used() -> None:
+    """A step is starting in this process's forkserver: it must not be stopped as unused."""
+    global _STEPS_RUN
+    _STEPS_RUN = True
+
+
+def stop_if_unused() -> None:
+    """Kill this process's forkserver if no step ever ran in it: one started ahead of a command's jobs that all
+    turned out to be cache hits would otherwise finish its imports (seconds) after the command, holding the
+    command's stdout and stderr, which a caller reading them waits for. Meant as an exit handler."""
+    import multiprocessing.forkserver as server
+
+    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
+    if _STEPS_RUN or not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+@lru_cache(maxsize=1)
+def forkserver() -> Any:
+    """The multiprocessing context the steps run in (one forkserver per process, started on first use)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
+def allow_children(proc: Any) -> None:
+    """Let a Celery prefork child start the step's process.
+
+    Celery's pool children are marked daemonic, and multiprocessing refuses children to daemons so that
+    they leave no orphans; a step's process dies with its forkserver, which dies with this process
+    (`isolation._die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
+    which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
+    """
+    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
+
+    for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
+        if config.get("daemon"):
+            config["daemon"] = False
+        key = config.get("authkey")
+        if not isinstance(key, AuthenticationString):
+            config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
+
+
+@contextmanager
+def main_not_reimported() -> Iterator[None]:
+    """Start a step's process without it importing the caller's `__main__` again.
+
+    multiprocessing makes a forkserver child import the parent's main script (or `-m` module), as spawn does,
+    in case the target lives there. A step's target is portq's own code, and a user's script that calls
+    `portq.submit` at its top level, without `if __name__ == "__main__":`, would run again in every step,
+    which submitted the batch again and failed the step. So the main module's file and spec are hidden while the
+    process starts.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    hidden: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(hidden)
+
+
+def in_forkserver() -> bool:
+    """Imported by multiprocessing's forkserver, as intended (not by a process that happened to import this)."""
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "main" and frame.f_globals.get("__name__") == "multiprocessing.forkserver":
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
