@@ -17,10 +17,14 @@ from celery.signals import worker_process_init
 
 log = logging.getLogger("portq.worker")
 
-#: imported in each child ahead of its first job (what a job imports on its way to the first step)
+#: imported in each child ahead of its first job (what a job imports on its way to the first step); torch.export's
+#: loader imports its compiler stack (torch._dynamo): 2-3 s of the first job's load on each pool process without it
 MODULES = ("portq.tasks.execution.run", "portq.tasks.execution.source_run", "portq.tasks.execution.steps",
            "portq.tasks.formats", "portq.tasks.checks.parity", "portq.tasks.checks.latency", "torch", "onnx",
-           "onnxruntime")
+           "onnxruntime", "torch._dynamo", "torch._export.serde.serialize", "torch.export.pt2_archive._package",
+           "torch.export._unlift",
+           "portq.tasks.sources.loading", "portq.tasks.sources.inputs", "portq.tasks.reports.content",
+           "portq.tasks.reports.html")
 
 
 def warm_child() -> None:
