@@ -3,10 +3,11 @@
 The embedded default runs each artifact's step in a process forked from a forkserver that has imported torch,
 torch.export's compiler stack and the exporters (`portq.tasks.execution.isolation`): 4-5 s of imports on 2
 cores. A job starts it as soon as it knows it will run a step, and builds and times its source meanwhile; on a
-first run of one small model that start is still what the first step waits for. Started here, before the
-command's own imports (typer and rich among them: `main` is the command's entry point and imports them only after
-the start) and planning, it is ready 0.6 s sooner. If every job turns out to be a cache hit, it is killed at the
-command's exit (`stop_if_unused`), so the command ends at once.
+first run of one small model that start is still what the first step waits for. Started here, 0.05-0.2 s into
+the process, before the command's own imports (typer and rich: `main` is the command's entry point and imports
+them only after the start), before the settings' model (pydantic: `runs_steps_here` reads the two settings it
+needs from the environment) and before planning, where it started at 0.5-0.6 s. If every job turns out to be a
+cache hit, it is killed at the command's exit (`stop_if_unused`), so the command ends at once.
 """
 
 from __future__ import annotations
