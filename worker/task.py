@@ -73,9 +73,6 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
         if too_big:
             delivery.refuse(store, job, too_big)
             raise JobFailed(too_big)
-        from portq.worker.warm import until_warm
-
-        until_warm()  # the job's imports must not race the pool process's warm-up (torch's circular imports)
         report = run_job(job, store, worker=task.request.hostname, isolation=isolation_for(settings, started))
     except (TransientError, StoreError) as e:
         retries = task.request.retries
