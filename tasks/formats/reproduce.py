@@ -63,21 +63,27 @@ def module_source(module: ModuleType) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def warm_sources() -> None:
-    """Read every module a reproduce script may copy (each format's routes and variants, the common ones), so
-    that processes forked after this find them read."""
+def copied_modules(builder: Any, route: Any, recipe_modules: tuple[ModuleType, ...] = ()) -> list[ModuleType]:
+    """The modules a reproduce script copies, in order: the source builder's, the route's, the recipe's and the
+    runners'."""
     from portq.tasks.checks import output_check, runtimes
-    from portq.tasks.formats import FORMATS, recipes, unfuse
-    from portq.tasks.sources.builders import builder_for
+    from portq.tasks.formats import recipes, unfuse
 
-    modules = {unfuse, recipes, runtimes, output_check, *builder_for("convert").script_modules()}
-    for _, handler in FORMATS:
-        for route in handler.routes:
-            modules.update(route.modules)
-        for _, variant in handler.variants:
-            modules.update(variant.recipe_modules)
-    for module in modules:
-        module_source(module)
+    return [*builder.script_modules(), unfuse, *route.modules, recipes, *recipe_modules, runtimes, output_check]
+
+
+def warm_sources() -> None:
+    """Read every module a reproduce script may copy (each job kind's builder, each format's routes and variants),
+    so that processes forked after this find them read."""
+    from portq.tasks.formats import FORMATS
+    from portq.tasks.sources.builders import SOURCE_BUILDERS
+
+    for _, builder in SOURCE_BUILDERS:
+        for _, handler in FORMATS:
+            for route in handler.routes:
+                for _, variant in handler.variants:
+                    for module in copied_modules(builder, route, variant.recipe_modules):
+                        module_source(module)
 
 
 def _section(module: ModuleType) -> str:
@@ -229,10 +235,8 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     The script holds each output to the tolerance the report held it to (mode, atol, rtol, q, per-output
     overrides included), so it passes exactly when the report's parity passes on the same numbers.
     """
-    from portq.tasks.checks import output_check, runtimes
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
     from portq.tasks.core.toolchain import toolchain
-    from portq.tasks.formats import recipes, unfuse
     from portq.tasks.sources.builders import builder_for
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:
@@ -258,7 +262,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         fn, opts = transform
         settings["transform"] = fn.__name__
         settings["transform_opts"] = {k: (Path(v).name if k in _DATA_FILES else v) for k, v in opts.items()}
-    modules = [*builder.script_modules(), unfuse, *route.modules, recipes, *recipe_modules, runtimes, output_check]
+    modules = copied_modules(builder, route, recipe_modules)
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,
