@@ -104,21 +104,17 @@ def fast_torchlib_ops(original: Any) -> list[Any]:
 
 @contextmanager
 def _fast_listing() -> Iterator[None]:
-    """`fast_torchlib_ops` in place of onnxscript's while the registry is built; nothing changes where onnxscript
-    or torch is not laid out as expected."""
-    import sys
-
+    """`fast_torchlib_ops`'s listing in place of onnxscript's while the registry is built; where onnxscript or torch
+    is not laid out as expected (the listing cannot be made), onnxscript's own is used."""
     try:
         module = _apis_module()
         original = module.get_torchlib_ops
-        sys.modules[original.__module__]._OnnxFunctionMeta  # noqa: B018
-        from onnxscript._internal.values import TracedOnnxFunction  # noqa: F401
-        from onnxscript.function_libs.torch_lib import registration  # noqa: F401
-    except (ImportError, AttributeError, KeyError) as e:
+        listing = fast_torchlib_ops(original)
+    except Exception as e:
         log.debug("onnxscript's torchlib listing is used as it is: %s", e)
         yield
         return
-    module.get_torchlib_ops = lambda: fast_torchlib_ops(original)
+    module.get_torchlib_ops = lambda: listing
     try:
         yield
     finally:
