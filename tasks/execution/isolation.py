@@ -121,7 +121,7 @@ class ChildProcess:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            outcome = self._run_child(step, ctx.without_source(staging), log_path, budget, ctx.on_phase)
+            outcome = self._run_child(step, ctx.without_source(staging), log_path, ctx.on_phase)
             if isinstance(outcome, ArtifactReport):
                 if outcome.path:  # an artifact was written: its folder joins the job's files
                     shutil.rmtree(final_dir, ignore_errors=True)
@@ -132,7 +132,7 @@ class ChildProcess:
             shutil.rmtree(staging, ignore_errors=True)
             _append_log(log_path, workdir, ctx.artifact_id)
 
-    def _run_child(self, step: Step, ctx: StepContext, log_path: Path, budget: float | None,
+    def _run_child(self, step: Step, ctx: StepContext, log_path: Path,
                    on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
         mark_used()
         proc_ctx = forkserver()
@@ -140,10 +140,14 @@ class ChildProcess:
         proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
                                 args=(send, step, ctx, str(log_path), self.threads))
         phase = ctx.step("export")
-        start = time.monotonic()
         allow_children(proc)
         with main_not_reimported():
-            proc.start()
+            proc.start()  # returns once the forkserver has forked: after its imports, if it is still starting
+        # The step's own limit counts from here: the wait for a forkserver still importing (seconds on a busy
+        # machine, for a worker's first steps) is not the step's; the job's deadline still bounds both.
+        start = time.monotonic()
+        budget = self.budget()
+        budget = None if budget is None else max(0.0, budget)
         send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
         killed: str | None = None
         peak = 0

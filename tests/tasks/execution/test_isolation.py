@@ -103,3 +103,43 @@ def test_isolation_follows_the_settings(env, kind):
     if kind is ChildProcess:
         assert iso.time_limit_s == 30 and 90 < iso.deadline - time.monotonic() <= 100
         assert iso.budget() == 30
+
+
+def test_the_step_limit_does_not_count_the_wait_for_a_forkserver_still_starting(example_models, tmp_path):
+    """A fresh worker's first steps wait for its forkserver's imports (seconds on a busy machine): that wait is not
+    the step's, so a step limit shorter than it does not kill a good step. A fresh process (its own forkserver)
+    whose forkserver imports a module that sleeps past the step limit."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    (tmp_path / "slow_preload.py").write_text("import time\ntime.sleep(12)\n")
+    code = f"""
+        import time
+        from portq.tasks.execution import forkserver
+        forkserver.PRELOAD = (*forkserver.PRELOAD, "slow_preload")
+        from portq.tasks.core.contract import Format
+        from portq.tasks.execution.isolation import ChildProcess
+        from portq.tasks.execution.run import run_job
+        from portq.tasks.state.store import Store
+        from tests.jobs import prepare
+
+        store = Store({str(tmp_path / "store")!r})
+        options = {{"formats": [Format.torchscript], "latency": {{"runs": 3, "warmup": 1}}}}
+        (spec,) = prepare([{str(example_models["mlp"])!r}], store, batch="iso", options=options,
+                          max_bytes=1 << 30).specs
+        start = time.monotonic()
+        report = run_job(spec, store, isolation=ChildProcess(time_limit_s=6))
+        (art,) = report.artifacts
+        print("RESULT", art.status.value, round(time.monotonic() - start, 1), art.error)
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PYTHONPATH": f"{root}:{tmp_path}"}  # the forkserver's path
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         cwd=root, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("RESULT")]
+    status, seconds, error = line.split(" ", 3)[1:]
+    assert float(seconds) > 12  # the step did wait for the forkserver's slow import ...
+    assert status == "succeeded", error  # ... and was not killed for it
