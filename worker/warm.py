@@ -1,6 +1,7 @@
 """A warm pool: each prefork child imports the job code and torch, and starts its step forkserver (and waits
 for the forkserver's own imports), as soon as it starts, in the background, so the first job a child takes
-does not pay for them. It logs "pool process warm" when done.
+does not pay for them; the forkserver also runs one tiny export (`portq.tasks.execution.step_exercise`), so no
+step's process pays the exporters' first-call work. It logs "pool process warm" when done.
 
 Connected after `portq.worker.gpu`'s pinning (signal receivers run in the order they were connected), so
 torch is imported with the child's CUDA_VISIBLE_DEVICES already set; nothing here touches CUDA.
@@ -34,7 +35,7 @@ def warm_child() -> None:
         if app.portq_settings.isolate:  # type: ignore[attr-defined]
             from portq.tasks.execution.forkserver import warm_up
 
-            warm_up(wait=True)
+            warm_up(wait=True, exercise=True)
     except Exception as e:  # a warm-up that fails costs only time: the first job does it instead
         log.warning("warming up this pool process failed (%s); its first job will do it", e)
         return

@@ -19,18 +19,24 @@ from typing import Any
 
 #: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
 PRELOAD = ("portq.tasks.execution.step_preload",)
+#: ... and after it, by a forkserver started ahead of any job (`warm_up(exercise=True)`): one tiny export, so each
+#: step's child starts with the exporters' first-call work done
+EXERCISE = "portq.tasks.execution.step_exercise"
 
 
-def warm_up(wait: bool = False) -> None:
+def warm_up(wait: bool = False, exercise: bool = False) -> None:
     """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
     builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
     when the first artifact's step forks. Later calls cost nothing.
 
     `wait`: return only once the forkserver has finished that (a warm pool process does, in the background,
-    so that its first job finds it ready)."""
+    so that its first job finds it ready). `exercise`: a forkserver started by this call also runs one tiny
+    export (`step_exercise`, about a second more), for a process that warms up ahead of its jobs."""
     import multiprocessing.forkserver as server
 
     ctx = forkserver()
+    if exercise and not _started(server):
+        ctx.set_forkserver_preload([*PRELOAD, EXERCISE])
     try:
         server.ensure_running()
     except OSError:  # it starts on the first step then, as before
@@ -45,6 +51,11 @@ def warm_up(wait: bool = False) -> None:
 
 def _no_op() -> None:
     pass
+
+
+def _started(server: Any) -> bool:
+    """Whether this process's forkserver has been started (its preload list is fixed then)."""
+    return getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None) is not None
 
 
 #: whether this process has started a step (`stop_if_unused`)
