@@ -1,6 +1,7 @@
 """Throughput, side by side in one run: a hand-written sequential loop, portq's embedded default, and two
-workers on Redis, on the same batch of small models of diverse architectures; plus step isolation's cost,
-a cached resubmit, and where each job's time goes (the `timings` every job report carries).
+workers on Redis, on the same batch of small models of diverse architectures; plus step isolation's cost
+(each of the embedded default and the pool against itself with its steps in-process), a cached resubmit, and
+where each job's time goes (the `timings` every job report carries).
 
     python benchmarks/throughput.py [--quick] [--models N]
 
@@ -154,18 +155,21 @@ def main() -> None:
     server = RedisServer(tmp / "redis").start()
     try:
         queue_store = tmp / "queue"
-        # one `portq worker` with a pool of two processes: each computes on one core (portq.tasks.checks.threads)
-        workers = [WorkerProcess(server.url(), queue_store, "cpu", tmp / "w.log", concurrency=2)]
-        try:
-            for w in workers:
-                w.wait_ready()
-                _wait_warm(w, processes=2)
-            t, res = portq(["submit", *files, "--batch", "q", "--wait", *light],
-                           {"PORTQ_STORE": str(queue_store), "PORTQ_BROKER_URL": server.url()})
-            rows.append(("portq, two workers on Redis (warm pool)", t, f"exit {res.returncode}"))
-        finally:
-            for w in workers:
-                w.stop()
+        pools = [("portq, two workers on Redis (warm pool)", "q", queue_store, {})]
+        if not args.quick:  # step isolation's cost on the pool too: the same pool with its steps in-process
+            pools.append(("portq, two workers on Redis, steps in-process (PORTQ_ISOLATE=0)", "q-in",
+                          tmp / "queue-inprocess", {"PORTQ_ISOLATE": "0"}))
+        for name, batch, store, extra in pools:
+            # one `portq worker` with a pool of two processes: each computes on one core (portq.tasks.checks.threads)
+            worker = WorkerProcess(server.url(), store, "cpu", tmp / f"w-{batch}.log", concurrency=2, env=extra)
+            try:
+                worker.wait_ready()
+                _wait_warm(worker, processes=2)
+                t, res = portq(["submit", *files, "--batch", batch, "--wait", *light],
+                               {"PORTQ_STORE": str(store), "PORTQ_BROKER_URL": server.url()})
+                rows.append((name, t, f"exit {res.returncode}"))
+            finally:
+                worker.stop()
     finally:
         server.stop()
 
@@ -173,6 +177,11 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, seconds, note in rows:
         print(f"{name:{width}}  {seconds:7.1f} s  {seconds / loop_s:5.2f}x the loop  ({note})")
+    seconds = {name: t for name, t, _ in rows}
+    for isolated, in_process in ((rows[1][0], rows[2][0]), (pools[0][0], pools[-1][0])):
+        if isolated != in_process:
+            print(f"step isolation's cost: {seconds[isolated] / seconds[in_process] - 1:+.0%} "
+                  f"({isolated} against {in_process.split(', ')[-1]})")
     print("\nwhere a job's time goes (mean seconds per job, embedded, isolated):")
     for stage, seconds in sorted(stage_breakdown(embedded_store, "emb").items(), key=lambda kv: -kv[1]):
         print(f"  {stage:22} {seconds:7.2f}")
