@@ -44,4 +44,7 @@ def warm_child() -> None:
 
 @worker_process_init.connect
 def _warm(**_: object) -> None:
+    from portq.tasks.execution.forkserver import exercise_on_start
+
+    exercise_on_start()  # a job that arrives before the warm-up starts the forkserver starts it the same way
     threading.Thread(target=warm_child, name="portq-warm", daemon=True).start()

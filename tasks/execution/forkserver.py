@@ -24,6 +24,17 @@ PRELOAD = ("portq.tasks.execution.step_preload",)
 EXERCISE = "portq.tasks.execution.step_exercise"
 
 
+#: whether a forkserver this process starts runs `EXERCISE` too (`exercise_on_start`)
+_EXERCISE_ON_START = False
+
+
+def exercise_on_start() -> None:
+    """Whoever starts this process's forkserver (its warm-up, or a job that arrives first) starts it with the
+    warm-up export: for a process that warms up ahead of its jobs, where a job may still arrive first."""
+    global _EXERCISE_ON_START
+    _EXERCISE_ON_START = True
+
+
 def warm_up(wait: bool = False, exercise: bool = False) -> None:
     """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
     builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
@@ -35,7 +46,7 @@ def warm_up(wait: bool = False, exercise: bool = False) -> None:
     import multiprocessing.forkserver as server
 
     ctx = forkserver()
-    if exercise and not _started(server):
+    if (exercise or _EXERCISE_ON_START) and not _started(server):
         ctx.set_forkserver_preload([*PRELOAD, EXERCISE])
     try:
         server.ensure_running()

@@ -1,16 +1,17 @@
 """Imported by a step forkserver started ahead of any job (a worker's pool process warming up), after
-`step_preload`: one tiny export to ONNX, so that each step's process starts with the exporters' first-call work
-already done.
+`step_preload`: one tiny export to ONNX and one TorchScript trace, run a few times, so that each step's process
+starts with the exporters' and the TorchScript interpreter's first-call work already done.
 
 A step's process is a fresh fork, and its first export paid, every time, what a process's first export pays
 and its later ones do not: torch's fake-tensor dispatch and decomposition tables filled on first use, the
 ONNX translation's and optimizer's first passes; and its load of the source, the deserializer's first use.
 On 2 cores that was 0.4 s of a small BERT's 2 s export (the first and the second export in one forked
-process: 1.6-2.1 s and 1.2-1.6 s). Done once here, every child inherits it. It costs the forkserver about a
-second of its start, which is why only a forkserver started ahead of jobs runs it: on a first run's critical
-path (the `portq` command's own forkserver) it would cost more than the one step saves, and on an embedded
-batch of 12 models it made no difference that could be told from the noise (27.6 and 29.3 s without it, 27.5
-and 26.1 s with it).
+process: 1.6-2.1 s and 1.2-1.6 s); and a TorchScript artifact's first runs (its parity) 0.04 s of a tiny job's
+0.24 s step, 0.005 s once a TorchScript model has run in the forkserver. Done once here, every child inherits
+it. It costs the forkserver about a second of its start, which is why only a forkserver started ahead of jobs
+runs it: on a first run's critical path (the `portq` command's own forkserver) it would cost more than the one
+step saves, and on an embedded batch of 12 models it made no difference that could be told from the noise
+(27.6 and 29.3 s without it, 27.5 and 26.1 s with it).
 
 Unlike `step_preload`, this runs torch ops, so it is fenced:
 - only on a torch built without CUDA (or ROCm, or XPU): the forkserver of a GPU worker must never have
@@ -86,7 +87,8 @@ def _silenced() -> Iterator[None]:
 
 def exercise() -> None:
     """Export a tiny model (Linear, LayerNorm, GELU) with torch.export, save and load the program (as a step loads
-    its source), and export it to ONNX through the dynamo exporter, in a scratch folder."""
+    its source), and export it to ONNX through the dynamo exporter; trace it to TorchScript, save, load and run it
+    (the profiling executor optimises on its first runs); in a scratch folder."""
     import tempfile
 
     import torch
@@ -108,6 +110,12 @@ def exercise() -> None:
             torch.export.save(program, f"{folder}/model.pt2")  # and loaded, as a step loads its source
             torch.export.load(f"{folder}/model.pt2").module()
             torch.onnx.export(program, example, f"{folder}/model.onnx", dynamo=True, verbose=False)
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, f"{folder}/model.ts")
+            loaded = torch.jit.load(f"{folder}/model.ts")
+            with torch.no_grad():
+                for _ in range(3):
+                    loaded(*example)
     finally:
         torch.set_num_threads(threads)
         if tqdm is not None:

@@ -135,7 +135,8 @@ def test_the_step_limit_does_not_count_the_wait_for_a_forkserver_still_starting(
         (art,) = report.artifacts
         print("RESULT", art.status.value, round(time.monotonic() - start, 1), art.error)
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PYTHONPATH": f"{root}:{tmp_path}"}  # the forkserver's path
+    # the forkserver finds the slow module on its PYTHONPATH (it is not given the parent's sys.path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PYTHONPATH": f"{root}:{tmp_path}"}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                          cwd=root, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -31,7 +31,10 @@ def child_report(path: str) -> None:
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     close = bool(np.allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
                              model(x).detach().numpy(), atol=1e-5))
-    Path(path).write_text(json.dumps({
+    with torch.no_grad():  # and a TorchScript model of its own, after the forkserver's warm-up ran one
+        traced = torch.jit.trace(model, x)
+        close_ts = all(bool(torch.allclose(traced(x), model(x), atol=1e-6)) for _ in range(3))
+    Path(path).write_text(json.dumps({"close_ts": close_ts,
         "ran": bool(exercise and exercise.RAN), "failed": exercise.FAILED if exercise else {}, "close": close,
         "threads": torch.get_num_threads(), "forkserver_threads": psutil.Process(os.getppid()).num_threads()}))
 
@@ -61,4 +64,5 @@ def test_a_forkserver_warmed_by_one_export_gains_no_thread_and_its_children_expo
     assert warmed["forkserver_threads"] == plain["forkserver_threads"]  # no thread to be inherited half-made
     assert warmed["threads"] == plain["threads"] == torch.get_num_threads()  # its one-thread export set back
     assert warmed["close"] and plain["close"]
+    assert warmed["close_ts"] and plain["close_ts"]
 
