@@ -35,7 +35,7 @@ def warm_child() -> None:
         if app.portq_settings.isolate:  # type: ignore[attr-defined]
             from portq.tasks.execution.forkserver import warm_up
 
-            warm_up(wait=True, exercise=True)
+            warm_up(wait=True)  # with the warm-up export (`_warm`)
     except Exception as e:  # a warm-up that fails costs only time: the first job does it instead
         log.warning("warming up this pool process failed (%s); its first job will do it", e)
         return
@@ -46,5 +46,5 @@ def warm_child() -> None:
 def _warm(**_: object) -> None:
     from portq.tasks.execution.forkserver import exercise_on_start
 
-    exercise_on_start()  # a job that arrives before the warm-up starts the forkserver starts it the same way
+    exercise_on_start()  # before any job: a job that arrives before the warm-up thread starts it the same way
     threading.Thread(target=warm_child, name="portq-warm", daemon=True).start()

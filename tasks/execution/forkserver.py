@@ -19,35 +19,31 @@ from typing import Any
 
 #: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
 PRELOAD = ("portq.tasks.execution.step_preload",)
-#: ... and after it, by a forkserver started ahead of any job (`warm_up(exercise=True)`): one tiny export, so each
-#: step's child starts with the exporters' first-call work done
+#: ... and after it, by the forkserver of a process that warms up ahead of its jobs (`exercise_on_start`): one tiny
+#: export, so each step's child starts with the exporters' first-call work done
 EXERCISE = "portq.tasks.execution.step_exercise"
 
 
-#: whether a forkserver this process starts runs `EXERCISE` too (`exercise_on_start`)
-_EXERCISE_ON_START = False
-
-
 def exercise_on_start() -> None:
-    """Whoever starts this process's forkserver (its warm-up, or a job that arrives first) starts it with the
-    warm-up export: for a process that warms up ahead of its jobs, where a job may still arrive first."""
-    global _EXERCISE_ON_START
-    _EXERCISE_ON_START = True
+    """This process's forkserver, when it starts, also runs the warm-up export (`EXERCISE`, about a second more),
+    whoever starts it: the process's warm-up, or a job that arrives first. For a process that warms up ahead of
+    its jobs; no effect once the forkserver runs."""
+    import multiprocessing.forkserver as server
+
+    if _pid(server) is None:
+        forkserver().set_forkserver_preload([*PRELOAD, EXERCISE])
 
 
-def warm_up(wait: bool = False, exercise: bool = False) -> None:
+def warm_up(wait: bool = False) -> None:
     """Start this process's forkserver now, if it is not running: it imports torch and the exporters and
     builds the ONNX exporter's table (seconds) while the job builds its source and times it, instead of
     when the first artifact's step forks. Later calls cost nothing.
 
     `wait`: return only once the forkserver has finished that (a warm pool process does, in the background,
-    so that its first job finds it ready). `exercise`: a forkserver started by this call also runs one tiny
-    export (`step_exercise`, about a second more), for a process that warms up ahead of its jobs."""
+    so that its first job finds it ready)."""
     import multiprocessing.forkserver as server
 
     ctx = forkserver()
-    if (exercise or _EXERCISE_ON_START) and not _started(server):
-        ctx.set_forkserver_preload([*PRELOAD, EXERCISE])
     try:
         server.ensure_running()
     except OSError:  # it starts on the first step then, as before
@@ -64,9 +60,9 @@ def _no_op() -> None:
     pass
 
 
-def _started(server: Any) -> bool:
-    """Whether this process's forkserver has been started (its preload list is fixed then)."""
-    return getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None) is not None
+def _pid(server: Any) -> int | None:
+    """The pid of this process's forkserver, None before it is started (its preload list is fixed then)."""
+    return getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
 
 
 #: whether this process has started a step (`stop_if_unused`)
@@ -85,7 +81,7 @@ def stop_if_unused() -> None:
     command's stdout and stderr, which a caller reading them waits for. Meant as an exit handler."""
     import multiprocessing.forkserver as server
 
-    pid = getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
+    pid = _pid(server)
     if _STEPS_RUN or not pid:
         return
     try:

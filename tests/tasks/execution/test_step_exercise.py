@@ -44,7 +44,9 @@ def _forkserver_child(tmp_path: Path, exercise: bool) -> dict:
         from portq.tasks.execution import forkserver
         from tests.tasks.execution.test_step_exercise import child_report
 
-        forkserver.warm_up(wait=True, exercise={exercise})
+        if {exercise}:
+            forkserver.exercise_on_start()  # as a warm pool process does
+        forkserver.warm_up(wait=True)
         proc = forkserver.forkserver().Process(target=child_report, args=({str(tmp_path / f"r{exercise}.json")!r},))
         proc.start()
         proc.join(300)
