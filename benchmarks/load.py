@@ -8,8 +8,9 @@ Parts (`--only isolation|queue|memory`; all by default):
 
 - **isolation**: `--jobs` distinct tiny TorchScript models (no cache hits), converted to TorchScript with one
   latency run, on `--workers` fresh workers with a pool of `--concurrency` each (one worker with a pool of two,
-  as `portq worker` runs on 2 cores), with step isolation on (the default) and off, side by side, with where a
-  job's time goes.
+  as `portq worker` runs on 2 cores), with step isolation on (the default: a step process kept for the next
+  steps), on with a fresh process for every step (`PORTQ_STEP_REUSE=1`), and off, side by side, with where a job's
+  time goes.
 - **queue**: the queue's own cost per job, measured over `--queue-jobs` trivial jobs: copies of one tiny model
   under different names, so the first job converts it and every other one is served from the cache. What such a
   job costs is the queue's machinery and nothing else: the client writing the job's record and enqueueing it,
@@ -49,7 +50,9 @@ def isolation(tmp: Path, server, jobs: int, workers: int, concurrency: int) -> N
     from benchmarks.throughput import stage_breakdown
 
     print(f"isolation: {jobs} jobs, {workers} worker(s) with a pool of {concurrency}")
-    for db, (name, env) in enumerate({"isolated (default)": {}, "in-process": {"PORTQ_ISOLATE": "0"}}.items()):
+    modes = {"isolated (default)": {}, "isolated, fresh": {"PORTQ_STEP_REUSE": "1"},
+             "in-process": {"PORTQ_ISOLATE": "0"}}
+    for db, (name, env) in enumerate(modes.items()):
         store = tmp / f"store{db}"
         broker = server.url(db)
         procs = [WorkerProcess(broker, store, "cpu", tmp / f"{db}-w{i}.log", concurrency=concurrency, env=env)

@@ -109,6 +109,25 @@ class CrashUnless(_Base):
         return self.linear(x)
 
 
+class PidRecorder(_Base):
+    """Appends its process's pid to the file `record` on every forward call, and, with `leave_thread`, leaves a
+    thread running in a process that converts it (an isolated step's process is then not reused)."""
+
+    def __init__(self, record: str = "", leave_thread: bool = False) -> None:
+        super().__init__()
+        self.record = record
+        self.leave_thread = leave_thread
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(self.record, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if self.leave_thread and (_exporting() or torch.jit.is_tracing()):
+            import threading
+
+            threading.Thread(target=time.sleep, args=(3600,), name="left-by-a-step", daemon=True).start()
+        return self.linear(x)
+
+
 def write_state_dict(path: Path, seed: int = 0) -> Path:
     """The weights every class above loads, and a sidecar sample for its one input."""
     torch.manual_seed(seed)

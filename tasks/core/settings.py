@@ -30,6 +30,7 @@ ENV = {
     "PORTQ_ISOLATE": "isolate",
     "PORTQ_STEP_TIME_LIMIT": "step_time_limit",
     "PORTQ_STEP_MEMORY_LIMIT": "step_memory_limit",
+    "PORTQ_STEP_REUSE": "step_reuse",
     "PORTQ_THREADS": "threads",
     "PORTQ_NIGHTLY_MANIFESTS": "nightly_manifests",
     "PORTQ_NIGHTLY_SCHEDULE": "nightly_schedule",
@@ -51,6 +52,8 @@ class Settings(BaseModel):
     step_time_limit: int | None = Field(None, ge=1, description="limit per isolated format step, seconds; "
                                                                 "default: what is left of the job's time limit")
     step_memory_limit: int | None = Field(None, ge=1, description="resident memory limit per isolated step, bytes")
+    step_reuse: int = Field(20, ge=1, description="isolated steps one step process runs, one at a time, before a "
+                            "fresh one replaces it; 1: a fresh process for every step")
     threads: int | None = Field(None, ge=1, description="CPU threads each job computes with (torch and onnxruntime); "
                                 "default: the usable cores divided by the worker's concurrency")
     nightly_manifests: tuple[str, ...] = Field((), description="manifests Celery beat submits "

@@ -104,7 +104,7 @@ def allow_children(proc: Any) -> None:
 
     Celery's pool children are marked daemonic, and multiprocessing refuses children to daemons so that
     they leave no orphans; a step's process dies with its forkserver, which dies with this process
-    (`isolation._die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
+    (`step_process._die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
     which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
     """
     from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]

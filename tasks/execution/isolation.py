@@ -2,20 +2,21 @@
 
 Converters crash processes in practice: on an H200 with torch 2.11, AOTInductor compiling a
 half-precision model segfaulted the whole process. `ChildProcess` runs one format step (export,
-session creation, parity and latency runs) in a fresh process and turns its death into a failed
+session creation, parity and latency runs) in a step process and turns its death into a failed
 `ArtifactReport` that says which step died and how ("[step export:aoti, ...] crashed with SIGSEGV");
 the job keeps its other artifacts and reports, and the worker carries on.
 
-The child is forked from a *forkserver* (`portq.tasks.execution.forkserver`): a process started once (per
+The step process is forked from a *forkserver* (`portq.tasks.execution.forkserver`): a process started once (per
 worker process) that has torch and the exporters imported but has never touched CUDA. Forking a process after
 CUDA was initialised is broken; a forkserver child starts clean, and fast because the heavy imports are
-already done. The child receives the step's context without the model (models do not pickle reliably), builds
-the source again through the job's source builder, writes into a private folder, and sends the
-`ArtifactReport` back as JSON. The folder becomes the artifact's folder only when the step produced an
-artifact; a dead step's partial files are discarded. Its output (and, on a crash, the Python stack from
+already done. A step process runs one step at a time and is kept for the next step until it has run
+PORTQ_STEP_REUSE of them, a step leaves something behind in it, its memory grows, or it dies
+(`portq.tasks.execution.step_process`). It receives the step's context without the model (models do not pickle
+reliably), builds the source again through the job's source builder (once per job), writes into a private folder,
+and sends the `ArtifactReport` back as JSON. The folder becomes the artifact's folder only when the step produced
+an artifact; a dead step's partial files are discarded. Its output (and, on a crash, the Python stack from
 `faulthandler`) is appended to the job's `job.log`.
 """
-
 from __future__ import annotations
 
 import os
@@ -25,12 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from portq.tasks.core.contract import ArtifactReport, StepStatus
-from portq.tasks.core.errors import IsolatedStepCrash, first_line
+from portq.tasks.core.errors import IsolatedStepCrash
 from portq.tasks.core.settings import Settings
-from portq.tasks.execution.forkserver import allow_children, forkserver, main_not_reimported, mark_used, warm_up
+from portq.tasks.execution.forkserver import warm_up
+from portq.tasks.execution.step_process import StepProcess, keep, take, tree_rss
 
 if TYPE_CHECKING:
     from portq.tasks.execution.steps import StepContext
@@ -43,6 +45,9 @@ JOB_MARGIN_S = 5.0
 
 #: Seconds a step's process that has sent its result gets to exit by itself before it is killed.
 EXIT_GRACE_S = 10.0
+
+#: A step process whose memory grew by more than this since its first step is replaced after its current step.
+REUSE_MEMORY_GROWTH = 512 * 2**20
 
 _SIGNAL_MEANING = {
     "SIGSEGV": "segmentation fault in native code",
@@ -93,6 +98,7 @@ class ChildProcess:
     deadline: float | None = None
     poll_s: float = 0.05
     threads: int | None = None
+    reuse: int = 20  # steps one process runs before a fresh one replaces it (`step_process`)
 
     def budget(self) -> float | None:
         """Seconds the next step may run, or None for no limit."""
@@ -134,65 +140,93 @@ class ChildProcess:
 
     def _run_child(self, step: Step, ctx: StepContext, log_path: Path,
                    on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
-        mark_used()
-        proc_ctx = forkserver()
-        recv, send = proc_ctx.Pipe(duplex=False)
-        proc = proc_ctx.Process(target=_child_main, name=f"portq-step-{ctx.artifact_id}",
-                                args=(send, step, ctx, str(log_path), self.threads))
-        phase = ctx.step("export")
-        allow_children(proc)
-        with main_not_reimported():
-            proc.start()  # returns once the forkserver has forked: after its imports, if it is still starting
+        process = self._send(step, ctx, log_path)
         # The step's own limit counts from here: the wait for a forkserver still importing (seconds on a busy
         # machine, for a worker's first steps) is not the step's; the job's deadline still bounds both.
         start = time.monotonic()
         budget = self.budget()
         budget = None if budget is None else max(0.0, budget)
-        send.close()  # the child holds the only writer now: EOF on `recv` means it is gone
+        phase = ctx.step("export")
         killed: str | None = None
-        peak = 0
+        outcome: ArtifactReport | None = None
+        reusable = False
         try:
             while True:
-                if recv.poll(self.poll_s):
+                if process.conn.poll(self.poll_s):
                     try:
-                        kind, value = recv.recv()
+                        message = process.conn.recv()
                     except (EOFError, OSError):
-                        break  # the child exited (or died) without a result
+                        break  # the process exited (or died) without a result
+                    kind = message[0]
                     if kind == "phase":
-                        phase = value
+                        phase = message[1]
                         if on_phase is not None:
-                            on_phase(value)
+                            on_phase(phase)
                         continue
                     if kind == "result":
-                        return ArtifactReport.model_validate_json(value)
-                    return IsolatedStepCrash(f"failed in its own process: {value}", step=phase)
+                        outcome = ArtifactReport.model_validate_json(message[1])
+                        reusable = message[2] is None
+                        break
+                    return IsolatedStepCrash(f"failed in its own process: {message[1]}", step=phase)
                 if budget is not None and time.monotonic() - start > budget:
                     killed = (f"did not finish within its time limit of {budget:.0f}s; its process was killed "
                               "(PORTQ_STEP_TIME_LIMIT, bounded by what is left of PORTQ_TASK_TIME_LIMIT)")
                     break
                 if self.memory_limit_bytes:
-                    rss = _tree_rss(proc.pid)
-                    peak = max(peak, rss)
+                    rss = tree_rss(process.proc.pid)
                     if rss > self.memory_limit_bytes:
                         killed = (f"used {rss / 2**20:.0f} MiB of memory, over the step limit of "
                                   f"{self.memory_limit_bytes / 2**20:.0f} MiB (PORTQ_STEP_MEMORY_LIMIT); its process "
                                   "was killed")
                         break
         finally:
-            if not killed:
-                # a child that has reported ends on its own: its exit runs the finalizers that release what its
-                # libraries made (multiprocessing semaphores, which the shared resource tracker would otherwise
-                # report as leaked at shutdown); only one that hangs on the way out is killed
-                proc.join(EXIT_GRACE_S)
-            if killed or proc.is_alive():
-                _kill_tree(proc)
-            proc.join(10)
-            recv.close()
+            if killed:
+                process.kill()
+            elif reusable and self._keeps(process):
+                keep(process)
+            else:
+                # a process that has reported (or failed) ends on its own: its exit runs the finalizers that release
+                # what its libraries made (multiprocessing semaphores, which the shared resource tracker would
+                # otherwise report as leaked at shutdown); only one that hangs on the way out is killed
+                process.stop(EXIT_GRACE_S) if outcome is not None else process.wait(EXIT_GRACE_S)
+        if outcome is not None:
+            return outcome
         if killed:
             return IsolatedStepCrash(killed, step=phase, hint="the job's other artifacts are unaffected")
-        return IsolatedStepCrash(_death(proc.exitcode), step=phase,
+        return IsolatedStepCrash(_death(process.proc.exitcode), step=phase,
                                  hint="job.log holds the step's output and, for a crash, the Python stack at the "
                                       "crash; the job's other artifacts are unaffected")
+
+    def _send(self, step: Step, ctx: StepContext, log_path: Path) -> StepProcess:
+        """The step, sent to the kept step process (or a new one: the kept one may have died since its last step)."""
+        message = ("step", step, ctx, str(log_path), self.threads)
+        for attempt in (1, 2):
+            process = take()
+            try:
+                process.conn.send(message)
+                return process
+            except (OSError, EOFError):  # it died between its last step and this one
+                process.kill()
+                if attempt == 2:
+                    raise
+            except BaseException:  # the message did not pickle: nothing was sent, the process is as it was
+                keep(process)
+                raise
+        raise AssertionError("unreachable")
+
+    def _keeps(self, process: StepProcess) -> bool:
+        """Whether a process that ran a clean step runs the next one: not when it has run its share of steps, nor
+        when its memory grew by more than `REUSE_MEMORY_GROWTH` since its first step or fills half the step memory
+        limit (the next step would start with less room)."""
+        process.steps += 1
+        if process.steps >= self.reuse:
+            return False
+        rss = tree_rss(process.proc.pid)
+        if process.first_rss is None:
+            process.first_rss = rss
+        if rss - process.first_rss > REUSE_MEMORY_GROWTH:
+            return False
+        return not (self.memory_limit_bytes and rss > self.memory_limit_bytes / 2)
 
 
 def isolation_for(settings: Settings, started: float | None = None) -> Isolation:
@@ -205,7 +239,7 @@ def isolation_for(settings: Settings, started: float | None = None) -> Isolation
     start = time.monotonic() if started is None else started
     margin = min(JOB_MARGIN_S, settings.task_time_limit / 4)
     return ChildProcess(time_limit_s=settings.step_time_limit, memory_limit_bytes=settings.step_memory_limit,
-                        deadline=start + settings.task_time_limit - margin, threads=threads)
+                        deadline=start + settings.task_time_limit - margin, threads=threads, reuse=settings.step_reuse)
 
 
 def _death(exitcode: int | None) -> str:
@@ -227,40 +261,6 @@ def _failed(ctx: StepContext, e: IsolatedStepCrash) -> ArtifactReport:
     return new_report(ctx.request, StepStatus.failed, e.message, options=ctx.options)
 
 
-def _tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
-def _kill_tree(proc: Any) -> None:
-    """SIGKILL the step's process and whatever it started (compilers, for one)."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    for p in children:
-        try:
-            p.kill()
-        except psutil.Error:
-            continue
-    if proc.is_alive():
-        proc.kill()
-
-
 def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
     from portq.tasks.execution.run import LOG_FILE
 
@@ -273,53 +273,3 @@ def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
             f.write(f"--- isolated step for {artifact_id} ---\n{text}")
             if not text.endswith("\n"):
                 f.write("\n")
-
-
-# ------------------------------------------------------------------------------------------- in the child
-
-
-_FAULT_LOG: Any = None  # kept open for faulthandler for the child's lifetime
-
-
-def _child_main(conn: Any, step: Step, ctx: StepContext, log_path: str, threads: int | None = None) -> None:
-    """Runs in the forkserver child: build the source again, run the step, send the report (or what broke)."""
-    import faulthandler
-
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    # On SIGSEGV/SIGABRT/...: the Python stack goes to the log, through a descriptor of its own, since the
-    # export routes point 1 and 2 elsewhere while they run (formats.base.native_output_to_log).
-    global _FAULT_LOG
-    _FAULT_LOG = os.fdopen(fd, "a")
-    faulthandler.enable(file=_FAULT_LOG, all_threads=True)
-    _die_with_parent()
-
-    def send(kind: str, value: str) -> None:
-        conn.send((kind, value))
-
-    try:
-        from portq.tasks.checks import threads as cpu_threads
-        from portq.tasks.sources.builders import build_source
-
-        cpu_threads.apply(threads)
-
-        send("phase", ctx.step("load"))
-        ctx.source = build_source(ctx.spec, ctx.store, ctx.evidence.device)
-        ctx.on_phase = lambda name: send("phase", name)  # export, session, parity, latency, localise
-        send("result", step(ctx).model_dump_json())
-    except BaseException as e:  # this process is the step's boundary: say what broke, then exit
-        send("error", f"{type(e).__name__}: {first_line(e)}")
-    finally:
-        conn.close()
-
-
-def _die_with_parent() -> None:
-    """Linux: die when the forkserver dies, which happens when the worker process that owns it dies."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from portq.tasks.core.contract import Format, JobStatus, StepStatus
@@ -15,10 +16,12 @@ from tests.hostile import ARCH, write_state_dict
 from tests.jobs import prepare
 
 
-def job(store, path, formats, arch=None):
+def job(store, path, formats, arch=None, arch_kwargs=None):
     options = {"formats": formats, "latency": {"runs": 3, "warmup": 1}}
     if arch:
         options["arch"] = f"{ARCH}:{arch}"
+    if arch_kwargs:
+        options["arch_kwargs"] = arch_kwargs
     (spec,) = prepare([str(path)], store, batch="iso", options=options, max_bytes=1 << 30).specs
     return spec
 
@@ -120,6 +123,9 @@ def test_the_step_limit_does_not_count_the_wait_for_a_forkserver_still_starting(
         import time
         from portq.tasks.execution import forkserver
         forkserver.PRELOAD = (*forkserver.PRELOAD, "slow_preload")
+        import os
+        from pathlib import Path
+
         from portq.tasks.core.contract import Format
         from portq.tasks.execution.isolation import ChildProcess
         from portq.tasks.execution.run import run_job
@@ -144,3 +150,72 @@ def test_the_step_limit_does_not_count_the_wait_for_a_forkserver_still_starting(
     status, seconds, error = line.split(" ", 3)[1:]
     assert float(seconds) > 12  # the step did wait for the forkserver's slow import ...
     assert status == "succeeded", error  # ... and was not killed for it
+
+
+def step_pids(record):
+    """The pids of the processes other than this one that ran the model (the isolated steps' processes)."""
+    return [int(line) for line in record.read_text().split() if int(line) != os.getpid()]
+
+
+@pytest.mark.parametrize("reuse, leave_thread, processes", [(20, False, 1), (1, False, 6), (20, True, 6)])
+def test_a_step_process_runs_the_next_steps_unless_a_step_leaves_something_behind(tmp_path, reuse, leave_thread,
+                                                                                 processes):
+    """Three formats of two jobs: one process runs all six steps, a fresh one runs each when reuse is off (1), and
+    so it does when each step leaves a thread running. Each step still computes what the model does."""
+    from portq.tasks.execution import step_process
+
+    step_process.stop_idle()  # this test's steps start from a fresh process
+    store = Store(str(tmp_path / "store"))
+    record = tmp_path / "pids"
+    iso = ChildProcess(time_limit_s=120, reuse=reuse)
+    for name in ("a", "b"):
+        spec = job(store, write_state_dict(tmp_path / f"{name}.pt"), [Format.torchscript, Format.onnx, Format.pt2],
+                   "PidRecorder", {"record": str(record), "leave_thread": leave_thread})
+        report = run_job(spec, store, isolation=iso)
+        assert report.status is JobStatus.succeeded, report.error
+        assert all(a.parity.passed for a in report.artifacts)
+    assert len(set(step_pids(record))) == processes
+
+
+def test_a_step_process_that_crashed_is_replaced_and_the_kept_one_ends_with_its_owner(tmp_path):
+    """A crashed step's process is gone; the next step gets a new one, which is kept, and ends when the process
+    that owns it exits (multiprocessing's exit handler would otherwise wait for it for ever)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[3]
+    record = tmp_path / "pids"
+    code = f"""
+        import os
+        from pathlib import Path
+
+        from portq.tasks.core.contract import Format
+        from portq.tasks.execution.isolation import ChildProcess
+        from portq.tasks.execution.run import run_job
+        from portq.tasks.state.store import Store
+        from tests.hostile import write_state_dict
+        from tests.tasks.execution.test_isolation import job
+
+        store = Store({str(tmp_path / "store")!r})
+        crash = job(store, write_state_dict(Path({str(tmp_path / "crash.pt")!r})), [Format.onnx], "CrashOnExport")
+        good = job(store, write_state_dict(Path({str(tmp_path / "good.pt")!r})), [Format.onnx, Format.torchscript],
+                   "PidRecorder", {{"record": {str(record)!r}}})
+        iso = ChildProcess(time_limit_s=120)
+        (crashed,) = run_job(crash, store, isolation=iso).artifacts
+        print("CRASHED", crashed.error)
+        print("PARENT", os.getpid())
+        print("GOOD", [a.status.value for a in run_job(good, store, isolation=iso).artifacts], flush=True)
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "crashed with SIGSEGV" in res.stdout and "GOOD ['succeeded', 'succeeded']" in res.stdout, res.stdout
+    parent = int(res.stdout.split("PARENT")[1].split()[0])
+    kept = {int(pid) for pid in record.read_text().split()} - {parent}
+    assert len(kept) == 1  # both steps ran in one process (not the crashed one, which is gone)
+    (pid,) = kept
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
