@@ -25,10 +25,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from portq.tasks.core.contract import Format
+    from portq.tasks.execution import step_process
     from portq.tasks.execution.forkserver import forkserver
     from portq.tasks.execution.isolation import ChildProcess, InProcess
     from portq.tasks.execution.run import run_job
-    from portq.tasks.execution.step_process import stop_idle
     from portq.tasks.sources.examples import write_examples
     from portq.tasks.state.store import Store
     from portq.tasks.state.submission import prepare
@@ -49,14 +49,17 @@ def main() -> None:
             times: dict[str, list[float]] = {m: [] for m in modes}
             for i in range(args.repeat + 1):  # the first round warms caches in this process; not counted
                 for name, iso in modes.items():
-                    if name == "fresh":
-                        stop_idle()  # the kept mode's process is not handed to the fresh mode's first step
+                    # the kept mode's process waits aside while the fresh mode runs: it is neither handed to the
+                    # fresh mode's step nor stopped by it
+                    aside = step_process.set_aside() if name == "fresh" else None
                     (spec,) = prepare([str(model)], store, batch="bench", max_bytes=1 << 30, force=True,
                                       options={"artifacts": [{"format": Format(fmt).value}]}).specs
                     t = time.perf_counter()
                     report = run_job(spec, store, isolation=iso)
                     if i:
                         times[name].append(time.perf_counter() - t)
+                    if aside is not None:
+                        step_process.keep(aside)
                     if report.status.value != "succeeded":
                         print(f"  ({name} {model.name} {fmt}: {report.error})")
             a, b, c = (statistics.median(times[m]) for m in ("in-process", "fresh", "kept"))

@@ -92,12 +92,18 @@ _LOCK = threading.Lock()
 STOP_GRACE_S = 5.0
 
 
-def take() -> StepProcess:
-    """The kept step process if it is still alive, else a new one. A caller's own from now on: `keep` it after
-    a clean step, or stop it."""
+def set_aside() -> StepProcess | None:
+    """The kept step process, out of the slot (the caller's own from now on), or None if none is kept."""
     global _IDLE
     with _LOCK:
         kept, _IDLE = _IDLE, None
+    return kept
+
+
+def take() -> StepProcess:
+    """The kept step process if it is still alive, else a new one. A caller's own from now on: `keep` it after
+    a clean step, or stop it."""
+    kept = set_aside()
     if kept is not None:
         if kept.proc.is_alive():
             return kept
@@ -117,9 +123,7 @@ def keep(process: StepProcess) -> None:
 
 def stop_idle() -> None:
     """Stop the kept step process, if any (at exit; and for a caller that wants fresh processes from here)."""
-    global _IDLE
-    with _LOCK:
-        kept, _IDLE = _IDLE, None
+    kept = set_aside()
     if kept is not None:
         kept.stop(STOP_GRACE_S)
 
