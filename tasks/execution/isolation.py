@@ -17,6 +17,7 @@ and sends the `ArtifactReport` back as JSON. The folder becomes the artifact's f
 an artifact; a dead step's partial files are discarded. Its output (and, on a crash, the Python stack from
 `faulthandler`) is appended to the job's `job.log`.
 """
+
 from __future__ import annotations
 
 import os
@@ -188,7 +189,10 @@ class ChildProcess:
                 # a process that has reported (or failed) ends on its own: its exit runs the finalizers that release
                 # what its libraries made (multiprocessing semaphores, which the shared resource tracker would
                 # otherwise report as leaked at shutdown); only one that hangs on the way out is killed
-                process.stop(EXIT_GRACE_S) if outcome is not None else process.wait(EXIT_GRACE_S)
+                if outcome is not None:
+                    process.stop(EXIT_GRACE_S)  # done with it: told to stop (one that left something exits already)
+                else:
+                    process.wait(EXIT_GRACE_S)
         if outcome is not None:
             return outcome
         if killed:
