@@ -272,6 +272,8 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     with clock.stage("inputs"):
         sig = resolve_inputs(spec, store, model)
     report.inputs = sig.describe()
+    with clock.stage("isolation"):  # the steps' process ready first: its start must not disturb the timing
+        isolation.settle()
     on_step("source")  # the source model runs on every sample and is timed
     with clock.stage("source"):
         evidence = gather_evidence(spec, model, sig, device)
