@@ -216,19 +216,17 @@ class ChildProcess:
     def _send(self, step: Step, ctx: StepContext, log_path: Path) -> StepProcess:
         """The step, sent to the kept step process (or a new one: the kept one may have died since its last step)."""
         message = ("step", step, ctx, str(log_path), self.threads)
-        for attempt in (1, 2):
-            process = take()
-            try:
-                process.conn.send(message)
-                return process
-            except (OSError, EOFError):  # it died between its last step and this one
-                process.kill()
-                if attempt == 2:
-                    raise
-            except BaseException:  # the message did not pickle: nothing was sent, the process is as it was
-                keep(process)
-                raise
-        raise AssertionError("unreachable")
+        process = take()
+        try:
+            process.conn.send(message)  # pickled whole before anything is written
+        except (OSError, EOFError):  # it died between its last step and this one
+            process.kill()
+            process = StepProcess.start()
+            process.conn.send(message)
+        except BaseException:  # the message did not pickle: nothing was sent, the process is as it was
+            keep(process)
+            raise
+        return process
 
     def _keeps(self, process: StepProcess) -> bool:
         """Whether a process that ran a clean step runs the next one: not when it has run its share of steps, nor

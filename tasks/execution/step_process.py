@@ -128,16 +128,12 @@ def stop_idle() -> None:
         kept.stop(STOP_GRACE_S)
 
 
-_AT_EXIT = False
-
-
 def _stop_at_exit() -> None:
     # multiprocessing's exit handler joins a process's children: an idle step process, waiting for its next step,
-    # would hold the exit for ever. Registered after multiprocessing's own, so it runs first.
-    global _AT_EXIT
-    if not _AT_EXIT:
-        atexit.register(stop_idle)
-        _AT_EXIT = True
+    # would hold the exit for ever. Registered (once: unregister drops an earlier registration) after
+    # multiprocessing's own, so it runs first.
+    atexit.unregister(stop_idle)
+    atexit.register(stop_idle)
 
 
 def kill_tree(proc: Any) -> None:
