@@ -18,8 +18,9 @@ Parts (`--only isolation|queue|memory`; all by default):
   recording the outcome and acknowledging. Printed: the client's enqueue time per job, the worker's time per
   job (the median gap between successive jobs finishing on one worker process, and the task's own time as
   Celery logs it), and the whole batch's time per job.
-- **memory**: a worker's memory over `--memory-jobs` distinct tiny jobs (one worker, a pool of two, child
-  recycling at its default of 50 jobs): the proportional set size (PSS: shared pages split between the
+- **memory**: a worker's memory over `--memory-jobs` distinct tiny jobs (one worker, a pool of two, recycling at
+  its defaults: `PORTQ_MAX_TASKS_PER_CHILD` for the pool processes, `PORTQ_STEP_REUSE` for their step
+  processes): the proportional set size (PSS: shared pages split between the
   processes sharing them, so the sum is honest) of the worker's whole process tree (main process, pool
   processes, their step forkservers and steps), sampled as the jobs complete.
 
@@ -194,7 +195,11 @@ def memory(tmp: Path, server, jobs: int) -> None:
     finally:
         stop.set()
         worker.stop()
-    print(f"memory: {jobs} jobs on one worker (a pool of 2, recycled every 50 jobs by default) in {elapsed:.0f}s; "
+    from portq.tasks.core.settings import Settings
+
+    defaults = Settings.resolve(env={})
+    print(f"memory: {jobs} jobs on one worker (a pool of 2, each recycled every {defaults.tasks_per_child} jobs, its "
+          f"step process every {defaults.step_reuse} steps: the defaults) in {elapsed:.0f}s; "
           f"PSS of the worker's process tree, MiB (idle, before the batch: {idle:.0f})")
     print("  jobs done      mean    max   processes")
     step = max(1, jobs // 10)

@@ -73,7 +73,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_create_missing_queues": False,
         # Events for Flower (and its Prometheus /metrics): sent, received, started, succeeded, failed.
         "worker_send_task_events": True,
-        "worker_max_tasks_per_child": settings.max_tasks_per_child,
+        "worker_max_tasks_per_child": settings.tasks_per_child,
         # A running job survives a broker hiccup; its redelivery (if any) finds it finished and skips it.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }

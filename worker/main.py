@@ -2,7 +2,9 @@
 
 GPU workers run prefork with one child process per GPU. The parent never imports torch or touches
 CUDA; each child is pinned to one GPU through CUDA_VISIBLE_DEVICES when it starts (before torch is
-imported in it), and is recycled after `max_tasks_per_child` jobs so GPU memory is returned.
+imported in it, or in its step processes), and is recycled after `Settings.tasks_per_child` jobs so GPU
+memory is returned. Under step isolation (the default) the child itself never touches CUDA: its jobs'
+sources and steps run in step processes, which are replaced every PORTQ_STEP_REUSE steps.
 """
 
 from __future__ import annotations

@@ -52,6 +52,14 @@ class PortqError(Exception):
     def to_dict(self) -> dict[str, str | None]:
         return {"kind": self.kind, "step": self.step, "file": self.file, "cause": self.cause, "hint": self.hint}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (class, cause, step, file, hint): a step process sends its errors to the job this way."""
+        return (_rebuilt, (type(self), self.cause, self.step, self.file, self.hint))
+
+
+def _rebuilt(cls: type[PortqError], cause: str, step: str | None, file: str | None, hint: str | None) -> PortqError:
+    return cls(cause, step=step, file=file, hint=hint)
+
 
 class ConfigError(PortqError):
     """Settings or command-line options that cannot work."""

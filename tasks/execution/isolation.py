@@ -11,11 +11,12 @@ worker process) that has torch and the exporters imported but has never touched 
 CUDA was initialised is broken; a forkserver child starts clean, and fast because the heavy imports are
 already done. A step process runs one step at a time and is kept for the next step until it has run
 PORTQ_STEP_REUSE of them, a step leaves something behind in it, its memory grows, or it dies
-(`portq.tasks.execution.step_process`). It receives the step's context without the model (models do not pickle
-reliably), builds the source again through the job's source builder (once per job), writes into a private folder,
-and sends the `ArtifactReport` back as JSON. The folder becomes the artifact's folder only when the step produced
-an artifact; a dead step's partial files are discarded. Its output (and, on a crash, the Python stack from
-`faulthandler`) is appended to the job's `job.log`.
+(`portq.tasks.execution.step_process`). A job's source is built and timed there first (`ChildProcess.source`): the
+evidence comes back pickled and the model stays in that process for the job's steps (models do not pickle reliably;
+a step in a new process builds the source again through the job's source builder). A step receives its context
+without the model, writes into a private folder, and sends the `ArtifactReport` back as JSON. The folder becomes the
+artifact's folder only when the step produced an artifact; a dead step's partial files are discarded. Its output
+(and, on a crash, the Python stack from `faulthandler`) is appended to the job's `job.log`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from portq.tasks.core.contract import ArtifactReport, StepStatus
 from portq.tasks.core.errors import IsolatedStepCrash
@@ -36,7 +37,11 @@ from portq.tasks.execution.forkserver import warm_up
 from portq.tasks.execution.step_process import StepProcess, keep, take, tree_rss
 
 if TYPE_CHECKING:
+    from portq.tasks.core.contract import JobSpec
+    from portq.tasks.execution.source_run import SourceRun
     from portq.tasks.execution.steps import StepContext
+    from portq.tasks.execution.timings import Stopwatch
+    from portq.tasks.state.store import Store
 
 #: `portq.tasks.execution.steps.run_artifact`: (context) -> the artifact's report
 Step = Callable[["StepContext"], ArtifactReport]
@@ -50,6 +55,9 @@ EXIT_GRACE_S = 10.0
 #: A step process whose memory grew by more than this since its first step is replaced after its current step.
 REUSE_MEMORY_GROWTH = 512 * 2**20
 
+NOT_STARTED = "not started: the job's time limit was used up by the steps before it"
+TIME_LIMIT_HINT = "raise PORTQ_TASK_TIME_LIMIT (and PORTQ_VISIBILITY_TIMEOUT above it)"
+
 _SIGNAL_MEANING = {
     "SIGSEGV": "segmentation fault in native code",
     "SIGABRT": "aborted, typically a failed C++ assertion or an uncaught C++ exception",
@@ -61,11 +69,12 @@ _SIGNAL_MEANING = {
 
 
 class Isolation(Protocol):
-    """How a job runs each of its artifact steps."""
+    """Where a job builds and times its source, and runs each of its artifact steps."""
 
     def prepare(self) -> None: ...
 
-    def settle(self) -> None: ...
+    def source(self, spec: JobSpec, store: Store, workdir: Path, clock: Stopwatch,
+               on_phase: Callable[[str], None]) -> SourceRun: ...
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport: ...
 
@@ -84,8 +93,11 @@ class InProcess:
 
         threads.apply(self.threads)
 
-    def settle(self) -> None:
-        pass
+    def source(self, spec: JobSpec, store: Store, workdir: Path, clock: Stopwatch,
+               on_phase: Callable[[str], None]) -> SourceRun:
+        from portq.tasks.execution.source_run import run_source
+
+        return run_source(spec, store, clock, on_phase)
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         return step(ctx)
@@ -114,25 +126,41 @@ class ChildProcess:
         return min(limits) if limits else None
 
     def prepare(self) -> None:
-        """The job will run steps: start the forkserver now, while the job builds and times its source."""
-        from portq.tasks.checks import threads
-
+        """The job will run steps: start the forkserver now, while the job looks at its cache and store."""
         warm_up()
-        threads.apply(self.threads)  # the source is timed in this process, with the steps' thread count
 
-    def settle(self) -> None:
-        """Before the source is timed: wait for a step process to be ready, and keep it for the first step. A
-        forkserver still importing (seconds, on a command's or a fresh pool process's first job) would otherwise
-        compete with the timing for the cores: on 2 cores, a tiny BERT's source timed at p90 31 ms against a p50
-        of 0.9 ms."""
-        keep(take())
+    def source(self, spec: JobSpec, store: Store, workdir: Path, clock: Stopwatch,
+               on_phase: Callable[[str], None]) -> SourceRun:
+        """The job's source, built and timed in the step process its first step will run in (which keeps the model
+        for the job's steps): the job's process never loads the model, and the source's own crashes and hangs fail
+        the job instead of the worker. The step process's stages join `clock`; what the trip cost (the wait for a
+        forkserver still importing, the evidence's transfer) is the job's `isolation` stage. Raises what stopped the
+        source, as the job's error."""
+        budget = self.budget()
+        if budget is not None and budget <= 1:
+            raise IsolatedStepCrash(NOT_STARTED, step="load", file=spec.display, hint=TIME_LIMIT_HINT)
+        log_path = workdir / ".source.log"
+        start = time.perf_counter()
+        stages: dict[str, float] = {}
+        try:
+            kind, (outcome, stages) = self._exchange(("source", spec, store, str(log_path), self.threads),
+                                                     "load", on_phase, "the job made no artifact", step=False)
+        except IsolatedStepCrash as e:
+            raise e.at(file=spec.display) from None
+        finally:
+            for name, seconds in stages.items():
+                clock.add(name, seconds)
+            clock.add("isolation", max(time.perf_counter() - start - sum(stages.values()), 0.0))
+            _append_log(log_path, workdir, "the source")
+        if kind == "failed":
+            raise outcome
+        return outcome
 
     def run_step(self, step: Step, ctx: StepContext) -> ArtifactReport:
         budget = self.budget()
         if budget is not None and budget <= 1:
-            return _failed(ctx, IsolatedStepCrash(
-                "not started: the job's time limit was used up by the steps before it", step=ctx.step("export"),
-                file=ctx.display, hint="raise PORTQ_TASK_TIME_LIMIT (and PORTQ_VISIBILITY_TIMEOUT above it)"))
+            return _failed(ctx, IsolatedStepCrash(NOT_STARTED, step=ctx.step("export"), file=ctx.display,
+                                                  hint=TIME_LIMIT_HINT))
         final_dir = ctx.out_dir
         workdir = final_dir.parent
         staging = workdir / f".step-{ctx.artifact_id}"
@@ -140,28 +168,36 @@ class ChildProcess:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            outcome = self._run_child(step, ctx.without_source(staging), log_path, ctx.on_phase)
-            if isinstance(outcome, ArtifactReport):
-                if outcome.path:  # an artifact was written: its folder joins the job's files
-                    shutil.rmtree(final_dir, ignore_errors=True)
-                    os.replace(staging, final_dir)
-                return outcome
-            return _failed(ctx, outcome.at(file=ctx.display))
+            try:
+                _, report = self._exchange(("step", step, ctx.without_source(staging), str(log_path), self.threads),
+                                           ctx.step("export"), ctx.on_phase, "the job's other artifacts are unaffected")
+            except IsolatedStepCrash as e:
+                return _failed(ctx, e.at(file=ctx.display))
+            outcome = ArtifactReport.model_validate_json(report)
+            if outcome.path:  # an artifact was written: its folder joins the job's files
+                shutil.rmtree(final_dir, ignore_errors=True)
+                os.replace(staging, final_dir)
+            return outcome
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             _append_log(log_path, workdir, ctx.artifact_id)
 
-    def _run_child(self, step: Step, ctx: StepContext, log_path: Path,
-                   on_phase: Callable[[str], None] | None = None) -> ArtifactReport | IsolatedStepCrash:
-        process = self._send(step, ctx, log_path)
+    def _exchange(self, message: tuple[Any, ...], phase: str, on_phase: Callable[[str], None] | None,
+                  consequence: str, step: bool = True) -> tuple[str, Any]:
+        """Send `message` (a step, or the job's source) to a step process and follow it to its end: the kind of its
+        answer ("result", or "failed" with the error it stopped on) and what came with it. Raises
+        `IsolatedStepCrash` when the process dies, hangs past the budget or runs over the memory limit; `phase`
+        (the step it was in) is updated from the process as it goes, and passed on to `on_phase`. A job's source
+        (`step` False) does not count among the steps a process runs (PORTQ_STEP_REUSE): it stays with the job's
+        first step."""
+        process = self._send(message)
         # The step's own limit counts from here: the wait for a forkserver still importing (seconds on a busy
         # machine, for a worker's first steps) is not the step's; the job's deadline still bounds both.
         start = time.monotonic()
         budget = self.budget()
         budget = None if budget is None else max(0.0, budget)
-        phase = ctx.step("export")
         killed: str | None = None
-        outcome: ArtifactReport | None = None
+        answer: tuple[str, Any] | None = None
         reusable = False
         try:
             while True:
@@ -176,11 +212,12 @@ class ChildProcess:
                         if on_phase is not None:
                             on_phase(phase)
                         continue
-                    if kind == "result":
-                        outcome = ArtifactReport.model_validate_json(message[1])
+                    if kind in ("result", "failed"):
+                        answer = (kind, message[1])
                         reusable = message[2] is None
                         break
-                    return IsolatedStepCrash(f"failed in its own process: {message[1]}", step=phase)
+                    raise IsolatedStepCrash(f"failed in its own process: {message[1]}", step=phase,
+                                            hint="job.log holds its Python stack")
                 if budget is not None and time.monotonic() - start > budget:
                     killed = (f"did not finish within its time limit of {budget:.0f}s; its process was killed "
                               "(PORTQ_STEP_TIME_LIMIT, bounded by what is left of PORTQ_TASK_TIME_LIMIT)")
@@ -195,27 +232,27 @@ class ChildProcess:
         finally:
             if killed:
                 process.kill()
-            elif reusable and self._keeps(process):
+            elif reusable and self._keeps(process, step):
                 keep(process)
             else:
                 # a process that has reported (or failed) ends on its own: its exit runs the finalizers that release
                 # what its libraries made (multiprocessing semaphores, which the shared resource tracker would
                 # otherwise report as leaked at shutdown); only one that hangs on the way out is killed
-                if outcome is not None:
+                if answer is not None:
                     process.stop(EXIT_GRACE_S)  # done with it: told to stop (one that left something exits already)
                 else:
                     process.wait(EXIT_GRACE_S)
-        if outcome is not None:
-            return outcome
+        if answer is not None:
+            return answer
         if killed:
-            return IsolatedStepCrash(killed, step=phase, hint="the job's other artifacts are unaffected")
-        return IsolatedStepCrash(_death(process.proc.exitcode), step=phase,
-                                 hint="job.log holds the step's output and, for a crash, the Python stack at the "
-                                      "crash; the job's other artifacts are unaffected")
+            raise IsolatedStepCrash(killed, step=phase, hint=consequence)
+        raise IsolatedStepCrash(_death(process.proc.exitcode), step=phase,
+                                hint=f"job.log holds its output and, for a crash, the Python stack at the crash; "
+                                     f"{consequence}")
 
-    def _send(self, step: Step, ctx: StepContext, log_path: Path) -> StepProcess:
-        """The step, sent to the kept step process (or a new one: the kept one may have died since its last step)."""
-        message = ("step", step, ctx, str(log_path), self.threads)
+    def _send(self, message: tuple[Any, ...]) -> StepProcess:
+        """The message, sent to the kept step process (or a new one: the kept one may have died since its last
+        step)."""
         process = take()
         try:
             process.conn.send(message)  # pickled whole before anything is written
@@ -228,11 +265,11 @@ class ChildProcess:
             raise
         return process
 
-    def _keeps(self, process: StepProcess) -> bool:
+    def _keeps(self, process: StepProcess, step: bool = True) -> bool:
         """Whether a process that ran a clean step runs the next one: not when it has run its share of steps, nor
         when its memory grew by more than `REUSE_MEMORY_GROWTH` since its first step or fills half the step memory
         limit (the next step would start with less room)."""
-        process.steps += 1
+        process.steps += step
         if process.steps >= self.reuse:
             return False
         rss = tree_rss(process.proc.pid)
@@ -275,7 +312,7 @@ def _failed(ctx: StepContext, e: IsolatedStepCrash) -> ArtifactReport:
     return new_report(ctx.request, StepStatus.failed, e.message, options=ctx.options)
 
 
-def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
+def _append_log(log_path: Path, workdir: Path, what: str) -> None:
     from portq.tasks.execution.run import LOG_FILE
 
     if not log_path.exists():
@@ -284,6 +321,6 @@ def _append_log(log_path: Path, workdir: Path, artifact_id: str) -> None:
     log_path.unlink()
     if text.strip():
         with open(workdir / LOG_FILE, "a") as f:
-            f.write(f"--- isolated step for {artifact_id} ---\n{text}")
+            f.write(f"--- isolated step for {what} ---\n{text}")
             if not text.endswith("\n"):
                 f.write("\n")

@@ -139,7 +139,7 @@ def _committed(store: Store, key: str) -> str | None:
     except StoreError as e:
         raise TransientError(e.cause, step="store", hint=e.hint) from e
 #: step phases worth a write of the job's record (opening a session is over in a moment)
-PROGRESS_PHASES = ("export", "parity", "latency", "localise")
+PROGRESS_PHASES = ("source", "export", "parity", "latency", "localise")
 
 
 def progress(on_step: Callable[[str], None]) -> Callable[[str], None]:
@@ -191,7 +191,7 @@ def _seconds_between(earlier: str, later: str | None) -> float | None:
 
 
 def _run_planned(item: Planned, spec: JobSpec, store: Store, workdir: Path, evidence: SourceEvidence,
-                 model: LoadedModel, made: dict[str, ArtifactReport], isolation: Isolation,
+                 model: LoadedModel | None, made: dict[str, ArtifactReport], isolation: Isolation,
                  on_step: Callable[[str], None]) -> ArtifactReport:
     """One planned artifact: skipped with its reason, failed on its options, or its step's report."""
     from portq.tasks.execution.steps import StepContext, new_report, run_artifact
@@ -255,32 +255,21 @@ def _repair_for(item: Planned, artifact: ArtifactReport, spec: JobSpec) -> Plann
 
 def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isolation: Isolation,
              on_step: Callable[[str], None]) -> None:
-    from portq.tasks.checks.runners import torch_device
-    from portq.tasks.execution.source_run import gather_evidence, resolve_inputs
     from portq.tasks.execution.timings import Stopwatch
     from portq.tasks.formats.reproduce import write_inputs
     from portq.tasks.formats.selection import plan
     from portq.tasks.reports.content import mark_best
-    from portq.tasks.sources.builders import build_source, builder_for
 
     clock = Stopwatch()
     report.timings = clock.stages  # filled in as the job goes: a failure still shows where the time went
-    device = torch_device(spec.target)
-    with clock.stage("load"):
-        model = build_source(spec, store)
-    report.notes = list(model.notes)
-    with clock.stage("inputs"):
-        sig = resolve_inputs(spec, store, model)
-    report.inputs = sig.describe()
-    with clock.stage("isolation"):  # the steps' process ready first: its start must not disturb the timing
-        isolation.settle()
-    on_step("source")  # the source model runs on every sample and is timed
-    with clock.stage("source"):
-        evidence = gather_evidence(spec, model, sig, device)
+    # built, given inputs, run and timed where the steps run (a step process, which keeps the model for them)
+    source = isolation.source(spec, store, workdir, clock, progress(on_step))
+    evidence, model = source.evidence, source.model
+    report.notes = source.notes
+    report.inputs = source.inputs
     report.environment = evidence.environment
-    annotate = builder_for(spec.kind.value).annotate
-    if annotate is not None:  # the kind's own section (fuse: how the model was fused, against its members)
-        annotate(spec, model, evidence, report)
+    for name, section in source.sections.items():  # the kind's own (fuse: how the model fused, against its members)
+        setattr(report, name, section)
     # once per job, into the result folder: every artifact's reproduce script reads these samples
     write_inputs(workdir, evidence.samples)
     made: dict[str, ArtifactReport] = {}  # artifacts made so far, by id (an optimization's base)

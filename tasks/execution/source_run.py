@@ -1,17 +1,61 @@
 """The job's first half: build the source, resolve its inputs, and record what it does on them.
 
-The evidence (`portq.tasks.checks.evidence.SourceEvidence`) is gathered once per job, in the job's
-process; every artifact step is then held to it.
+The evidence (`portq.tasks.checks.evidence.SourceEvidence`) is gathered once per job, where the job's steps run:
+in the kept step process under step isolation (`portq.tasks.execution.isolation`), which then holds the model for
+the job's steps, so the job's own process never loads the model nor imports torch; in the job's process
+otherwise. Every artifact step is then held to it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from portq.tasks.checks.evidence import SourceEvidence
 from portq.tasks.core.contract import JobSpec
 from portq.tasks.core.errors import InputError, first_line
+from portq.tasks.execution.timings import Stopwatch
 from portq.tasks.sources.inputs import InputSignature
 from portq.tasks.sources.loading import LoadedModel
 from portq.tasks.state.store import Store
+
+
+@dataclass
+class SourceRun:
+    """What the source stage hands the job: the evidence, and what its report says of the source."""
+
+    evidence: SourceEvidence
+    notes: list[str] = field(default_factory=list)  # the loader's notes on the model
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # the input signature, described
+    sections: dict[str, Any] = field(default_factory=dict)  # the kind's own report sections (fuse: `fusion`)
+    model: LoadedModel | None = None  # the model itself: only where it was built, never sent between processes
+
+
+def run_source(spec: JobSpec, store: Store, clock: Stopwatch,
+               on_phase: Callable[[str], None] = lambda phase: None) -> SourceRun:
+    """Build the job's source on its target's device, resolve its inputs, run and time it on every sample.
+
+    Each stage goes into `clock` as it ends (a failure still shows where the time went); `on_phase` is told each
+    stage as it starts. Raises the `PortqError` that stops the job (a missing CUDA device, a model that does not
+    load, inputs it rejects).
+    """
+    from portq.tasks.checks.runners import torch_device
+    from portq.tasks.sources.builders import build_source, builder_for
+
+    on_phase("load")
+    with clock.stage("load"):
+        device = torch_device(spec.target)
+        model = build_source(spec, store, device)
+    on_phase("inputs")
+    with clock.stage("inputs"):
+        sig = resolve_inputs(spec, store, model)
+    on_phase("source")  # the source model runs on every sample and is timed
+    with clock.stage("source"):
+        evidence = gather_evidence(spec, model, sig, device)
+    annotate = builder_for(spec.kind.value).annotate
+    sections = annotate(spec, model, evidence) if annotate is not None else {}
+    return SourceRun(evidence=evidence, notes=list(model.notes), inputs=sig.describe(), sections=sections, model=model)
 
 
 def resolve_inputs(spec: JobSpec, store: Store, model: LoadedModel) -> InputSignature:

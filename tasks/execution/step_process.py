@@ -15,8 +15,10 @@ What isolation still gives:
   default dtype, grad mode, determinism or thread count, the environment, the working directory
   (`_left_behind`). So does a step that raised out of the step function, and a process whose memory grew (the
   parent's rule, `isolation.ChildProcess`).
-- The source model is kept between the steps of one job, as a job running in-process shares it between its
-  steps; the next job's first step builds its own.
+- A job's source is built, given its inputs, run and timed here too (`_job_source`), first, and the model is kept
+  for the job's steps, as a job running in-process shares it between its steps; the next job builds its own. The
+  job's own process never loads a model or imports torch, and a source that crashes its process fails its job,
+  not the worker.
 
 Its output goes to each step's own log while the step runs, and nowhere between steps.
 """
@@ -29,13 +31,18 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from portq.tasks.execution.forkserver import allow_children, forkserver, main_not_reimported, mark_used
 
 if TYPE_CHECKING:
+    from portq.tasks.core.contract import JobSpec
     from portq.tasks.execution.steps import StepContext
+    from portq.tasks.state.store import Store
 
 
 @dataclass
@@ -179,8 +186,8 @@ _SOURCE: tuple[Any, Any] | None = None  # (which job's source, the loaded model)
 
 
 def _serve(conn: Any) -> None:
-    """The step process's life: run each step it is sent, until told to stop, or until a step leaves something
-    behind (then it reports that and exits)."""
+    """The step process's life: build and time a job's source, or run a step, as it is told, until told to stop, or
+    until one leaves something behind (then it reports that and exits)."""
     _quiet()
     _die_with_parent()
     _no_progress_monitor()
@@ -189,16 +196,22 @@ def _serve(conn: Any) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             return
-        if message[0] != "step":
+        if message[0] == "step":
+            _, step, ctx, log_path, threads = message
+            work = partial(_step, step, ctx)
+        elif message[0] == "source":
+            _, spec, store, log_path, threads = message
+            work = partial(_job_source, spec, store)
+        else:
             return
-        _, step, ctx, log_path, threads = message
-        if not _run(conn, step, ctx, log_path, threads):
+        if not _run(conn, work, log_path, threads):
             return
 
 
-def _run(conn: Any, step: Any, ctx: StepContext, log_path: str, threads: int | None) -> bool:
-    """One step: its output into `log_path`, its report (or what broke) to the parent. True when the process
-    may run another."""
+def _run(conn: Any, work: Callable[[Callable[..., None]], tuple[str, Any]], log_path: str,
+         threads: int | None) -> bool:
+    """One piece of work: its output into `log_path`, its answer (or what broke) to the parent. True when the
+    process may run another."""
     from portq.tasks.core.errors import first_line
 
     def send(kind: str, *value: Any) -> None:
@@ -210,35 +223,67 @@ def _run(conn: Any, step: Any, ctx: StepContext, log_path: str, threads: int | N
         from portq.tasks.checks import threads as cpu_threads
 
         cpu_threads.apply(threads)
-        send("phase", ctx.step("load"))
-        ctx.source = _source(ctx)
-        ctx.on_phase = lambda name: send("phase", name)  # export, session, parity, latency, localise
-        report = step(ctx).model_dump_json()
-    except BaseException as e:  # this process is the step's boundary: say what broke, then exit
+        kind, answer = work(send)
+    except BaseException as e:  # this process is the work's boundary: say what broke, then exit
+        traceback.print_exc()  # into the log, which joins the job's
         _quiet()
         send("error", f"{type(e).__name__}: {first_line(e)}")
         return False
-    ctx.source = ctx.on_phase = None
-    gc.collect()  # what the step made, freed now rather than during the next one
+    gc.collect()  # what the work made, freed now rather than during the next step
     _release_device_memory()
     _quiet()
     left = _left_behind(before, threads)
-    send("result", report, left)
+    send(kind, answer, left)
     return left is None
 
 
+def _step(step: Any, ctx: StepContext, send: Callable[..., None]) -> tuple[str, Any]:
+    """One artifact's step, on the job's source: its report, as JSON."""
+    send("phase", ctx.step("load"))
+    ctx.source = _source(ctx)
+    ctx.on_phase = lambda name: send("phase", name)  # export, session, parity, latency, localise
+    try:
+        return "result", step(ctx).model_dump_json()
+    finally:
+        ctx.source = ctx.on_phase = None
+
+
+def _job_source(spec: JobSpec, store: Store, send: Callable[..., None]) -> tuple[str, Any]:
+    """The job's source, built, run and timed (`source_run.run_source`), and kept for the job's steps: the evidence
+    ("result"), or the error that stopped it ("failed"), each with the stages' seconds."""
+    global _SOURCE
+    from portq.tasks.core.errors import PortqError
+    from portq.tasks.execution.source_run import run_source
+    from portq.tasks.execution.timings import Stopwatch
+
+    _SOURCE = None  # the previous job's, freed before this one's is built
+    clock = Stopwatch()
+    try:
+        run = run_source(spec, store, clock, lambda phase: send("phase", phase))
+    except PortqError as e:
+        return "failed", (e, clock.stages)
+    assert run.model is not None
+    _SOURCE = (_source_key(spec, run.evidence.device), run.model)
+    return "result", (replace(run, model=None), clock.stages)
+
+
 def _source(ctx: StepContext) -> Any:
-    """The job's source model: the one the job's previous step used, else built again through its builder."""
+    """The job's source model: the one its source stage or previous step built here, else built again through its
+    builder."""
     global _SOURCE
     from portq.tasks.sources.builders import build_source
 
-    key = (ctx.spec.job_id, ctx.spec.kind, ctx.spec.source.model_dump_json(), ctx.evidence.device)
+    key = _source_key(ctx.spec, ctx.evidence.device)
     if _SOURCE is not None and _SOURCE[0] == key:
         return _SOURCE[1]
     _SOURCE = None  # the previous job's, freed before this one's is built
     model = build_source(ctx.spec, ctx.store, ctx.evidence.device)
     _SOURCE = (key, model)
     return model
+
+
+def _source_key(spec: JobSpec, device: str) -> tuple[Any, ...]:
+    return spec.job_id, spec.kind, spec.source.model_dump_json(), device
 
 
 def _state() -> tuple[Any, ...]:

@@ -215,11 +215,11 @@ def _script_modules() -> tuple[Any, ...]:
     return (dequantize, recipes, arrays, validation, training, output_space, weight_space, recipe)
 
 
-def _annotate(spec: JobSpec, model: LoadedModel, evidence: Any, report: Any) -> None:
+def _annotate(spec: JobSpec, model: LoadedModel, evidence: Any) -> dict[str, Any]:
     from portq.tasks.fusion.comparison import fusion_report
 
     assert isinstance(model, FusedModel)
-    report.fusion = fusion_report(spec, model, evidence)
+    return {"fusion": fusion_report(spec, model, evidence)}
 
 
 SOURCE_BUILDERS.add(JobKind.fuse.value, SourceBuilder(build=build_fused, script_settings=script_settings,

@@ -4,8 +4,8 @@ The job's process, each isolated step's process and the reproduce scripts all bu
 the builder of the job's kind, so all three hold the same model. A builder has two halves: `build` loads
 the model for portq (with portq's errors), and `script_settings` says what a reproduce script needs to
 build it again with the plain-torch code in `script_modules` (the last such module has a
-`build_source(settings, path)` function). A kind may add its own section to the job report (`annotate`,
-called once the source's evidence is in).
+`build_source(settings, path)` function). A kind may add its own sections to the job report (`annotate`,
+called once the source's evidence is in, where the source was built: it returns the report's fields by name).
 
 `convert` is registered here; a kind whose builder lives in its own folder (`fuse`: `portq.tasks.fusion`)
 registers when `builder_for` first looks it up, so loading this module imports neither torch nor that folder.
@@ -33,8 +33,8 @@ class SourceBuilder:
     # the plain modules a reproduce script carries to rebuild the source; the last defines build_source()
     # (a function, so that a kind whose modules import torch is not imported with this registry)
     script_modules: Callable[[], tuple[ModuleType, ...]]
-    # (spec, model, the source's evidence, the job report): the kind's own section of the report
-    annotate: Callable[[JobSpec, LoadedModel, Any, Any], None] | None = None
+    # (spec, model, the source's evidence) -> the kind's own sections of the job report, by field name (picklable)
+    annotate: Callable[[JobSpec, LoadedModel, Any], dict[str, Any]] | None = None
 
 
 SOURCE_BUILDERS: Registry[SourceBuilder] = Registry("job kind")

@@ -156,10 +156,14 @@ def test_restart_redis_mid_batch_nothing_is_lost(tmp_path, store_dir):
 
 
 def test_a_job_that_keeps_killing_its_worker_is_dead_lettered_then_retried(tmp_path, queue_db, store_dir):
+    """The source segfaults on every run until it is "fixed". Jobs run in the pool process (PORTQ_ISOLATE=0), so
+    each attempt kills it; under step isolation the same crash costs the job's step process and fails the job at
+    once (tests/tasks/execution/test_isolation.py)."""
     marker = tmp_path / "fixed"
     model = write_state_dict(tmp_path / "crasher.pt")
     env = env_for(queue_db, store_dir)
-    worker = WorkerProcess(queue_db, store_dir, "cpu", tmp_path / "w.log", env={**FAST, "PORTQ_MAX_RETRIES": "2"})
+    worker = WorkerProcess(queue_db, store_dir, "cpu", tmp_path / "w.log",
+                           env={**FAST, "PORTQ_MAX_RETRIES": "2", "PORTQ_ISOLATE": "0"})
     worker.wait_ready()
     try:
         res = run_cli("submit", str(model), "--batch", "dl", "--arch", f"{ARCH}:CrashUnless", "--arch-kwargs",

@@ -90,12 +90,31 @@ def test_isolated_and_in_process_results_agree(example_models, tmp_path):
     assert on_disk["artifacts"][0]["path"] == b.path and on_disk["result"] == away.result
 
 
+class TimeRunsOutDuringTheSource(ChildProcess):
+    def source(self, *args):
+        try:
+            return super().source(*args)
+        finally:
+            self.deadline = time.monotonic()
+
+
 def test_no_time_left_means_the_step_is_not_started(example_models, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    report = run_job(job(store, example_models["mlp"], [Format.onnx, Format.torchscript]), store,
+                     isolation=TimeRunsOutDuringTheSource())
+    assert report.timings["source"] > 0  # the source ran; neither step did
+    for art in report.artifacts:
+        assert art.status is StepStatus.failed and "not started: the job's time limit was used up" in art.error
+        assert f"step export:{art.id}" in art.error and "mlp.pt" in art.error
+    assert report.status is JobStatus.failed
+
+
+def test_no_time_left_means_the_source_is_not_started(example_models, tmp_path):
     store = Store(str(tmp_path / "store"))
     report = run_job(job(store, example_models["mlp"], [Format.onnx]), store,
                      isolation=ChildProcess(deadline=time.monotonic()))
-    (art,) = report.artifacts
-    assert art.status is StepStatus.failed and "not started: the job's time limit was used up" in art.error
+    assert report.status is JobStatus.failed and report.artifacts == []
+    assert report.failure.step == "load" and "not started: the job's time limit was used up" in report.error
 
 
 @pytest.mark.parametrize("env, kind", [({"PORTQ_ISOLATE": "0"}, InProcess), ({}, ChildProcess)])
@@ -224,3 +243,72 @@ def test_a_step_process_that_crashed_is_replaced_and_the_kept_one_ends_with_its_
     assert len(kept) == 1  # both steps ran in one process (not the crashed one, which is gone)
     (pid,) = kept
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_source_that_crashes_fails_its_job_and_nothing_else(tmp_path):
+    """The source is built and run in the step process: a segfault in its own reference run fails the job, with its
+    step and file, and this process (a worker's pool process, or the `portq` command) lives on."""
+    store = Store(str(tmp_path / "store"))
+    spec = job(store, write_state_dict(tmp_path / "crasher.pt"), [Format.onnx], "CrashUnless",
+               {"marker": str(tmp_path / "never")})
+    pid = os.getpid()
+    report = run_job(spec, store, isolation=ChildProcess(time_limit_s=120))
+    assert os.getpid() == pid
+    assert report.status is JobStatus.failed and report.artifacts == []
+    assert report.failure.step == "source" and report.failure.file.endswith("crasher.pt")
+    assert "crashed with SIGSEGV" in report.error and "the job made no artifact" in report.error
+    assert report.timings["isolation"] > 0  # the dead process's own stages died with it: the whole wait is here
+    log = (tmp_path / "store" / "failed" / spec.job_id / "job.log").read_text()
+    assert "isolated step for the source" in log and "Fatal Python error: Segmentation fault" in log
+
+
+def test_a_source_error_comes_back_as_the_same_error(tmp_path):
+    """An error the step process's source stage raises reaches the job as it was raised: its kind, step and file."""
+    (tmp_path / "notes.pt").write_text("not a model")
+    store = Store(str(tmp_path / "store"))
+    here = run_job(job(store, tmp_path / "notes.pt", [Format.onnx]), store, isolation=InProcess())
+    store2 = Store(str(tmp_path / "store2"))
+    away = run_job(job(store2, tmp_path / "notes.pt", [Format.onnx]), store2, isolation=ChildProcess())
+    assert here.status is away.status is JobStatus.failed
+    assert here.failure == away.failure and away.failure.step == "load"
+    assert "not a PyTorch model file" in away.error and "notes.pt" in away.error
+    assert away.timings["load"] > 0 and "isolation" in away.timings
+
+
+def test_under_isolation_the_job_process_never_imports_torch(example_models, tmp_path):
+    """The source's load, inputs and timing run in the step process, which keeps the model for the job's steps: the
+    job's own process (a worker's pool process, the `portq` command) imports neither torch nor onnxruntime, and the
+    model is built once for the job."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[3]
+    record = tmp_path / "pids"
+    model = write_state_dict(tmp_path / "m.pt")  # here: tests.hostile imports torch
+    code = f"""
+        import sys
+
+        from portq.tasks.execution.isolation import ChildProcess
+        from portq.tasks.execution.run import run_job
+        from portq.tasks.state.store import Store
+        from tests.jobs import prepare
+
+        store = Store({str(tmp_path / "store")!r})
+        options = {{"formats": ["onnx", "torchscript"], "latency": {{"runs": 3, "warmup": 1}},
+                    "arch": "{ARCH}:PidRecorder", "arch_kwargs": {{"record": {str(record)!r}}}}}
+        (spec,) = prepare([{str(model)!r}], store, batch="iso", options=options, max_bytes=1 << 30).specs
+        report = run_job(spec, store, isolation=ChildProcess(time_limit_s=120))
+        print("STATUS", report.status.value, report.error)
+        print("IMPORTED", sorted(m for m in ("torch", "onnxruntime", "onnx") if m in sys.modules))
+        print("STAGES", sorted(report.timings))
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")} | {"PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+    assert lines["STATUS"].startswith("succeeded"), lines["STATUS"]
+    assert lines["IMPORTED"] == "[]"
+    assert all(s in lines["STAGES"] for s in ("'load'", "'inputs'", "'source'", "'isolation'", "'artifacts'"))
+    assert len(set(step_pids(record))) == 1  # the source, its reference runs and both steps: one process
