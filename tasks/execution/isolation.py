@@ -144,7 +144,7 @@ class ChildProcess:
         stages: dict[str, float] = {}
         try:
             kind, (outcome, stages) = self._exchange(("source", spec, store, str(log_path), self.threads),
-                                                     "load", on_phase, "the job made no artifact", step=False)
+                                                     "load", on_phase, "the job made no artifact")
         except IsolatedStepCrash as e:
             raise e.at(file=spec.display) from None
         finally:
@@ -183,13 +183,11 @@ class ChildProcess:
             _append_log(log_path, workdir, ctx.artifact_id)
 
     def _exchange(self, message: tuple[Any, ...], phase: str, on_phase: Callable[[str], None] | None,
-                  consequence: str, step: bool = True) -> tuple[str, Any]:
+                  consequence: str) -> tuple[str, Any]:
         """Send `message` (a step, or the job's source) to a step process and follow it to its end: the kind of its
         answer ("result", or "failed" with the error it stopped on) and what came with it. Raises
         `IsolatedStepCrash` when the process dies, hangs past the budget or runs over the memory limit; `phase`
-        (the step it was in) is updated from the process as it goes, and passed on to `on_phase`. A job's source
-        (`step` False) does not count among the steps a process runs (PORTQ_STEP_REUSE): it stays with the job's
-        first step."""
+        (the step it was in) is updated from the process as it goes, and passed on to `on_phase`."""
         process = self._send(message)
         # The step's own limit counts from here: the wait for a forkserver still importing (seconds on a busy
         # machine, for a worker's first steps) is not the step's; the job's deadline still bounds both.
@@ -232,7 +230,7 @@ class ChildProcess:
         finally:
             if killed:
                 process.kill()
-            elif reusable and self._keeps(process, step):
+            elif reusable and self._keeps(process):
                 keep(process)
             else:
                 # a process that has reported (or failed) ends on its own: its exit runs the finalizers that release
@@ -252,7 +250,8 @@ class ChildProcess:
 
     def _send(self, message: tuple[Any, ...]) -> StepProcess:
         """The message, sent to the kept step process (or a new one: the kept one may have died since its last
-        step)."""
+        step). A step counts toward the steps a process runs (PORTQ_STEP_REUSE); a job's source does not: it stays
+        with the job's first step."""
         process = take()
         try:
             process.conn.send(message)  # pickled whole before anything is written
@@ -263,13 +262,14 @@ class ChildProcess:
         except BaseException:  # the message did not pickle: nothing was sent, the process is as it was
             keep(process)
             raise
+        if message[0] == "step":
+            process.steps += 1
         return process
 
-    def _keeps(self, process: StepProcess, step: bool = True) -> bool:
+    def _keeps(self, process: StepProcess) -> bool:
         """Whether a process that ran a clean step runs the next one: not when it has run its share of steps, nor
         when its memory grew by more than `REUSE_MEMORY_GROWTH` since its first step or fills half the step memory
         limit (the next step would start with less room)."""
-        process.steps += step
         if process.steps >= self.reuse:
             return False
         rss = tree_rss(process.proc.pid)
