@@ -86,7 +86,7 @@ def write_freeze_count(path: str) -> None:
     import gc
     from pathlib import Path
 
-    Path(path).write_text(str(gc.get_freeze_count()))
+    Path(path).write_text(f"{gc.get_freeze_count()} {gc.isenabled()}")
 
 
 def test_a_step_process_starts_with_the_forkserver_imports_frozen_and_the_caller_keeps_its_teardown(tmp_path):
@@ -107,5 +107,7 @@ def test_a_step_process_starts_with_the_forkserver_imports_frozen_and_the_caller
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                          cwd=root)
     assert res.returncode == 5, res.stderr[-2000:]
-    assert int((tmp_path / "count").read_text()) > 100_000  # torch and the exporters, frozen in the forkserver
+    frozen, collecting = (tmp_path / "count").read_text().split()
+    assert int(frozen) > 100_000  # torch and the exporters, frozen in the forkserver
+    assert collecting == "True"  # off while the forkserver imported, on again for the steps
     assert int((tmp_path / "own").read_text()) == 0  # importing portq froze nothing in the caller
