@@ -93,7 +93,12 @@ class ProgressView:
 
         self.progress = BatchAndJobs(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console,
-                                     transient=True)
+                                     transient=True, redirect_stdout=False, redirect_stderr=False)
+        # No redirection: Rich's live display would swap sys.stdout/stderr for proxies and put back, when it stops,
+        # whatever it found when it started. In the embedded default it starts from the watcher's thread while a
+        # job's thread has its streams routed to the job's log (tasks/execution/capture.py), so it would put that
+        # routing back after the job had ended it, and everything printed afterwards (the results table, the
+        # report paths) would land in a discarded log. Output that must show goes through this console anyway.
         self.batch_task: Any = None
         self.job_tasks: dict[str, Any] = {}
         self.started = False
