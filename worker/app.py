@@ -17,14 +17,14 @@ from typing import Any
 
 from celery import Celery
 from celery.apps.worker import Worker
-from celery.signals import worker_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 from kombu import Queue
 from portq.tasks.core.contract import QUEUES
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.core.settings import Settings
 from portq.worker import (
-    gpu,  # noqa: F401  (connects the per-child GPU pinning signal)
-    warm,  # noqa: F401  (then warms each child: after the pinning, so in this order)
+    gpu,  # noqa: F401  (connects the per-child GPU pinning signal, before `_warm_child` below)
+    warm,
 )
 from portq.worker.redact import Redactor, environment_secrets, install
 
@@ -171,6 +171,12 @@ def _refuse_unusable_store(sender: Any = None, **_: Any) -> None:
         log.critical(message)
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG if isinstance(e, ConfigError) else EX_UNAVAILABLE) from None
+
+
+@worker_process_init.connect
+def _warm_child(**_: object) -> None:
+    """Each pool process warms up once forked (connected after the GPU pinning, so it runs after it)."""
+    warm.start(isolate=app.portq_settings.isolate)  # type: ignore[attr-defined]
 
 
 @worker_ready.connect

@@ -5,8 +5,10 @@ pays the exporters' first-call work. With step isolation off, the child imports 
 instead (its jobs run in it); with it on, the child never imports them: its jobs' sources and steps run in step
 processes. It logs "pool process warm" when done.
 
-Connected after `portq.worker.gpu`'s pinning (signal receivers run in the order they were connected), so
-torch is imported with the child's CUDA_VISIBLE_DEVICES already set; nothing here touches CUDA.
+`portq.worker.app` starts it from each child's `worker_process_init`, connected after `portq.worker.gpu`'s
+pinning (signal receivers run in the order they were connected), so torch is imported with the child's
+CUDA_VISIBLE_DEVICES already set; nothing here touches CUDA. This module does not import the app: the app
+hands it the one setting it reads.
 """
 
 from __future__ import annotations
@@ -14,8 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-
-from celery.signals import worker_process_init
 
 log = logging.getLogger("portq.worker")
 
@@ -26,14 +26,12 @@ MODULES = ("portq.tasks.execution.run", "portq.tasks.execution.source_run", "por
 IN_PROCESS_MODULES = ("torch", "onnx", "onnxruntime")
 
 
-def warm_child() -> None:
+def warm_child(isolate: bool) -> None:
+    """Import what a job imports on its way (and, with step isolation, start the step forkserver and wait for it)."""
     import importlib
 
     start = time.monotonic()
     try:
-        from portq.worker.app import app
-
-        isolate = app.portq_settings.isolate  # type: ignore[attr-defined]
         for name in MODULES if isolate else MODULES + IN_PROCESS_MODULES:
             importlib.import_module(name)
         if isolate:
@@ -47,9 +45,9 @@ def warm_child() -> None:
              "job code and the step forkserver" if isolate else "job code, torch and the runtimes")
 
 
-@worker_process_init.connect
-def _warm(**_: object) -> None:
+def start(isolate: bool) -> None:
+    """Warm this pool process in the background."""
     from portq.tasks.execution.forkserver import exercise_on_start
 
     exercise_on_start()  # before any job: a job that arrives before the warm-up thread starts it the same way
-    threading.Thread(target=warm_child, name="portq-warm", daemon=True).start()
+    threading.Thread(target=warm_child, args=(isolate,), name="portq-warm", daemon=True).start()

@@ -40,6 +40,7 @@ def test_submit_wait_through_redis_and_a_worker(example_models, start_worker, qu
         assert art["parity"]["passed"] and art["latency"]["p50_ms"] > 0 and art["latency"]["source_p50_ms"] > 0
         ort.InferenceSession(f"{job['result']}/{art['path']}", providers=["CPUExecutionProvider"])  # loads
         assert f"Task portq.convert[{job['job_id']}] received" in worker.output()
+    assert "pool process warm in" in worker.output()  # the pool process warmed up once forked (portq.worker.warm)
 
 
 def test_cuda_jobs_go_to_the_gpu_queue_and_fail_without_cuda(example_models, start_worker, queue_db, store_dir):
