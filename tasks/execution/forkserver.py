@@ -11,11 +11,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
+
+from portq.tasks.compat import cpython
+from portq.tasks.compat.cpython import forkserver_pid
 
 #: Imported once by the forkserver, so each step's child starts with torch and the exporters loaded.
 PRELOAD = ("portq.tasks.execution.step_preload",)
@@ -28,9 +30,7 @@ def exercise_on_start() -> None:
     """This process's forkserver, when it starts, also runs the warm-up export (`EXERCISE`, about a second more),
     whoever starts it: the process's warm-up, or a job that arrives first. For a process that warms up ahead of
     its jobs; no effect once the forkserver runs."""
-    import multiprocessing.forkserver as server
-
-    if _pid(server) is None:
+    if forkserver_pid() is None:  # its preload list is fixed once it runs
         forkserver().set_forkserver_preload([*PRELOAD, EXERCISE])
 
 
@@ -60,11 +60,6 @@ def _no_op() -> None:
     pass
 
 
-def _pid(server: Any) -> int | None:
-    """The pid of this process's forkserver, None before it is started (its preload list is fixed then)."""
-    return getattr(getattr(server, "_forkserver", None), "_forkserver_pid", None)
-
-
 #: whether this process has started a step (`stop_if_unused`)
 _STEPS_RUN = False
 
@@ -79,9 +74,7 @@ def stop_if_unused() -> None:
     """Kill this process's forkserver if no step ever ran in it: one started ahead of a command's jobs that all
     turned out to be cache hits would otherwise finish its imports (seconds) after the command, holding the
     command's stdout and stderr, which a caller reading them waits for. Meant as an exit handler."""
-    import multiprocessing.forkserver as server
-
-    pid = _pid(server)
+    pid = forkserver_pid()
     if _STEPS_RUN or not pid:
         return
     try:
@@ -107,14 +100,7 @@ def allow_children(proc: Any) -> None:
     (`step_process._die_with_parent`), so lifting the rule leaves none. The pool child's auth key is billiard's type,
     which refuses to be pickled for a stdlib child; it becomes the stdlib's type, same bytes.
     """
-    from multiprocessing.process import AuthenticationString  # type: ignore[attr-defined]
-
-    for config in (multiprocessing.current_process()._config, proc._config):  # type: ignore[attr-defined]
-        if config.get("daemon"):
-            config["daemon"] = False
-        key = config.get("authkey")
-        if not isinstance(key, AuthenticationString):
-            config["authkey"] = AuthenticationString(bytes(key) if key else os.urandom(32))
+    cpython.allow_children(proc)
 
 
 @contextmanager
@@ -127,25 +113,10 @@ def main_not_reimported() -> Iterator[None]:
     which submitted the batch again and failed the step. So the main module's file and spec are hidden while the
     process starts.
     """
-    main = sys.modules.get("__main__")
-    if main is None:
+    with cpython.main_module_hidden():
         yield
-        return
-    hidden: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(hidden)
 
 
 def in_forkserver() -> bool:
     """Imported by multiprocessing's forkserver, as intended (not by a process that happened to import this)."""
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "main" and frame.f_globals.get("__name__") == "multiprocessing.forkserver":
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return cpython.called_from("multiprocessing.forkserver", "main")

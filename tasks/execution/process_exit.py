@@ -26,6 +26,8 @@ import os
 import sys
 import threading
 
+from portq.tasks.compat.cpython import run_exit_handlers
+
 
 def exit_now(code: object = 0) -> None:
     """Exit with `code` as `sys.exit` would (None: 0; a string is printed to stderr and gives 1)."""
@@ -57,7 +59,7 @@ def _exit_from_handler() -> None:
 
 
 def _end(status: int) -> None:
-    atexit._run_exitfuncs()  # type: ignore[attr-defined]  # CPython's own call at exit; prints what a handler raises
+    run_exit_handlers()  # CPython's own call at exit; prints what a handler raises
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
