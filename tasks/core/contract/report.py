@@ -249,6 +249,12 @@ class ArtifactReport(ReportModel):
     latency: LatencyReport | None = None
     best: bool = Field(False, description="the fastest artifact of its job that passed parity")
 
+    @property
+    def good(self) -> bool:
+        """Converted and passed parity: an artifact a user can serve. The job's `best` is picked among these, and
+        reports and comparisons call such an artifact converting."""
+        return self.status is StepStatus.succeeded and self.parity is not None and self.parity.passed
+
 
 class Failure(ReportModel):
     kind: str
