@@ -115,6 +115,12 @@ class StoreError(PortqError):
 
     kind = "store"
 
+    def transient(self, step: str) -> TransientError:
+        """This failure as the queue's retryable one, at `step` (store, publish): cause and hint kept.
+
+        The one way a job turns storage trouble into a retry: `raise e.transient("store") from e`."""
+        return TransientError(self.cause, step=step, hint=self.hint)
+
 
 class TransientError(PortqError):
     """A failure worth retrying (broker or storage hiccup). The worker retries with backoff."""

@@ -32,8 +32,7 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
 
     Ties go to the earlier artifact in the job's order. None when no artifact qualifies.
     """
-    eligible = [a for a in artifacts if a.status is StepStatus.succeeded and a.parity is not None
-                and a.parity.passed and a.latency is not None]
+    eligible = [a for a in artifacts if a.good and a.latency is not None]
     best = min(eligible, key=lambda a: a.latency.p50_ms if a.latency else 0.0, default=None)
     for a in artifacts:
         a.best = a is best
@@ -134,7 +133,7 @@ def speed_verdict(r: JobReport) -> str | None:
     timed = [a for a in r.artifacts if a.latency is not None and a.status is StepStatus.succeeded]
     if not timed:
         return None
-    passing = [a for a in timed if a.parity is not None and a.parity.passed]
+    passing = [a for a in timed if a.good]
     fastest = max(passing or timed, key=lambda a: a.latency.speedup if a.latency else 0.0)
     assert fastest.latency is not None
     if fastest.latency.speedup >= 1.0:

@@ -12,7 +12,7 @@ import pickle
 from typing import Any
 
 from portq.tasks.core.errors import ModelLoadError, UnsafeModelError, first_line
-from portq.tasks.sources.loading import LoadedModel, LoadRequest
+from portq.tasks.sources.loaded import LoadedModel, LoadRequest, float_equivalent
 from portq.tasks.sources.recipes import find_state_dict, strip_wrapper_prefix
 
 
@@ -33,8 +33,6 @@ def load_torch_save(req: LoadRequest) -> LoadedModel:
             ) from None
         obj = torch.load(str(req.path), map_location="cpu", weights_only=False)
     if isinstance(obj, torch.nn.Module):
-        from portq.tasks.sources.loading import float_equivalent
-
         module, notes = float_equivalent(obj, req.display)
         return LoadedModel(kind="pickled_module", module=module, input_names=_forward_names(obj), notes=notes)
     state = find_state_dict(obj)

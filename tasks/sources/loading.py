@@ -10,35 +10,13 @@ from __future__ import annotations
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from portq.tasks.core.errors import ModelLoadError, first_line
 from portq.tasks.core.registry import Registry
-
-
-@dataclass
-class LoadedModel:
-    """A source model ready to run in eager PyTorch, with what it carries about itself."""
-
-    kind: str
-    module: Any  # torch.nn.Module or ScriptModule: callable on positional tensors
-    input_names: list[str] = field(default_factory=list)
-    example_inputs: tuple[Any, ...] | None = None
-    program: Any = None  # torch.export.ExportedProgram, for .pt2
-    script: Any = None  # torch.jit.ScriptModule, for TorchScript
-    onnx: str | None = None  # the file, for an ONNX source (`portq optimize`)
-    notes: list[str] = field(default_factory=list)  # what loading changed (e.g. the float equivalent), for the report
-
-
-@dataclass
-class LoadRequest:
-    path: Path
-    display: str  # the user's file name, for messages
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    trust_pickle: bool = False
+from portq.tasks.sources.checkpoints import load_safetensors, load_torch_save
+from portq.tasks.sources.loaded import LoadedModel, LoadRequest, float_equivalent
 
 
 Loader = Callable[[LoadRequest], LoadedModel]
@@ -104,7 +82,6 @@ def load_model(req: LoadRequest) -> LoadedModel:
     return model
 
 
-
 def is_onnx(path: Path) -> bool:
     """An ONNX model file (its graph parses and has nodes)."""
     try:
@@ -152,18 +129,6 @@ def _load_torchscript(req: LoadRequest) -> LoadedModel:
                              hint=BAKED_LOOP_HINT)
     script, notes = float_equivalent(script, req.display)
     return LoadedModel(kind="torchscript", module=script, script=script, input_names=names, notes=notes)
-
-
-def float_equivalent(model: Any, display: str) -> tuple[Any, list[str]]:
-    """A dynamically quantized model's float equivalent (and the note saying so); a statically quantized one is
-    refused with why and what to do."""
-    from portq.tasks.sources.dequantize import DequantError
-    from portq.tasks.sources.dequantize import float_equivalent as dequantized
-
-    try:
-        return dequantized(model)
-    except DequantError as e:
-        raise ModelLoadError(str(e), step="load", file=display) from None
 
 
 #: packages whose output classes (pytree nodes, e.g. transformers' ModelOutput) a .pt2 may name; portq
@@ -230,15 +195,5 @@ def _load_exported_program(req: LoadRequest) -> LoadedModel:
                        example_inputs=example)
 
 
-@LOADERS.register("torch_save")
-def _load_torch_save(req: LoadRequest) -> LoadedModel:
-    from portq.tasks.sources.checkpoints import load_torch_save
-
-    return load_torch_save(req)
-
-
-@LOADERS.register("safetensors")
-def _load_safetensors(req: LoadRequest) -> LoadedModel:
-    from portq.tasks.sources.checkpoints import load_safetensors
-
-    return load_safetensors(req)
+LOADERS.add("torch_save", load_torch_save)
+LOADERS.add("safetensors", load_safetensors)

@@ -5,6 +5,7 @@ import pytest
 from portq.tasks.core.contract import (
     SAFE_ID,
     SCHEMAS,
+    ArtifactReport,
     ArtifactRequest,
     ConvertSource,
     FinetuneOptions,
@@ -15,7 +16,9 @@ from portq.tasks.core.contract import (
     JobOptions,
     JobReport,
     JobSpec,
+    ParityReport,
     SourceRef,
+    StepStatus,
     Target,
     json_schema,
     read_versioned,
@@ -203,3 +206,18 @@ def test_published_schemas_match_the_models(filename):
     assert published == json_schema(SCHEMAS[filename]), (
         f"tasks/core/schemas/{filename} is stale: run `python -m portq.tasks.core.schema_files` and bump the "
         "version if a key was removed or changed")
+
+
+@pytest.mark.parametrize("status, passed, good", [
+    (StepStatus.succeeded, True, True),
+    (StepStatus.succeeded, False, False),  # converted, but computes something else
+    (StepStatus.succeeded, None, False),  # no parity check: nothing says it is right
+    (StepStatus.failed, True, False),  # parity passed, then a later stage (latency) failed
+    (StepStatus.skipped, None, False),
+])
+def test_an_artifact_is_good_when_it_converted_and_passed_parity(status, passed, good):
+    parity = None if passed is None else ParityReport(passed=passed, atol=1e-4, rtol=1e-3, samples=1, seed=0,
+                                                      device="cpu", max_abs_err=0.0, max_rel_err=0.0, outputs=[])
+    artifact = ArtifactReport(id="onnx", format="onnx", status=status, parity=parity)
+    assert artifact.good is good
+    assert "good" not in artifact.model_dump()  # decided from the report, never stored in it
