@@ -62,7 +62,8 @@ class OutputFusion(nn.Module):
     """Members that all take the same inputs; each subclass is one method (`method`, its name in
     `portq.tasks.fusion.methods`) and says how its members' outputs combine: `forward` in torch, `reference`
     again in numpy float64 (the report's check that the fused graph computes what its members do together),
-    `check` which outputs it refuses, `build` the module from the method's parameters."""
+    `check` which outputs it refuses, `build` the module from the method's parameters as applied (every one
+    given: the defaults are the method's config's, in `portq.tasks.fusion.methods`, and nowhere else)."""
 
     method = ""
     #: each member's output is the next member's input (nothing to combine outside the graph)
@@ -146,7 +147,7 @@ class Vote(OutputFusion):
 
     @classmethod
     def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
-        tie_break = params.get("tie_break", "probability")
+        tie_break = params["tie_break"]
         if tie_break not in TIE_BREAKS:
             raise FusionError(f"vote: tie_break must be 'probability' or 'lowest-index', got {tie_break!r}")
         return cls(members, names, check_weights(params.get("weights"), len(members), cls.method), tie_break)
@@ -159,7 +160,7 @@ class Vote(OutputFusion):
         return [_numpy_vote([m[0] for m in leaves], self.weights, self.tie_break)], \
             f"a majority vote in numpy (tie break: {self.tie_break})"
 
-    def __init__(self, members: list[Any], names: list[str], weights: list[float], tie_break: str = "probability",
+    def __init__(self, members: list[Any], names: list[str], weights: list[float], tie_break: str,
                  outputs_are_logits: bool = True) -> None:
         super().__init__(members, names)
         self.weights = [float(w) for w in weights]
@@ -211,14 +212,14 @@ class Stack(OutputFusion):
 
     @classmethod
     def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
-        dim = params.get("dim", 1)
+        dim = params["dim"]
         if dim not in (0, 1):
             raise FusionError(f"stack: dim must be 0 or 1, got {dim!r}")
         return cls(members, names, dim)
 
     @classmethod
     def check_leaves(cls, names: list[str], outs: list[Any], params: dict[str, Any]) -> None:
-        dim = int(params.get("dim", 1))
+        dim = int(params["dim"])
         for n, o in zip(names, outs):
             for path, t in output_leaves(o):
                 if t.dim() < dim:
@@ -230,7 +231,7 @@ class Stack(OutputFusion):
         return [np.stack([m[j] for m in leaves], axis=self.dim) for j in range(len(leaves[0]))], \
             f"stacked along dim {self.dim} in numpy"
 
-    def __init__(self, members: list[Any], names: list[str], dim: int = 1) -> None:
+    def __init__(self, members: list[Any], names: list[str], dim: int) -> None:
         super().__init__(members, names)
         self.dim = int(dim)
 
