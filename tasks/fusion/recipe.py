@@ -3,10 +3,10 @@ reproduce script of a fused artifact run, so both hold the same model.
 
 `fuse_members` applies a method (its entry in `methods.FUSION_METHODS`, which calls `output_space` or
 `weight_space`) to loaded members; `finetune_fused` trains the result on the job's device; `fused_source`
-gives the object export recipes take (`.module`, `.script`, `.program`). A fused model whose members include TorchScript archives is
-also traced into TorchScript, since neither torch.export nor the TorchScript-based ONNX exporter take a
-Python module that calls ScriptModules; the trace runs on inputs described by the settings (zeros, or an
-integer input's low end) so a script redoes it without portq's samples.
+gives the object export recipes take (`.module`, `.script`, `.program`). A fused model whose members include
+TorchScript archives is also traced into TorchScript, since neither torch.export nor the TorchScript-based
+ONNX exporter take a Python module that calls ScriptModules; the trace runs on inputs described by the
+settings (zeros, or an integer input's low end) so a script redoes it without portq's samples.
 
 `build_source(settings)` is what a reproduce script calls: it loads each member with `load_model_file`
 (`portq.tasks.sources.recipes`), reads the data files, fuses, fine-tunes and traces as portq did.
