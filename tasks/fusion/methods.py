@@ -2,12 +2,12 @@
 fusion request passes before anything runs.
 
 A method is a `FusionMethod` in `FUSION_METHODS`, keyed by the CLI name (`--method`; an unknown name fails
-with the known ones): its space (output or weight), its one-line summary (the CLI's help, the report), its
-parameters as a frozen config dataclass whose field defaults are the only place a default is written (the
-report records the config as applied), the member rules, and its `apply` function, which fuses loaded
+with the known ones): its space (output or weight), its one-line summary (the CLI's help), its parameters as
+a frozen config dataclass whose field defaults are the only place a default is written (the fusion report
+records the config as applied, in `params`), the member rules, and its `apply` function, which fuses loaded
 members into one module. Nothing else dispatches on a method's name: the fuse builder, the reproduce
 scripts (`portq.tasks.fusion.recipe`), the report and the CLI all read the entry. Adding a method is adding
-one entry here (its config, its apply function, its `FusionMethod`), as `breadcrumbs` at the end shows.
+one entry here (its config, its apply function, its `FusionMethod`), as `breadcrumbs` below shows.
 
 `validate_request` checks a request as the client has it (member count, base, data, parameters) and returns
 the method with its parameters, defaults filled in; the client calls it before uploading anything, and the
