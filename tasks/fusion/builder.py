@@ -10,67 +10,22 @@ not fit. Each such refusal fails the job at step `fuse`, naming the files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from portq.tasks.core.contract import FinetuneReport, FuseMember, FuseSource, JobKind, JobSpec, SourceRef
 from portq.tasks.core.errors import ConfigError, InputError
 from portq.tasks.fusion.data import read_data
-from portq.tasks.fusion.methods import FusionMethod, validate_request
+from portq.tasks.fusion.fused import Data, FusedModel, Member
+from portq.tasks.fusion.methods import validate_request
 from portq.tasks.sources.builders import SOURCE_BUILDERS, SourceBuilder
 from portq.tasks.sources.loading import LoadedModel, LoadRequest, load_model
 from portq.tasks.state.store import Store
-
-if TYPE_CHECKING:
-    import numpy as np
 
 STEP = "fuse"
 #: eval rows the labels are checked on when the job starts (the report scores every row)
 LABEL_CHECK_ROWS = 16
 
-
-@dataclass
-class Member:
-    """One model of the fusion as loaded: its label, its file and how it was loaded."""
-
-    spec: FuseMember
-    loaded: LoadedModel
-    role: str = "member"
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass
-class Data:
-    """An .npz the fusion reads, as arrays."""
-
-    ref: SourceRef
-    inputs: list[np.ndarray]
-    labels: np.ndarray | None
-
-    def tensors(self, rows: int | None = None) -> tuple[tuple[Any, ...], Any]:
-        from portq.tasks.fusion.recipe import tensors_of
-
-        cut = slice(None) if rows is None else slice(0, rows)
-        labels = None if self.labels is None else tensors_of([self.labels[cut]])[0]
-        return tensors_of([a[cut] for a in self.inputs]), labels
-
-
-@dataclass
-class FusedModel(LoadedModel):
-    """The fused source model, with what the report says about how it was made."""
-
-    method: FusionMethod | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    members: list[Member] = field(default_factory=list)
-    base: Member | None = None
-    facts: dict[str, Any] = field(default_factory=dict)  # the method's own account (portq.tasks.fusion.recipe)
-    eval_data: Data | None = None
-    finetune: FinetuneReport | None = None
-    device: str = "cpu"
-    trace_example: list[dict[str, Any]] | None = None
+__all__ = ["Data", "FusedModel", "Member", "build_fused", "script_settings", "trace_example"]
 
 
 def _files(source: FuseSource) -> str:
@@ -209,14 +164,16 @@ def script_settings(spec: JobSpec, model: LoadedModel, store: Store) -> dict[str
 
 
 def _script_modules() -> tuple[Any, ...]:
-    from portq.tasks.fusion import arrays, output_space, recipe, training, validation, weight_space
+    from portq.tasks.core import registry
+    from portq.tasks.fusion import arrays, methods, output_space, recipe, training, validation, weight_space
     from portq.tasks.sources import dequantize, recipes
 
-    return (dequantize, recipes, arrays, validation, training, output_space, weight_space, recipe)
+    return (dequantize, recipes, arrays, validation, training, output_space, weight_space, registry, methods,
+            recipe)
 
 
 def _annotate(spec: JobSpec, model: LoadedModel, evidence: Any) -> dict[str, Any]:
-    from portq.tasks.fusion.comparison import fusion_report
+    from portq.tasks.fusion.comparison import fusion_report  # numpy's report code: imported when a report is made
 
     assert isinstance(model, FusedModel)
     return {"fusion": fusion_report(spec, model, evidence)}

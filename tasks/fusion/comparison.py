@@ -25,50 +25,17 @@ from portq.tasks.core.errors import first_line
 
 if TYPE_CHECKING:
     from portq.tasks.checks.evidence import SourceEvidence
-    from portq.tasks.fusion.builder import FusedModel, Member
+    from portq.tasks.fusion.fused import FusedModel, Member
 
 NamedArrays = list[tuple[str, np.ndarray]]
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _vote(outs: list[np.ndarray], weights: list[float], tie_break: str) -> np.ndarray:
-    """The documented vote, written again over numpy arrays: weighted argmax counts, ties within the
-    tolerance broken by the summed probability (or the lowest index), then the lowest index."""
-    from portq.tasks.fusion.output_space import VOTE_TIE_TOL
-
-    n, c = outs[0].shape
-    votes = np.zeros((n, c))
-    probs = np.zeros((n, c))
-    for w, out in zip(weights, outs):
-        votes[np.arange(n), out.argmax(axis=1)] += w
-        probs += w * _softmax(out.astype(np.float64))
-    tied = votes >= votes.max(axis=1, keepdims=True) - VOTE_TIE_TOL
-    key = np.where(tied, probs, -np.inf) if tie_break == "probability" else tied.astype(np.float64)
-    return key.argmax(axis=1).astype(np.int64)
-
-
-def _combine(method: str, module: Any, outs: list[NamedArrays]) -> tuple[NamedArrays, str]:
-    """The members' outputs (flattened, per member) combined as `method` says, and how."""
+def _combine(module: Any, outs: list[NamedArrays]) -> tuple[NamedArrays, str]:
+    """The members' outputs (flattened, per member) combined as the fused module's method says, in numpy
+    (`OutputFusion.reference`), and how."""
     names = [n for n, _ in outs[0]]
-    leaves = [[a.astype(np.float64) for _, a in member] for member in outs]
-    if method == "ensemble":
-        w = list(module.weights)
-        combined = [sum(wi * member[j] for wi, member in zip(w, leaves)) for j in range(len(names))]
-        return list(zip(names, combined)), f"the weighted mean in numpy float64 (weights {[round(x, 6) for x in w]})"
-    if method == "vote":
-        votes = _vote([member[0] for member in leaves], list(module.weights), module.tie_break)
-        return [(names[0], votes)], f"a majority vote in numpy (tie break: {module.tie_break})"
-    if method == "concat":
-        return [(n, np.concatenate([m[j] for m in leaves], axis=-1)) for j, n in enumerate(names)], \
-            "concatenated along the last dim in numpy"
-    if method == "stack":
-        return [(n, np.stack([m[j] for m in leaves], axis=module.dim)) for j, n in enumerate(names)], \
-            f"stacked along dim {module.dim} in numpy"
-    raise ValueError(method)
+    combined, how = module.reference([[a.astype(np.float64) for _, a in member] for member in outs])
+    return list(zip(names, combined)), how
 
 
 def _chain_outputs(module: Any, sample: list[np.ndarray], device: str) -> NamedArrays:
@@ -89,16 +56,15 @@ def combine_check(spec: JobSpec, model: FusedModel, evidence: SourceEvidence) ->
     from portq.tasks.checks.runners import TorchRunner, call
     from portq.tasks.checks.tolerances import resolve
 
-    assert model.method is not None
-    method, module, device = model.method.name, model.module, evidence.device
+    module, device = model.module, evidence.device
     checks: dict[str, Any] = {}
     worst, how = 0.0, "each member's output handed to the next member, one call at a time"
     for i, (sample, reference) in enumerate(zip(evidence.samples, evidence.reference)):
-        if method == "chain":
+        if module.hands_over:
             combined = _chain_outputs(module, sample, device)
         else:
             outs = [call(TorchRunner(m, device), sample) for m in module.members]
-            combined, how = _combine(method, module, outs)
+            combined, how = _combine(module, outs)
         for (name, ref), (_, got) in zip(reference, combined):
             check = checks.setdefault(name, output_check(resolve(spec.options.tolerance, evidence.precision, name)))
             errors = check.add(ref, got.astype(ref.dtype) if ref.dtype.kind in "iub" else got, i)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 from portq.tasks.fusion.validation import (
     FusionError,
@@ -38,8 +39,54 @@ VOTE_TIE_TOL = 1e-6  # votes are shares of the total (normalised) weight: roundi
 TIE_BREAKS = ("probability", "lowest-index")
 
 
+def _numpy_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _numpy_vote(outs: list[np.ndarray], weights: list[float], tie_break: str) -> np.ndarray:
+    """The documented vote, written again over numpy arrays: weighted argmax counts, ties within the
+    tolerance broken by the summed probability (or the lowest index), then the lowest index."""
+    n, c = outs[0].shape
+    votes = np.zeros((n, c))
+    probs = np.zeros((n, c))
+    for w, out in zip(weights, outs):
+        votes[np.arange(n), out.argmax(axis=1)] += w
+        probs += w * _numpy_softmax(out.astype(np.float64))
+    tied = votes >= votes.max(axis=1, keepdims=True) - VOTE_TIE_TOL
+    key = np.where(tied, probs, -np.inf) if tie_break == "probability" else tied.astype(np.float64)
+    return key.argmax(axis=1).astype(np.int64)
+
+
 class OutputFusion(nn.Module):
-    """Members that all take the same inputs; subclasses say how their outputs combine."""
+    """Members that all take the same inputs; each subclass is one method (`method`, its name in
+    `portq.tasks.fusion.methods`) and says how its members' outputs combine: `forward` in torch, `reference`
+    again in numpy float64 (the report's check that the fused graph computes what its members do together),
+    `check` which outputs it refuses, `build` the module from the method's parameters as applied (every one
+    given: the defaults are the method's config's, in `portq.tasks.fusion.methods`, and nowhere else)."""
+
+    method = ""
+    #: each member's output is the next member's input (nothing to combine outside the graph)
+    hands_over = False
+
+    @classmethod
+    def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
+        return cls(members, names)
+
+    @classmethod
+    def check(cls, names: list[str], members: list[Any], args: tuple[Any, ...], params: dict[str, Any]) -> None:
+        """Run every member once on `args` and refuse outputs this method cannot combine."""
+        outs = _run_members(cls.method, names, members, args)
+        _same_structure(cls.method, names, outs)
+        cls.check_leaves(names, outs, params)
+
+    @classmethod
+    def check_leaves(cls, names: list[str], outs: list[Any], params: dict[str, Any]) -> None:
+        pass
+
+    def reference(self, leaves: list[list[np.ndarray]]) -> tuple[list[np.ndarray], str]:
+        """The members' flattened outputs (float64, per member) combined in numpy, and how."""
+        raise NotImplementedError(self.method)
 
     def __init__(self, members: list[Any], names: list[str]) -> None:
         super().__init__()
@@ -56,6 +103,22 @@ class OutputFusion(nn.Module):
 
 class Ensemble(OutputFusion):
     """The weighted mean of the members' outputs, leaf by leaf; the weights sum to 1."""
+
+    method = "ensemble"
+
+    @classmethod
+    def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
+        return cls(members, names, check_weights(params.get("weights"), len(members), cls.method))
+
+    @classmethod
+    def check_leaves(cls, names: list[str], outs: list[Any], params: dict[str, Any]) -> None:
+        _floating(cls.method, names, outs)
+        _leaf_shapes(cls.method, names, outs, lambda a, b: a.shape == b.shape, "ensemble needs identical output "
+                     "shapes")
+
+    def reference(self, leaves: list[list[np.ndarray]]) -> tuple[list[np.ndarray], str]:
+        combined = [sum(w * member[j] for w, member in zip(self.weights, leaves)) for j in range(len(leaves[0]))]
+        return combined, f"the weighted mean in numpy float64 (weights {[round(x, 6) for x in self.weights]})"
 
     def __init__(self, members: list[Any], names: list[str], weights: list[float]) -> None:
         super().__init__(members, names)
@@ -80,7 +143,24 @@ class Vote(OutputFusion):
     torch and in ONNX. No data-dependent Python control flow, so it exports as one graph.
     """
 
-    def __init__(self, members: list[Any], names: list[str], weights: list[float], tie_break: str = "probability",
+    method = "vote"
+
+    @classmethod
+    def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
+        tie_break = params["tie_break"]
+        if tie_break not in TIE_BREAKS:
+            raise FusionError(f"vote: tie_break must be 'probability' or 'lowest-index', got {tie_break!r}")
+        return cls(members, names, check_weights(params.get("weights"), len(members), cls.method), tie_break)
+
+    @classmethod
+    def check(cls, names: list[str], members: list[Any], args: tuple[Any, ...], params: dict[str, Any]) -> None:
+        _check_vote(names, _run_members(cls.method, names, members, args))
+
+    def reference(self, leaves: list[list[np.ndarray]]) -> tuple[list[np.ndarray], str]:
+        return [_numpy_vote([m[0] for m in leaves], self.weights, self.tie_break)], \
+            f"a majority vote in numpy (tie break: {self.tie_break})"
+
+    def __init__(self, members: list[Any], names: list[str], weights: list[float], tie_break: str,
                  outputs_are_logits: bool = True) -> None:
         super().__init__(members, names)
         self.weights = [float(w) for w in weights]
@@ -109,6 +189,18 @@ class Vote(OutputFusion):
 class Concat(OutputFusion):
     """The members' outputs concatenated along the last dim, leaf by leaf."""
 
+    method = "concat"
+
+    @classmethod
+    def check_leaves(cls, names: list[str], outs: list[Any], params: dict[str, Any]) -> None:
+        _leaf_shapes(cls.method, names, outs, lambda a, b: a.dim() == b.dim() and a.dim() >= 1
+                     and a.shape[:-1] == b.shape[:-1],
+                     "concat along the last dim needs the same rank and all other dims equal")
+
+    def reference(self, leaves: list[list[np.ndarray]]) -> tuple[list[np.ndarray], str]:
+        return [np.concatenate([m[j] for m in leaves], axis=-1) for j in range(len(leaves[0]))], \
+            "concatenated along the last dim in numpy"
+
     def forward(self, *args: Any) -> Any:
         return combine_leaves([m(*args) for m in self.members], lambda xs: torch.cat(xs, dim=-1))
 
@@ -116,7 +208,30 @@ class Concat(OutputFusion):
 class Stack(OutputFusion):
     """The members' outputs stacked along a new dim: 1 by default, (N, M, ...), so the batch stays dim 0."""
 
-    def __init__(self, members: list[Any], names: list[str], dim: int = 1) -> None:
+    method = "stack"
+
+    @classmethod
+    def build(cls, members: list[Any], names: list[str], params: dict[str, Any]) -> OutputFusion:
+        dim = params["dim"]
+        if dim not in (0, 1):
+            raise FusionError(f"stack: dim must be 0 or 1, got {dim!r}")
+        return cls(members, names, dim)
+
+    @classmethod
+    def check_leaves(cls, names: list[str], outs: list[Any], params: dict[str, Any]) -> None:
+        dim = int(params["dim"])
+        for n, o in zip(names, outs):
+            for path, t in output_leaves(o):
+                if t.dim() < dim:
+                    raise FusionError(f"stack: member {n!r} output{path} has shape {tensor_shape(t)}; cannot "
+                                      f"stack along dim {dim}")
+        _leaf_shapes(cls.method, names, outs, lambda a, b: a.shape == b.shape, "stack needs identical output shapes")
+
+    def reference(self, leaves: list[list[np.ndarray]]) -> tuple[list[np.ndarray], str]:
+        return [np.stack([m[j] for m in leaves], axis=self.dim) for j in range(len(leaves[0]))], \
+            f"stacked along dim {self.dim} in numpy"
+
+    def __init__(self, members: list[Any], names: list[str], dim: int) -> None:
         super().__init__(members, names)
         self.dim = int(dim)
 
@@ -136,6 +251,13 @@ def call_next(module: Any, out: Any) -> Any:
 
 class Chain(OutputFusion):
     """members[0](*inputs), then each next member on the previous one's output."""
+
+    method = "chain"
+    hands_over = True
+
+    @classmethod
+    def check(cls, names: list[str], members: list[Any], args: tuple[Any, ...], params: dict[str, Any]) -> None:
+        _check_chain(names, members, args)
 
     def forward(self, *args: Any) -> Any:
         out = self.members[0](*args)
@@ -244,64 +366,27 @@ def _check_chain(names: list[str], items: list[Any], args: tuple[Any, ...]) -> N
         out = nxt
 
 
+def fusion_class(method: str) -> type[OutputFusion]:
+    """The OutputFusion subclass that implements `method`."""
+    for cls in OutputFusion.__subclasses__():
+        if cls.method == method:
+            return cls
+    raise FusionError(f"{method} is not an output-space fusion method")
+
+
 def check_outputs(method: str, members: Any, example_inputs: Any, params: dict[str, Any] | None = None,
                   names: list[str] | None = None) -> None:
     """Run every member once on `example_inputs` and refuse outputs `method` cannot combine."""
-    params = params or {}
     names, items = named_members(members, names, method)
     for n, m in zip(names, items):
         if not isinstance(m, nn.Module):
             raise FusionError(f"{method}: member {n!r} is not a torch.nn.Module (got {type(m).__name__})")
     args = as_args(example_inputs, f"{method}: example inputs")
-    if method == "chain":
-        _check_chain(names, items, args)
-        return
-    outs = _run_members(method, names, items, args)
-    if method == "vote":
-        _check_vote(names, outs)
-        return
-    _same_structure(method, names, outs)
-    if method == "ensemble":
-        _floating(method, names, outs)
-        _leaf_shapes(method, names, outs, lambda a, b: a.shape == b.shape, "ensemble needs identical output shapes")
-    elif method == "concat":
-        _leaf_shapes(method, names, outs, lambda a, b: a.dim() == b.dim() and a.dim() >= 1
-                     and a.shape[:-1] == b.shape[:-1],
-                     "concat along the last dim needs the same rank and all other dims equal")
-    elif method == "stack":
-        dim = int(params.get("dim", 1))
-        for n, o in zip(names, outs):
-            for path, t in output_leaves(o):
-                if t.dim() < dim:
-                    raise FusionError(f"stack: member {n!r} output{path} has shape {tensor_shape(t)}; cannot "
-                                      f"stack along dim {dim}")
-        _leaf_shapes(method, names, outs, lambda a, b: a.shape == b.shape, "stack needs identical output shapes")
-    else:
-        raise FusionError(f"{method} is not an output-space fusion method")
+    fusion_class(method).check(names, items, args, params or {})
 
 
 def build_output_fusion(method: str, members: Any, params: dict[str, Any] | None = None,
                         names: list[str] | None = None) -> OutputFusion:
     """The fused module (eval mode); it holds the members themselves, not copies."""
-    params = params or {}
     names, items = named_members(members, names, method)
-    module: OutputFusion
-    if method == "ensemble":
-        module = Ensemble(items, names, check_weights(params.get("weights"), len(items), method))
-    elif method == "vote":
-        tie_break = params.get("tie_break", "probability")
-        if tie_break not in TIE_BREAKS:
-            raise FusionError(f"vote: tie_break must be 'probability' or 'lowest-index', got {tie_break!r}")
-        module = Vote(items, names, check_weights(params.get("weights"), len(items), method), tie_break)
-    elif method == "concat":
-        module = Concat(items, names)
-    elif method == "stack":
-        dim = params.get("dim", 1)
-        if dim not in (0, 1):
-            raise FusionError(f"stack: dim must be 0 or 1, got {dim!r}")
-        module = Stack(items, names, dim)
-    elif method == "chain":
-        module = Chain(items, names)
-    else:
-        raise FusionError(f"{method} is not an output-space fusion method")
-    return module.eval()
+    return fusion_class(method).build(items, names, params or {}).eval()

@@ -1,12 +1,12 @@
 """A fused model from its members, in plain torch: the one code path portq's fuse builder and every
 reproduce script of a fused artifact run, so both hold the same model.
 
-`fuse_members` applies a method (output space: `output_space`; weight space: `weight_space`) to loaded
-members; `finetune_fused` trains the result on the job's device; `fused_source` gives the object export
-recipes take (`.module`, `.script`, `.program`). A fused model whose members include TorchScript archives is
-also traced into TorchScript, since neither torch.export nor the TorchScript-based ONNX exporter take a
-Python module that calls ScriptModules; the trace runs on inputs described by the settings (zeros, or an
-integer input's low end) so a script redoes it without portq's samples.
+`fuse_members` applies a method (its entry in `methods.FUSION_METHODS`, which calls `output_space` or
+`weight_space`) to loaded members; `finetune_fused` trains the result on the job's device; `fused_source`
+gives the object export recipes take (`.module`, `.script`, `.program`). A fused model whose members include
+TorchScript archives is also traced into TorchScript, since neither torch.export nor the TorchScript-based
+ONNX exporter take a Python module that calls ScriptModules; the trace runs on inputs described by the
+settings (zeros, or an integer input's low end) so a script redoes it without portq's samples.
 
 `build_source(settings)` is what a reproduce script calls: it loads each member with `load_model_file`
 (`portq.tasks.sources.recipes`), reads the data files, fuses, fine-tunes and traces as portq did.
@@ -21,14 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from portq.tasks.fusion.arrays import read_arrays
-from portq.tasks.fusion.output_space import build_output_fusion, check_outputs, with_input_names
+from portq.tasks.fusion.methods import FUSION_METHODS, FusionInputs
 from portq.tasks.fusion.training import finetune
 from portq.tasks.fusion.validation import FusionError
-from portq.tasks.fusion.weight_space import greedy_soup, load_merged, slerp, soup, task_arithmetic, ties
 from portq.tasks.sources.recipes import load_model_file
 
-OUTPUT_METHODS = ("ensemble", "vote", "concat", "stack", "chain")
-WEIGHT_METHODS = ("soup", "greedy-soup", "slerp", "task-arithmetic", "ties")
 #: rows per calibration batch (BatchNorm statistics are averaged over the batches)
 CALIBRATION_BATCH = 256
 
@@ -48,43 +45,16 @@ def fuse_members(method: str, members: list[tuple[str, Any]], params: dict[str, 
                  base: tuple[str, Any] | None = None, eval_data: tuple[Any, Any] | None = None,
                  calibration: list[tuple[Any, ...]] | None = None, example: tuple[Any, ...] | None = None,
                  input_names: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
-    """The fused module (eval mode, on the CPU) and the method's facts (what it did, for the report).
+    """The fused module (eval mode, on the CPU) and the method's facts (what it did, for the report), by the
+    method's own apply function (`portq.tasks.fusion.methods`), with `params` as applied.
 
     Output-space methods hold the members themselves; `example` (inputs for one call) checks that their
     outputs combine, and `input_names` become the fused forward's parameters. Weight-space methods return a
-    copy of the first member (of the base for task-arithmetic and ties) holding the merged weights.
+    copy of the first member (of the base, for the methods that take one) holding the merged weights.
     """
-    names = [n for n, _ in members]
-    modules = [m for _, m in members]
-    if method in OUTPUT_METHODS:
-        if example is not None:
-            check_outputs(method, modules, example, params, names)
-        module = with_input_names(build_output_fusion(method, modules, params, names), input_names or [])
-        facts: dict[str, Any] = {"method": method, "names": names, "notes": []}
-        if hasattr(module, "weights"):
-            facts["weights"] = list(module.weights)
-        return module, facts
-    weights = params.get("weights")
-    if method == "soup":
-        state, facts = soup(modules, weights=weights, calibration_inputs=calibration, names=names)
-    elif method == "greedy-soup":
-        inputs, labels = eval_data if eval_data is not None else (None, None)
-        state, facts = greedy_soup(modules, inputs, labels, metric=params.get("metric"),
-                                   strict=bool(params.get("strict", False)), calibration_inputs=calibration,
-                                   names=names)
-    elif method == "slerp":
-        state, facts = slerp(modules, params.get("t", 0.5), calibration_inputs=calibration, names=names)
-    elif method in ("task-arithmetic", "ties"):
-        if base is None:
-            raise FusionError(f"{method}: needs a base model (base=...) to compute task vectors")
-        merge = task_arithmetic if method == "task-arithmetic" else ties
-        extra = {"density": params.get("density", 0.2)} if method == "ties" else {}
-        state, facts = merge(modules, base=base[1], base_name=base[0], weights=weights,
-                             scale=params.get("scale", 1.0), calibration_inputs=calibration, names=names, **extra)
-    else:
-        raise FusionError(f"unknown fusion method {method!r}; known: {', '.join(OUTPUT_METHODS + WEIGHT_METHODS)}")
-    template = base[1] if base is not None and method in ("task-arithmetic", "ties") else modules[0]
-    return load_merged(template, state), facts
+    inputs = FusionInputs(names=[n for n, _ in members], modules=[m for _, m in members], base=base,
+                          eval_data=eval_data, calibration=calibration, example=example, input_names=input_names)
+    return FUSION_METHODS.get(method).fuse(inputs, params)
 
 
 def finetune_fused(module: Any, data: tuple[Any, Any], options: dict[str, Any], device: str) -> tuple[str, list[float]]:

@@ -12,6 +12,9 @@
   to its top-`density` entries by magnitude per tensor, the sign elected by the sum, the agreeing entries
   averaged with their weights, then base + scale * that.
 
+A method's tuning parameters (slerp's t, ties' density) have no default here: the defaults are its config's
+in `portq.tasks.fusion.methods`; equal weights and scale 1 are the formulas' identity.
+
 Every method is deterministic: float64 arithmetic in a fixed member order, cast back to the first member's
 (or the base's) dtype; integer tensors (BatchNorm's num_batches_tracked) come from the first member, the
 best-scoring one, or the base. BatchNorm running statistics are merged like the other tensors, or
@@ -284,7 +287,7 @@ def slerp_tensor(t: float, a: Any, b: Any, dot_threshold: float = DOT_THRESHOLD,
     return torch.from_numpy(np.ascontiguousarray(res).reshape(tuple(a.shape))).to(a.dtype), lerp
 
 
-def slerp(members: Any, t: float = 0.5, *, dot_threshold: float = DOT_THRESHOLD, eps: float = SLERP_EPS,
+def slerp(members: Any, t: float, *, dot_threshold: float = DOT_THRESHOLD, eps: float = SLERP_EPS,
           calibration_inputs: Any = None, template: Any = None,
           names: list[str] | None = None) -> tuple[StateDict, dict[str, Any]]:
     """Spherical interpolation of two models per tensor: t=0 gives the first, t=1 the second."""
@@ -369,7 +372,7 @@ def trim_magnitude(delta: Any, density: float) -> Any:
     return (flat * mask).reshape(delta.shape)
 
 
-def ties(members: Any, *, base: Any = None, density: float = 0.2, weights: Any = None, scale: float = 1.0,
+def ties(members: Any, *, base: Any = None, density: float, weights: Any = None, scale: float = 1.0,
          calibration_inputs: Any = None, template: Any = None, names: list[str] | None = None,
          base_name: str = "base") -> tuple[StateDict, dict[str, Any]]:
     """TIES-merging with mergekit's semantics, per floating tensor: task vectors trimmed to their top

@@ -6,8 +6,6 @@ rendered twice: as Markdown below and as HTML in `portq.tasks.reports.html`, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from portq.tasks.core.contract import (
     ArtifactReport,
     BatchReport,
@@ -21,10 +19,9 @@ from portq.tasks.core.contract import (
     Timing,
     ToleranceMode,
 )
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-2 else f"{x:.{digits}f}"
+from portq.tasks.reports import fusion
+from portq.tasks.reports.facts import Fact
+from portq.tasks.reports.facts import fmt as _fmt
 
 
 def mark_best(artifacts: list[ArtifactReport]) -> str | None:
@@ -82,16 +79,6 @@ TIMING_COLUMNS = ["", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms"
 
 
 # ----------------------------------------------------------- the job report's content, shared by both renderers
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One line of a report: `label: value`."""
-
-    label: str
-    value: str
-    strong: bool = False  # the line's point (status, best pick): bold
-    bad: bool = False  # something went wrong: shown as a failure
 
 
 def size_text(n: int) -> str:
@@ -345,8 +332,6 @@ def job_markdown(r: JobReport) -> str:
 
 def fusion_markdown(f: FusionReport) -> list[str]:
     """The fusion section's Markdown lines (content in `portq.tasks.reports.fusion`)."""
-    from portq.tasks.reports import fusion
-
     out = ["## fusion", "", *_md_facts(fusion.fusion_facts(f)), "",
            markdown_table(fusion.MEMBER_COLUMNS, fusion.member_rows(f)), ""]
     if f.greedy_steps:

@@ -7,7 +7,8 @@ fusion computes what its members do together, BatchNorm statistics, and the fine
 from __future__ import annotations
 
 from portq.tasks.core.contract import FusionMemberReport, FusionReport
-from portq.tasks.reports.content import Fact, _fmt
+from portq.tasks.reports.facts import Fact
+from portq.tasks.reports.facts import fmt as _fmt
 
 MEMBER_COLUMNS = ["model", "file", "role", "score", "kept", "max abs diff to fused", "mean abs diff",
                   "top-1 agreement"]

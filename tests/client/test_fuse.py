@@ -32,8 +32,8 @@ def env(store_dir):
 REFUSALS = [  # (arguments after the member files, how many members, the message after "[error] [step fuse] ")
     (["--method", "soup"], 1, "soup: needs at least 2 models, got 1"),
     (["--method", "slerp"], 3, "slerp: needs exactly 2 models, got 3"),
-    (["--method", "blend"], 2, "unknown fusion method 'blend'; known: chain, concat, ensemble, greedy-soup, slerp, "
-                               "soup, stack, task-arithmetic, ties, vote"),
+    (["--method", "blend"], 2, "unknown fusion method 'blend'; known: breadcrumbs, chain, concat, ensemble, "
+                               "greedy-soup, slerp, soup, stack, task-arithmetic, ties, vote"),
     (["--method", "ensemble", "--weights", "1,2,3"], 2, "ensemble: got 3 weights for 2 members"),
     (["--method", "soup", "--weights", "1,-1"], 2, "soup: weights must sum to a positive value, got sum 0.0"),
     (["--method", "soup", "--weights", "1,x"], 2, "--weights '1,x' is not a comma-separated list of numbers, e.g. "

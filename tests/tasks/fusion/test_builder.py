@@ -54,6 +54,7 @@ CASES = {  # method -> (members (from the fine-tunes), extra request)
     "slerp": (2, {"params": {"t": 0.3}}),
     "task-arithmetic": (2, {"base": True, "params": {"scale": 0.8}}),
     "ties": (3, {"base": True, "params": {"density": 0.5}}),
+    "breadcrumbs": (2, {"base": True, "params": {"density": 0.8, "gamma": 0.1}}),
 }
 
 
@@ -112,7 +113,7 @@ def test_every_method_fuses_converts_and_reports(method, files, tmp_path):
         assert fusion.metric == "accuracy" and fusion.soup_score is not None and fusion.greedy_steps
         assert fusion.fused_score == pytest.approx(fusion.soup_score)
         assert all(m.score is not None and m.kept is not None for m in fusion.members)
-    if method in ("task-arithmetic", "ties"):
+    if FUSION_METHODS.get(method).needs_base:
         assert fusion.base.name == "base0.pt" and fusion.base.max_abs_diff is not None
     text = open(f"{report.result}/report.md").read()
     assert "## fusion" in text and f"- method: **{method}, " in text

@@ -14,8 +14,8 @@ def test_every_registered_method_has_a_small_model_job():
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(UnknownNameError) as e:
         validate_request("blend", 2, {})
-    assert e.value.message == ("[step fuse] unknown fusion method 'blend'; known: chain, concat, ensemble, "
-                               "greedy-soup, slerp, soup, stack, task-arithmetic, ties, vote")
+    assert e.value.message == ("[step fuse] unknown fusion method 'blend'; known: breadcrumbs, chain, concat, "
+                               "ensemble, greedy-soup, slerp, soup, stack, task-arithmetic, ties, vote")
 
 
 def test_defaults_are_filled_in_and_weights_normalised_where_the_method_does():
@@ -40,14 +40,14 @@ def test_defaults_are_filled_in_and_weights_normalised_where_the_method_does():
     ("greedy-soup", 2, {}, {}, "greedy-soup: needs --eval-data (an .npz of inputs and labels) to score the members"),
     ("ties", 2, {}, {}, "ties: needs a base model (--base BASE) to compute task vectors"),
     ("task-arithmetic", 2, {}, {}, "task-arithmetic: needs a base model (--base BASE) to compute task vectors"),
-    ("soup", 2, {}, {"base": True}, "soup: takes no --base (task-arithmetic and ties do)"),
+    ("soup", 2, {}, {"base": True}, "soup: takes no --base (task-arithmetic, ties and breadcrumbs do)"),
     ("slerp", 2, {"t": 1.5}, {}, "slerp: --t must be in [0, 1], got 1.5"),
     ("ties", 2, {"density": 0.0}, {"base": True}, "ties: --density must be in (0, 1], got 0.0"),
     ("ties", 2, {"density": 1.2}, {"base": True}, "ties: --density must be in (0, 1], got 1.2"),
     ("stack", 2, {"dim": 2}, {}, "stack: --dim: Input should be 0 or 1"),
     ("soup", 2, {"metric": "accuracy"}, {}, "soup: --metric needs --eval-data (the data it is measured on)"),
     ("ensemble", 2, {}, {"calibration": True}, "ensemble: takes no --calibration (BatchNorm statistics are "
-     "recomputed by the weight-space methods: soup, greedy-soup, slerp, task-arithmetic, ties)"),
+     "recomputed by the weight-space methods: soup, greedy-soup, slerp, task-arithmetic, ties, breadcrumbs)"),
     ("vote", 2, {}, {"finetune": True}, "vote: cannot be fine-tuned: its output (class indices) has no gradient; "
      "fine-tune the members first, or use --method ensemble"),
 ])

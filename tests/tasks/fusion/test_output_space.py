@@ -1,12 +1,14 @@
 """Output-space fusion against running the members one by one; one graph in torch.export, TorchScript and ONNX."""
 
 import copy
+import dataclasses
 import inspect
 import re
 
 import numpy as np
 import pytest
 import torch
+from portq.tasks.fusion.methods import FUSION_METHODS
 from portq.tasks.fusion.output_space import build_output_fusion, check_outputs, with_input_names
 from portq.tasks.fusion.validation import FusionError
 from torch import nn
@@ -14,7 +16,8 @@ from torch import nn
 from tests.tasks.fusion.helpers import Slice, TwoHead, X, bn_net, mlp, raises, ref_vote
 
 
-def fuse(method, members, example=X, names=None, **params):
+def fuse(method, members, example=X, names=None, **given):
+    params = dataclasses.asdict(FUSION_METHODS.get(method).configure(given))  # the method's defaults filled in
     check_outputs(method, members, example, params, names)
     return build_output_fusion(method, members, params, names)
 

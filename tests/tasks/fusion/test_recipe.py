@@ -38,7 +38,7 @@ def _onnx_outputs(path: str, samples: list[np.ndarray]) -> list[np.ndarray]:
     return [session.run(None, {"x": s})[0] for s in samples]
 
 
-@pytest.mark.parametrize("case", ["ties+finetune", "vote of TorchScript"])
+@pytest.mark.parametrize("case", ["ties+finetune", "vote of TorchScript", "breadcrumbs"])
 def test_the_script_rebuilds_the_same_fused_model_and_passes_parity(case, tmp_path):
     torch.manual_seed(0)
     base = SmallNet(bn=True).eval()
@@ -50,6 +50,10 @@ def test_the_script_rebuilds_the_same_fused_model_and_passes_parity(case, tmp_pa
         spec = fuse_spec(store, paths[1:], "ties", base=paths[0], params={"density": 0.5},
                          calibration=save_data(tmp_path / "calib.npz", x),
                          finetune={"data": save_data(tmp_path / "tune.npz", x, y), "epochs": 3, "lr": 0.01},
+                         load={"arch": ARCH, "arch_kwargs": {"bn": True}})
+    elif case == "breadcrumbs":  # the method added as one entry in methods.py: its script needs nothing else
+        paths = save_state_dicts(tmp_path / "m", [base, *fine_tunes(base, 2)])
+        spec = fuse_spec(store, paths[1:], "breadcrumbs", base=paths[0], params={"density": 0.7, "gamma": 0.1},
                          load={"arch": ARCH, "arch_kwargs": {"bn": True}})
     else:  # an output-space fusion of TorchScript members: traced into one TorchScript module first
         paths = save_scripts(tmp_path / "m", fine_tunes(SmallNet().eval(), 3), torch.randn(6, 4))

@@ -247,7 +247,7 @@ def test_architecture_mismatch_names_the_parameter_and_both_shapes():
         W.soup({"A": a, "C": c})
     with raises("ties: architecture mismatch: parameter 'fc.weight' has shape (3, 4) in 'base' but (3, 5) in "
                 "'member1'"):
-        W.ties([a, b], base=a)
+        W.ties([a, b], base=a, density=0.2)
     with raises("slerp: architecture mismatch: parameter 'weight' has shape (3, 4) in 'member0' but (2, 4) in "
                 "'member1'"):
         W.slerp([nn.Linear(4, 3), nn.Linear(4, 2)], 0.5)
@@ -260,17 +260,17 @@ def test_counts_weights_and_ranges():
     with raises("slerp: needs exactly 2 models, got 3"):
         W.slerp([a, b, c], 0.5)
     with raises("ties: needs at least 1 fine-tuned member besides the base, got 0"):
-        W.ties([], base=a)
+        W.ties([], base=a, density=0.2)
     with raises("soup: got 3 weights for 2 members"):
         W.soup([a, b], weights=[1, 1, 1])
     with raises("soup: weights must sum to a positive value, got sum 0.0"):
         W.soup([a, b], weights=[1, -1])
     with raises("ties: weights must sum to a positive value, got sum 0.0"):
-        W.ties([b, c], base=a, weights=[0, 0])
+        W.ties([b, c], base=a, density=0.2, weights=[0, 0])
     with raises("greedy-soup: needs eval data (inputs and labels) to score the members"):
         W.greedy_soup([a, b])
     with raises("ties: needs a base model (base=...) to compute task vectors"):
-        W.ties([a, b])
+        W.ties([a, b], density=0.2)
     with raises("task-arithmetic: needs a base model (base=...) to compute task vectors"):
         W.task_arithmetic([a, b])
     with raises("slerp: t must be in [0, 1], got 1.5"):
