@@ -228,7 +228,7 @@ def test_a_file_at_another_opset_than_asked_is_not_the_artifact(tmp_path: Path) 
     with only a warning (seen on the example ConvNet): such a file fails its route, and the ladder goes on."""
     import onnx
     from onnx import helper
-    from portq.tasks.formats.onnx import _finish
+    from portq.tasks.formats.onnx.handler import _finish
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
