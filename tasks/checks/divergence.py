@@ -12,8 +12,6 @@ Localisation is a diagnosis: it never fails the job. This module never imports a
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from portq.tasks.checks.evidence import SourceEvidence
 from portq.tasks.core.contract import Divergence, ParityReport, Tolerance
 from portq.tasks.core.errors import first_line
+
 
 @dataclass
 class Candidate:

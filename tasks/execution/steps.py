@@ -88,12 +88,12 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     from portq.tasks.checks.memory import MemoryProbe
     from portq.tasks.checks.parity import compare
     from portq.tasks.checks.runners import call, to_tensors
-    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports, exporter_cache
+    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports
     from portq.tasks.formats.reproduce import ScriptInputs, write_for_artifact
 
-    exporter_cache.install()  # the dynamo exporter's translation table, built once per process
     assert ctx.source is not None, "the step's source model is built before the step runs"
     handler = FORMATS.get(ctx.request.format.value)
+    handler.setup()
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance
     artifact = new_report(ctx.request, options=ctx.options)
     variant = handler.variants.get(ctx.request.variant)
@@ -222,8 +222,8 @@ def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: 
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
     data = sorted(p for p in ctx.out_dir.iterdir() if p.name.startswith(out.name + "."))  # e.g. model.onnx.data
-    return Optimized(report, options, ExportResult(path=out, route=route, opset=opset or handler.opset_of(out), data=data),
-                     recipe_options=opts)
+    result = ExportResult(path=out, route=route, opset=opset or handler.opset_of(out), data=data)
+    return Optimized(report, options, result, recipe_options=opts)
 
 
 def _base_id(ctx: StepContext, variant: Any) -> str:

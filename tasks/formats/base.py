@@ -2,8 +2,9 @@
 
 A format registers a `FormatHandler` in `FORMATS`. Export tries the handler's routes in order and records
 every attempt (route, error, seconds); when all fail, the error names the file, the format, each route
-and the first unsupported operator or failed guard. Each route is a recipe from
-`portq.tasks.formats.recipes`, which the artifact's reproduce script runs the same way.
+and the first unsupported operator or failed guard. Each route is a plain recipe from its format package's
+`export` module (on the shared `portq.tasks.formats.recipes`), which the artifact's reproduce script runs the
+same way.
 
 Each format has its own registry of **variants** (`handler.variants`; `default` always exists) and an
 options model (`handler.options`, pydantic): an artifact request `onnx.opset17` resolves to the variant
@@ -219,6 +220,8 @@ class FormatHandler:
     opset_of: Callable[[Path], int | None] = lambda path: None
     # whether latency counts the copies of inputs and outputs between host and device (a runtime on numpy arrays)
     host_copies: bool = False
+    # once per process before the format's first export (the dynamo exporter's translation table, for ONNX)
+    setup: Callable[[], None] = lambda: None
     variants: Registry[Variant] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -260,8 +260,8 @@ def write_for_artifact(ctx: ScriptInputs, handler: Any, result: Any, req: Any, p
     overrides included), so it passes exactly when the report's parity passes on the same numbers.
     """
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
-    from portq.tasks.formats.base import config_record
     from portq.tasks.core.toolchain import toolchain
+    from portq.tasks.formats.base import config_record
     from portq.tasks.sources.builders import builder_for
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """AOTInductor: an ExportedProgram compiled ahead of time for the target device (a .pt2 package).
 
 Needs a C++ compiler on the worker (and CUDA for a cuda target); where one is missing the format is
-skipped with that reason rather than failing the job's other formats. Recipe in `export`. Variants: `max-autotune`, and `fp16` and
-`bf16` (compiled from a program exported under torch.autocast: compiling a model cast to half crashed).
+skipped with that reason rather than failing the job's other formats. Recipe in `export`. Variants:
+`max-autotune`, and `fp16` and `bf16` (compiled from a program exported under torch.autocast: compiling a model
+cast to half crashed).
 """
 
 from __future__ import annotations

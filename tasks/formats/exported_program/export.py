@@ -9,7 +9,6 @@ from typing import Any
 
 from portq.tasks.formats.recipes import _torch_source, dynamic_shapes, exported_program  # portq-only
 
-
 #: the `autocast` option of the ExportedProgram and AOTInductor formats: the half precision matmuls and
 #: convolutions compute in (their fp16 and bf16 variants)
 AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}

@@ -26,12 +26,14 @@ from portq.tasks.formats.rewrites.script_prepare import prepare_script  # portq-
 DEFAULT_OPSET = 18
 
 
-def onnx_opset(path: str) -> int | None:
-    """The default-domain opset the ONNX file at `path` holds (its graph only; external weights are not read)."""
-    import onnx
+def onnx_opset(model: Any) -> int | None:
+    """The default-domain opset an ONNX model holds: a loaded ModelProto, or the file at a path (its graph only;
+    external weights are not read). The one place portq reads an opset."""
+    if isinstance(model, str):
+        import onnx
 
-    proto = onnx.load(path, load_external_data=False)
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        model = onnx.load(model, load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 #: Weights above this many bytes go to external data (`model.onnx.data`) when `external_data` is "auto": a

@@ -29,6 +29,7 @@ from portq.tasks.checks import runtimes
 from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
+from portq.tasks.formats import exporter_cache
 from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
 from portq.tasks.formats.onnx import export, symbolics
 from portq.tasks.formats.onnx.export import DEFAULT_OPSET, onnx_opset
@@ -42,7 +43,7 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    opset = onnx_opset(str(path))
+    opset = onnx_opset(model)
     wanted = req.options.get("opset") or DEFAULT_OPSET
     if opset != wanted and route != "passthrough":  # an ONNX source keeps its own opset
         # the dynamo exporter writes opset 18 and converts down with onnx's version converter, which fails on
@@ -185,5 +186,6 @@ ONNX = FormatHandler(
     graph_inputs=graph_inputs,
     opset_of=lambda path: onnx_opset(str(path)) if path.suffix == ".onnx" else None,
     host_copies=True,
+    setup=exporter_cache.install,
 )
 FORMATS.add(Format.onnx.value, ONNX)

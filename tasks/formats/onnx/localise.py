@@ -144,7 +144,7 @@ def _localise_onnx(model: Any, path: Path, runner: Any, ev: SourceEvidence, pari
     candidates = onnx_candidates(proto)
     if not candidates:
         return _localise_onnx_by_values(model, path, proto, runner, ev, parity, tol)
-    opset = onnx_opset(str(path)) or DEFAULT_OPSET
+    opset = onnx_opset(proto) or DEFAULT_OPSET
     program = _reexport(model, ev, opset)
     index, [(values, order)] = values_on_failing_sample([program], ev, parity)
     names = [candidates[n].value for n in order if n in candidates]

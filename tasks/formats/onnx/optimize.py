@@ -19,9 +19,6 @@ disabled for CPU targets (`SLOW_CPU_FUSIONS`); files saved offline are loaded wi
 from __future__ import annotations
 
 import os
-import tempfile
-
-from portq.tasks.formats.recipes import NotApplicable  # portq-only
 
 FP16_MAX = 65504.0
 

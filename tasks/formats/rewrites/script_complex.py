@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class LoweringError(RuntimeError):
     """A complex-valued op the lowering does not know (the message names it)."""
 

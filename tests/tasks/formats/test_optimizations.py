@@ -173,3 +173,24 @@ def _check_setting_variant(fmt: str, name: str, model: torch.nn.Module, xs: list
             casts = [n for n in program.graph.nodes if n.op == "call_function" and "_to_copy" in str(n.target)
                      and n.kwargs.get("dtype") == half]
             assert casts, program.graph
+
+
+def test_shape_inference_types_every_intermediate_value(tmp_path: Path) -> None:
+    """`onnx.shape-inference` (added as one module, `portq.tasks.formats.onnx.shape_inference`): from a file whose
+    intermediate values carry no types, it writes every value's type and shape; its config is registered with it."""
+    import onnx
+
+    handler = FORMATS.get("onnx")
+    variant = handler.variants.get("shape-inference")
+    model, shape = _encoder()
+    base = _base_file("onnx", model, torch.randn(*shape), tmp_path)
+    proto = onnx.load(str(base))
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(base))
+    out = tmp_path / "shapes.onnx"
+    facts = variant.transform(str(base), str(out), {"target": "cpu", **config_options(variant.config)})
+    typed = {v.name for v in onnx.load(str(out)).graph.value_info if v.type.tensor_type.HasField("shape")}
+    produced = {o for n in proto.graph.node for o in n.output if o} - {o.name for o in proto.graph.output}
+    assert produced and produced <= typed, sorted(produced - typed)[:5]
+    assert facts["value_info_before"] == 0 and facts["value_info_after"] == len(typed)
+    assert (variant.config.strict_mode, variant.config.data_prop, type(variant.config).version) == (True, True, 1)
