@@ -155,6 +155,8 @@ def _localise(source: Any, path: Path, runner: Any, ev: Any, parity: Any, tol: A
 
 def graph_inputs(path: Path) -> set[str] | None:
     """The inputs the ONNX file's graph takes (an exporter drops unused ones), its initializers left out."""
+    if path.suffix != ".onnx":
+        return None
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)

@@ -323,7 +323,7 @@ def test_small_weights_stay_inside_the_file_by_default(tmp_path: Path) -> None:
 def test_weights_over_the_threshold_go_to_external_data_on_their_own(tmp_path: Path, monkeypatch) -> None:
     """"auto": the exporter's output is moved to model.onnx.data once the weights pass the threshold (1 GiB;
     lowered here), for the TorchScript-based exporter too, which would otherwise inline them up to 2 GB."""
-    from portq.tasks.formats import recipes
+    from portq.tasks.formats.onnx import export as recipes
 
     monkeypatch.setattr(recipes, "EXTERNAL_DATA_BYTES", 50)
     build, shape, dynamic = ROUTE_CASES[("onnx", "torchscript")]
