@@ -329,3 +329,24 @@ def test_weights_over_the_threshold_go_to_external_data_on_their_own(tmp_path: P
     build, shape, dynamic = ROUTE_CASES[("onnx", "torchscript")]
     result = FORMATS.get("onnx").export(_request(build(), shape, dynamic, tmp_path), only=["torchscript"])
     assert [p.name for p in result.data] == ["model.onnx.data"]
+
+
+def test_every_variant_declares_a_frozen_versioned_config() -> None:
+    """Each variant's settings are a frozen dataclass with a version (torchao's style); an export setting's config is
+    the options it fixes; a variant that needs something the step cannot provide is refused at registration."""
+    import dataclasses
+
+    from portq.tasks.formats.base import NEEDS, Variant, config_options
+
+    for fmt, handler in FORMATS:
+        for name, variant in handler.variants:
+            if name == "default":
+                continue
+            config = variant.config
+            assert dataclasses.is_dataclass(config), f"{fmt}.{name} declares no config"
+            assert type(config).__dataclass_params__.frozen, f"{fmt}.{name}: {type(config).__name__} is not frozen"
+            assert isinstance(type(config).version, int), f"{fmt}.{name}: {type(config).__name__} has no version"
+            if variant.transform is None:
+                assert variant.fixed == config_options(config), f"{fmt}.{name}"
+    with pytest.raises(ValueError, match="unknown needs.*known: " + ", ".join(sorted(NEEDS))):
+        Variant("x", "a variant that needs a GPU", needs=frozenset({"gpu"}))
