@@ -1,30 +1,18 @@
-"""First-divergence localisation: when parity fails, name the first operator whose values leave the source's.
+"""First-divergence localisation, the format-free part: when parity fails, name the first operator whose values
+leave the source's.
 
-ONNX artifacts made by the dynamo exporter (routes `dynamo` and `ts2ep`) record, on every node, the
-torch.fx node it implements (`pkg.torch.onnx.fx_node`), the submodule path (`pkg.torch.onnx.name_scopes`)
-and the module classes (`pkg.torch.onnx.class_hierarchy`); their tensors are named after the fx nodes. The
-search:
-
-1. export the source again in memory, the same way (deterministic), to get the exporter's
-   ExportedProgram: the graph those fx names refer to;
-2. run that program node by node (a torch.fx Interpreter) on the failing sample and keep every tensor;
-3. run the artifact itself in onnxruntime, on the same device, with every matched tensor added as a graph
-   output;
-4. walk the fx graph in execution order and compare each matched tensor with the job's tolerance (the same
-   rules as output parity); the first that fails is `first_divergence`.
-
-ONNX from the TorchScript-based exporter keeps no fx names: its tensors are matched to the source's fx
-values by value instead, and the first source operator whose inputs match but whose output (and users)
-do not is named, with the ONNX node that consumes those inputs. pt2 artifacts (ExportedPrograms) are
-compared fx node against fx node. TorchScript and AOTInductor artifacts expose no intermediate values and
-are not localised; the report's `localisation` says so. Localisation is a diagnosis: it never fails the job.
+Given pairs of (fx node, the artifact's tensor for it), in the source graph's execution order, the search runs the
+source's ExportedProgram node by node (a torch.fx Interpreter) on the failing sample and compares each pair with the
+job's tolerance (the same rules as output parity); the first that fails is `first_divergence`. The formats build the
+pairs: ONNX in `portq.tasks.formats.onnx.localise` (by the fx names the dynamo exporter records, else by value),
+pt2 here (`localise_pt2`: fx node against fx node, given a builder of the source's program). TorchScript and
+AOTInductor artifacts expose no intermediate values and are not localised; the report's `localisation` says so.
+Localisation is a diagnosis: it never fails the job. This module never imports a format.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +21,6 @@ import numpy as np
 from portq.tasks.checks.evidence import SourceEvidence
 from portq.tasks.core.contract import Divergence, ParityReport, Tolerance
 from portq.tasks.core.errors import first_line
-
-_FX_NAME = re.compile(r"^\s*%([\w.]+)\s*:")
-META_FX = "pkg.torch.onnx.fx_node"
-META_SCOPES = "pkg.torch.onnx.name_scopes"
-META_CLASSES = "pkg.torch.onnx.class_hierarchy"
 
 
 @dataclass
@@ -53,19 +36,14 @@ class Candidate:
     module_class: str | None = None
 
 
-def localise_onnx(source: Any, path: Path, runner: Any, ev: SourceEvidence, parity: ParityReport,
-                  tol: Tolerance) -> tuple[Divergence | None, str]:
-    """The ONNX format's localisation hook: by fx names where the exporter kept them, else by value."""
-    return _never_raises(_localise_onnx, source, path, runner, ev, parity, tol)
-
-
-def localise_pt2(source: Any, path: Path, ev: SourceEvidence, parity: ParityReport,
+def localise_pt2(source_program: Callable[[], Any], path: Path, ev: SourceEvidence, parity: ParityReport,
                  tol: Tolerance) -> tuple[Divergence | None, str]:
-    """The pt2 format's localisation hook: fx node against fx node."""
-    return _never_raises(_localise_pt2, source, path, ev, parity, tol)
+    """The pt2 format's localisation: fx node against fx node. `source_program()` builds the source's program the
+    way the export routes do."""
+    return never_raises(_localise_pt2, source_program, path, ev, parity, tol)
 
 
-def _never_raises(search: Any, *args: Any) -> tuple[Divergence | None, str]:
+def never_raises(search: Any, *args: Any) -> tuple[Divergence | None, str]:
     try:
         return search(*args)  # type: ignore[no-any-return]
     except Exception as e:  # a diagnosis that fails must not fail the artifact
@@ -129,7 +107,7 @@ def fx_values(program: Any, sample: list[np.ndarray], device: str) -> tuple[dict
     return values, order
 
 
-def _module_of(node: Any) -> tuple[str | None, str | None]:
+def module_of(node: Any) -> tuple[str | None, str | None]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None, None
@@ -138,7 +116,7 @@ def _module_of(node: Any) -> tuple[str | None, str | None]:
     return (path or None), cls_name
 
 
-def _target_name(node: Any) -> str | None:
+def target_name(node: Any) -> str | None:
     target = getattr(node, "target", None)
     if target is None or isinstance(target, str):
         return None
@@ -146,129 +124,25 @@ def _target_name(node: Any) -> str | None:
     return str(target) if hasattr(target, "_schema") else getattr(target, "__name__", str(target))
 
 
-# ---------------------------------------------------------------------------------------------- onnx side
-
-
-def onnx_candidates(model_proto: Any) -> dict[str, Candidate]:
-    """fx node name -> the artifact's tensor holding that node's value, from the exporter's node metadata."""
-    groups: dict[str, list[Any]] = {}
-    for node in model_proto.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        m = _FX_NAME.match(meta.get(META_FX, ""))
-        if m:
-            groups.setdefault(m.group(1), []).append((node, meta))
-    found: dict[str, Candidate] = {}
-    for fx_name, members in groups.items():
-        # the tensor named after the fx node; else (a renamed graph output) the group's last node's output
-        hit = next(((n, meta, o) for n, meta in members for o in n.output if o == fx_name), None)
-        if hit is None:
-            n, meta = members[-1]
-            if not n.output or not n.output[0]:
-                continue
-            hit = (n, meta, n.output[0])
-        node, meta, value = hit
-        scopes = _literal_list(meta.get(META_SCOPES))
-        classes = _literal_list(meta.get(META_CLASSES))
-        module = next((s for s in reversed(scopes[:-1]) if s), None) if len(scopes) > 1 else None
-        module_class = classes[-2] if len(classes) >= 2 and module else None
-        found[fx_name] = Candidate(fx_name=fx_name, value=value, node=node.name or value, op_type=node.op_type,
-                                   target=classes[-1] if classes else None, module=module, module_class=module_class)
-    return found
-
-
-def _literal_list(text: str | None) -> list[str]:
-    import ast
-
-    if not text:
-        return []
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []
-
-
-def _onnx_intermediates(path: Path, names: list[str], sample_feed: dict[str, np.ndarray],
-                        providers: list[str]) -> dict[str, np.ndarray]:
-    """Run the artifact with `names` exposed as extra outputs."""
-    import onnx
-    import onnxruntime as ort
-
-    # The graph only: its weights may be external (model.onnx.data, past 2 GB no protobuf holds them), so the
-    # widened graph is saved beside the artifact, where its relative references to them still hold.
-    proto = onnx.load(str(path), load_external_data=False)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    widened = path.parent / f".localise-{os.getpid()}-{path.name}"
-    try:
-        onnx.save(proto, str(widened))
-        session = ort.InferenceSession(str(widened), options, providers=providers)
-    finally:
-        widened.unlink(missing_ok=True)
-    out_names = [o.name for o in session.get_outputs()]
-    feed = {k: v for k, v in sample_feed.items() if k in {i.name for i in session.get_inputs()}}
-    results = session.run(None, feed)
-    return {n: np.asarray(v) for n, v in zip(out_names, results) if n in set(names)}
-
-
-def _reexport(model: Any, ev: SourceEvidence, opset: int | None) -> Any:
-    """The dynamo exporter's ExportedProgram for this source (the graph the artifact's fx names refer to)."""
-    import torch
-
-    args, _ = _export_inputs(ev)
-    from portq.tasks.formats import exporter_cache
-
-    exporter_cache.install()
-    onnx_program = torch.onnx.export(source_program(model, ev), args, dynamo=True, opset_version=opset,
-                                     input_names=ev.input_names, output_names=ev.output_names, verbose=False)
-    assert onnx_program is not None  # dynamo=True always returns the program
-    return onnx_program.exported_program
-
-
-def _localise_onnx(model: Any, path: Path, runner: Any, ev: SourceEvidence, parity: ParityReport,
-                   tol: Tolerance) -> tuple[Divergence | None, str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    candidates = onnx_candidates(proto)
-    if not candidates:
-        return _localise_onnx_by_values(model, path, proto, runner, ev, parity, tol)
-    from portq.tasks.formats.onnx import DEFAULT_OPSET
-
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
-    program = _reexport(model, ev, opset)
-    index, [(values, order)] = values_on_failing_sample([program], ev, parity)
-    names = [candidates[n].value for n in order if n in candidates]
-    feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
-    providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
-    actual = _onnx_intermediates(path, names, feed, providers)
-    pairs = [(n, candidates[n], values[n], actual.get(candidates[n].value)) for n in order if n in candidates]
-    return _first_failing(pairs, program, parity, tol, index, "onnx")
-
-
-def _localise_pt2(model: Any, path: Path, ev: SourceEvidence, parity: ParityReport,
+def _localise_pt2(source_program: Callable[[], Any], path: Path, ev: SourceEvidence, parity: ParityReport,
                   tol: Tolerance) -> tuple[Divergence | None, str]:
     import torch
 
     artifact = torch.export.load(str(path))
-    source = source_program(model, ev)
+    source = source_program()
     index, [(ref, order), (act, _)] = values_on_failing_sample([source, artifact], ev, parity)
     nodes = {n.name: n for n in artifact.graph.nodes}
     pairs = []
     for name in order:
         if name in act and name in nodes:
-            module, cls = _module_of(nodes[name])
+            module, cls = module_of(nodes[name])
             cand = Candidate(fx_name=name, value=name, node=name, op_type=str(nodes[name].target),
-                             target=_target_name(nodes[name]), module=module, module_class=cls)
+                             target=target_name(nodes[name]), module=module, module_class=cls)
             pairs.append((name, cand, ref[name], act[name]))
-    return _first_failing(pairs, source, parity, tol, index, "pt2")
+    return first_failing(pairs, source, parity, tol, index, "pt2")
 
 
-def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray | None]], program: Any,
+def first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray | None]], program: Any,
                    parity: ParityReport, tol: Tolerance, sample: int, kind: str) -> tuple[Divergence | None, str]:
     from portq.tasks.checks.parity import compare
 
@@ -279,7 +153,7 @@ def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray 
     for fx_name, cand, ref, act in pairs:
         if act is None or act.shape != ref.shape:
             continue
-        fx_target = _target_name(fx_nodes[fx_name]) if fx_name in fx_nodes else None
+        fx_target = target_name(fx_nodes[fx_name]) if fx_name in fx_nodes else None
         if cand.target and fx_target and cand.target != fx_target:
             continue  # the same name for another operator: the graphs differ here, so this pair proves nothing
         compared += 1
@@ -291,8 +165,8 @@ def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray 
         fx_node = fx_nodes.get(fx_name)
         module, module_class = cand.module, cand.module_class
         if module is None and fx_node is not None:
-            module, module_class = _module_of(fx_node)
-        target = cand.target or (_target_name(fx_node) if fx_node is not None else None)
+            module, module_class = module_of(fx_node)
+        target = cand.target or (target_name(fx_node) if fx_node is not None else None)
         return Divergence(node=cand.node, op_type=cand.op_type, source_node=fx_name, target=target, module=module,
                           module_class=module_class, value=cand.value, shape=list(ref.shape),
                           max_abs_err=out.max_abs_err, max_rel_err=out.max_rel_err, mean_abs_err=out.mean_abs_err,
@@ -304,26 +178,7 @@ def _first_failing(pairs: Sequence[tuple[str, Candidate, np.ndarray, np.ndarray 
 
 
 
-# ------------------------------------------------------------------ onnx without metadata: match by value
-
-
-def _export_inputs(ev: SourceEvidence) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The example the artifacts were exported with, and the recipes' options, rebuilt from the evidence."""
-    from portq.tasks.checks.runners import to_tensors
-
-    return to_tensors(ev.export_sample, ev.device), ev.recipe_options()
-
-
-def source_program(model: Any, ev: SourceEvidence) -> Any:
-    """An ExportedProgram that computes what the source computes, built the way the export routes build it
-    (same example, same dynamic dims; TorchScript is converted first)."""
-    from portq.tasks.formats.recipes import exported_program
-
-    args, opts = _export_inputs(ev)
-    return exported_program(model, args, opts)
-
-
-def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
+def close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
     """The elementwise parity rule on one pair of tensors (NaN matches NaN, Inf the same Inf)."""
     from portq.tasks.checks.output_check import elementwise_errors
 
@@ -335,70 +190,3 @@ def _close(ref: np.ndarray, act: np.ndarray, atol: float, rtol: float) -> bool:
     return not bool((((abs_err > atol) & (rel_err > rtol)) | mismatched).any())
 
 
-def _scope_module(onnx_node_name: str) -> str | None:
-    """'/net/net.2/Gemm' (TorchScript-based exporter scopes) -> 'net.2'."""
-    parts = [p for p in onnx_node_name.split("/") if p]
-    return parts[-2] if len(parts) >= 2 else None
-
-
-def _localise_onnx_by_values(model: Any, path: Path, proto: Any, runner: Any, ev: SourceEvidence, parity: ParityReport,
-                             tol: Tolerance) -> tuple[Divergence | None, str]:
-    """ONNX without fx metadata (the TorchScript-based exporter): match the artifact's tensors to the source's
-    fx values by value, then name the first source operator whose inputs are matched but whose output is
-    not, and whose users are not matched either (so a step the artifact merely fused away is not blamed).
-    """
-    from portq.tasks.checks.parity import compare
-    from portq.tasks.checks.tolerances import resolve
-
-    program = source_program(model, ev)
-    index, [(values, order)] = values_on_failing_sample([program], ev, parity)
-    onnx_order = [o for n in proto.graph.node for o in n.output if o]
-    feed = runner.prepare(ev.samples[index]) if hasattr(runner, "prepare") else {}
-    providers = list(getattr(runner, "providers", None) or ["CPUExecutionProvider"])
-    actual = _onnx_intermediates(path, onnx_order, feed, providers)
-    job = resolve(tol.model_copy(update={"outputs": {}}), parity.precision, "")
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for name in onnx_order:
-        if name in actual:
-            by_shape.setdefault(tuple(actual[name].shape), []).append(name)
-    matched: dict[str, str] = {}
-    for fx in order:
-        for name in by_shape.get(tuple(values[fx].shape), []):
-            if _close(values[fx], actual[name], job.atol, job.rtol):
-                matched[fx] = name
-                break
-    fx_nodes = {n.name: n for n in program.graph.nodes}
-    used = set(matched.values())
-    graph_inputs = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}
-    for fx in order:
-        node = fx_nodes[fx]
-        if fx in matched:
-            continue
-        computed_inputs = [a.name for a in node.all_input_nodes if a.name in values]
-        if any(i not in matched for i in computed_inputs):
-            continue  # downstream of an earlier mismatch, not its origin
-        if any(u.name in matched for u in node.users):
-            continue  # a step the artifact fused away: its result reappears downstream
-        feeds = {matched[i] for i in computed_inputs} or graph_inputs
-        shape = tuple(values[fx].shape)
-        hit = next(((n, o) for n in proto.graph.node if feeds & set(n.input)
-                    for o in n.output if o in actual and o not in used and tuple(actual[o].shape) == shape), None)
-        module, module_class = _module_of(node)
-        if hit is None:
-            return None, (f"compared the artifact's tensors with the source's fx values on sample {index}: fx node "
-                          f"{fx} ({_target_name(node)}) is the first whose value the artifact never computes, but "
-                          "no ONNX node could be tied to it")
-        onnx_node, value = hit
-        rep = compare([[(value, values[fx])]], [[(value, actual[value])]],
-                      tol.model_copy(update={"outputs": {}}), seed=0, device="", precision=parity.precision)
-        out = rep.outputs[0]
-        return Divergence(node=onnx_node.name or value, op_type=onnx_node.op_type, source_node=fx,
-                          target=_target_name(node), module=module or _scope_module(onnx_node.name),
-                          module_class=module_class if module else None, value=value, shape=list(shape),
-                          max_abs_err=out.max_abs_err, max_rel_err=out.max_rel_err, mean_abs_err=out.mean_abs_err,
-                          sample=index, compared=len(matched) + 1), (
-            f"the ONNX file carries no fx metadata (TorchScript-based exporter): matched {len(matched)} of its "
-            f"tensors to the source's fx values by value on sample {index}; named the first source operator "
-            "whose inputs match and whose output does not")
-    return None, (f"no origin found: {len(matched)} of {len(order)} source values matched the artifact's tensors "
-                  f"on sample {index}")

@@ -40,7 +40,9 @@ class StepContext:
     evidence: SourceEvidence
     out_dir: Path  # the artifact's own folder, where the step writes its files
     store: Store
-    source: LoadedModel | None = None  # not sent to a step's child process: it builds the source again
+    # not sent to a step's child process, which uses the source its job's source stage (or a previous step) built
+    # there, else builds it again (`step_process._source`)
+    source: LoadedModel | None = None
     base_file: Path | None = None  # for an optimization: its base artifact's file, when the job made it
     base_route: str | None = None  # ... and the export route that made it
     requested_by: str = "request"  # request | optimize | base of <id> | repair of <id>
@@ -86,12 +88,12 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     from portq.tasks.checks.memory import MemoryProbe
     from portq.tasks.checks.parity import compare
     from portq.tasks.checks.runners import call, to_tensors
-    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports, exporter_cache
-    from portq.tasks.formats.reproduce import write_for_artifact
+    from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports
+    from portq.tasks.formats.reproduce import ScriptInputs, write_for_artifact
 
-    exporter_cache.install()  # the dynamo exporter's translation table, built once per process
     assert ctx.source is not None, "the step's source model is built before the step runs"
     handler = FORMATS.get(ctx.request.format.value)
+    handler.setup()
     ev, tolerance = ctx.evidence, ctx.spec.options.tolerance
     artifact = new_report(ctx.request, options=ctx.options)
     variant = handler.variants.get(ctx.request.variant)
@@ -132,8 +134,10 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         artifact.route, artifact.opset, artifact.notes = result.route, result.opset, result.notes
         step = ctx.step("export")
         with clock.stage("script"):
-            script = write_for_artifact(ctx, handler, result, req, precision.value, transform=transform,
-                                        recipe_modules=variant.recipe_modules)
+            script = write_for_artifact(
+                ScriptInputs(spec=ctx.spec, artifact_id=ctx.artifact_id, variant=variant, options=ctx.options,
+                             evidence=ctx.evidence, source=ctx.source, store=ctx.store),
+                handler, result, req, precision.value, transform=transform)
         artifact.reproduce = f"{ctx.artifact_id}/{script.name}"
         artifact.path = f"{ctx.artifact_id}/{result.path.name}"
         artifact.size_bytes = result.size_bytes
@@ -153,7 +157,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         step = ctx.enter("latency")
         with clock.stage("latency"):
             artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
-                                             host_copies=handler.format.value == "onnx")
+                                             host_copies=handler.host_copies)
         if not artifact.parity.passed and ctx.spec.options.parity.localise:
             step = ctx.enter("localise")
             with clock.stage("localise"):
@@ -189,6 +193,7 @@ def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: 
     import shutil
 
     from portq.tasks.formats import ExportResult
+    from portq.tasks.formats.base import config_record
     from portq.tasks.formats.recipes import NotApplicable
 
     base_dir = ctx.out_dir / "base"
@@ -204,19 +209,21 @@ def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: 
     report = OptimizationReport(transform=variant.transform.__name__, base=_base_id(ctx, variant),
                                 lossless=variant.lossless)
     out = ctx.out_dir / handler.filename
-    opts, notes = recipe_options(ctx, variant, precision, base)
+    opts, notes = recipe_options(ctx, handler, variant, precision, base)
     try:
         try:
             facts = variant.transform(str(base), str(out), opts)
         except NotApplicable as e:
             return Optimized(report, ctx.options, skip=f"not applicable: {e}")
-        report.facts = {**_plain(facts), **({"notes": notes} if notes else {})}
+        config = config_record(variant.config)
+        report.facts = {**_plain(facts), **({"notes": notes} if notes else {}),
+                        **({"config": _plain(config)} if config else {})}
         options = handler.adopt(base, out, facts, ctx.options) if handler.adopt is not None else ctx.options
     finally:
         shutil.rmtree(base_dir, ignore_errors=True)
     data = sorted(p for p in ctx.out_dir.iterdir() if p.name.startswith(out.name + "."))  # e.g. model.onnx.data
-    return Optimized(report, options, ExportResult(path=out, route=route, opset=opset or _opset_of(out), data=data),
-                     recipe_options=opts)
+    result = ExportResult(path=out, route=route, opset=opset or handler.opset_of(out), data=data)
+    return Optimized(report, options, result, recipe_options=opts)
 
 
 def _base_id(ctx: StepContext, variant: Any) -> str:
@@ -230,28 +237,47 @@ def replace_out_dir(req: Any, out_dir: Path) -> Any:
     return dc_replace(req, out_dir=out_dir, attempts=req.attempts)
 
 
-def recipe_options(ctx: StepContext, variant: Any, precision: Precision,
+def recipe_options(ctx: StepContext, handler: Any, variant: Any, precision: Precision,
                    base: Path) -> tuple[dict[str, Any], list[str]]:
-    """What the recipe reads: the artifact's options, the target, and the samples it needs as .npz files
-    in the artifact's folder (so the reproduce script finds them too); and notes for the report."""
-    from portq.tasks.checks.tolerances import resolve
+    """What the recipe reads: the artifact's options, the variant's config, the target, and what the variant needs
+    (`variant.needs`) written as .npz files in the artifact's folder (so the reproduce script finds them too); and
+    notes for the report."""
+    from portq.tasks.formats.base import config_options
 
     notes: list[str] = []
-    opts: dict[str, Any] = {**ctx.options, "target": ctx.spec.target.value}
-    if "samples" in variant.needs:
-        tol = resolve(ctx.spec.options.tolerance.model_copy(update={"outputs": {}}), precision, "")
-        opts["samples"] = str(write_samples(ctx.out_dir / "samples.npz", ctx.evidence.samples,
-                                            ctx.evidence.input_names, base))
-        opts.update(atol=tol.atol, rtol=tol.rtol)
-    if "calibration" in variant.needs:
-        samples = calibration_samples(ctx)
-        if samples is None:
-            samples = list(ctx.evidence.samples)
-            notes.append(f"calibrated on the job's own {len(samples)} parity samples (no --calibration given): "
-                         "ranges from real data calibrate better")
-        opts["calibration"] = str(write_samples(ctx.out_dir / "calibration.npz", samples,
-                                                ctx.evidence.input_names, base))
+    opts: dict[str, Any] = {**ctx.options, **config_options(variant.config), "target": ctx.spec.target.value}
+    for need in sorted(variant.needs):
+        opts.update(_NEEDS[need](ctx, handler, precision, base, notes))
     return opts, notes
+
+
+def _parity_samples(ctx: StepContext, handler: Any, precision: Precision, base: Path,
+                    notes: list[str]) -> dict[str, Any]:
+    """The job's parity samples and the tolerance they are held to (a repair checks itself against them)."""
+    from portq.tasks.checks.tolerances import resolve
+
+    tol = resolve(ctx.spec.options.tolerance.model_copy(update={"outputs": {}}), precision, "")
+    path = write_samples(ctx.out_dir / "samples.npz", ctx.evidence.samples, ctx.evidence.input_names,
+                         handler.graph_inputs(base))
+    return {"samples": str(path), "atol": tol.atol, "rtol": tol.rtol}
+
+
+def _calibration(ctx: StepContext, handler: Any, precision: Precision, base: Path,
+                 notes: list[str]) -> dict[str, Any]:
+    """Calibration samples: the user's (--calibration), else the job's parity samples, with a note."""
+    samples = calibration_samples(ctx)
+    if samples is None:
+        samples = list(ctx.evidence.samples)
+        notes.append(f"calibrated on the job's own {len(samples)} parity samples (no --calibration given): "
+                     "ranges from real data calibrate better")
+    path = write_samples(ctx.out_dir / "calibration.npz", samples, ctx.evidence.input_names,
+                         handler.graph_inputs(base))
+    return {"calibration": str(path)}
+
+
+#: how the step provides each of `portq.tasks.formats.base.NEEDS`
+_NEEDS: dict[str, Callable[[StepContext, Any, Precision, Path, list[str]], dict[str, Any]]] = {
+    "samples": _parity_samples, "calibration": _calibration}
 
 
 def calibration_samples(ctx: StepContext) -> list[list[Any]] | None:
@@ -265,35 +291,15 @@ def calibration_samples(ctx: StepContext) -> list[list[Any]] | None:
     return read_calibration(refs, ctx.store, InputSignature(specs=ctx.evidence.input_specs))
 
 
-def write_samples(path: Path, samples: list[list[Any]], names: list[str], model: Path) -> Path:
-    """Samples in the recipes' layout (s<i>_<j> and input_names), keeping only the inputs the model's graph
-    has (an exporter drops unused inputs)."""
+def write_samples(path: Path, samples: list[list[Any]], names: list[str], kept: set[str] | None) -> Path:
+    """Samples in the recipes' layout (s<i>_<j> and input_names), keeping only the inputs in `kept` (the inputs the
+    base file's graph takes, as its format reads them: an exporter drops unused inputs; None: all)."""
     import numpy as np
 
-    kept = _graph_inputs(model)
     index = [j for j, n in enumerate(names) if kept is None or n in kept]
     arrays = {f"s{i}_{k}": sample[j] for i, sample in enumerate(samples) for k, j in enumerate(index)}
     np.savez(path, input_names=np.array([names[j] for j in index]), **arrays)  # type: ignore[arg-type]
     return path
-
-
-def _graph_inputs(model: Path) -> set[str] | None:
-    if model.suffix != ".onnx":
-        return None
-    import onnx
-
-    proto = onnx.load(str(model), load_external_data=False)
-    initializers = {i.name for i in proto.graph.initializer}
-    return {i.name for i in proto.graph.input if i.name not in initializers}
-
-
-def _opset_of(path: Path) -> int | None:
-    if path.suffix != ".onnx":
-        return None
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _plain(facts: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Artifact formats, one module each, registered by name in `FORMATS`.
+"""Artifact formats, one package each (`onnx`, `torchscript`, `exported_program`, `aoti`), registered by name in
+`FORMATS`. Each package holds its handler, export recipes, variants (with their configs), and localisation; beside
+them sit the registry (`base`), planning (`selection`), hardware checks, the shared export recipes (`recipes`,
+`rewrites`, `unfuse`) and the reproduce-script writer (`reproduce`).
 
 Importing this package registers every format; none of the modules imports torch at load time.
 """

@@ -2,13 +2,17 @@
 
 A format registers a `FormatHandler` in `FORMATS`. Export tries the handler's routes in order and records
 every attempt (route, error, seconds); when all fail, the error names the file, the format, each route
-and the first unsupported operator or failed guard. Each route is a recipe from
-`portq.tasks.formats.recipes`, which the artifact's reproduce script runs the same way.
+and the first unsupported operator or failed guard. Each route is a plain recipe from its format package's
+`export` module (on the shared `portq.tasks.formats.recipes`), which the artifact's reproduce script runs the
+same way.
 
 Each format has its own registry of **variants** (`handler.variants`; `default` always exists) and an
 options model (`handler.options`, pydantic): an artifact request `onnx.opset17` resolves to the variant
-`opset17` of `onnx` with the options it fixes, validated by the format. Adding a variant touches only its
-format module and that registry. The format-specific parts of the job's steps are hooks on the handler:
+`opset17` of `onnx` with the options it fixes, validated by the format. Each variant carries a frozen, versioned
+config (a dataclass in the style of torchao's configs) whose defaults are visible where it is registered: its
+fields are what the variant's recipe reads, the artifact's report records it and the reproduce script runs with it.
+Adding a variant is one entry in its format package's `variants` module. The format-specific parts of the job's
+steps are hooks on the handler:
 `opener` (a runtime from `portq.tasks.checks.runtimes`, which reproduce scripts call by name),
 `open_runner` (portq's checked version of it), `localise` (first-divergence search), `unsupported`.
 """
@@ -21,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,7 +34,6 @@ from portq.tasks.checks.runners import Runner
 from portq.tasks.core.contract import DEFAULT_VARIANT, ArtifactRequest, Format, RouteAttemptReport, Target
 from portq.tasks.core.errors import ConfigError, ConversionError, PortqError, validation_problems
 from portq.tasks.core.registry import Registry
-from portq.tasks.formats import script_complex, script_prepare, script_unfuse, symbolics
 from portq.tasks.formats.diagnose import Blocker, blocker
 from portq.tasks.formats.recipes import NotApplicable
 from portq.tasks.sources.loading import LoadedModel
@@ -38,10 +41,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 #: (source, example inputs, path, opts) -> notes on what the route had to rewrite (None: nothing)
 Recipe = Callable[[Any, tuple[Any, ...], str, dict[str, Any]], "list[str] | None"]
-
-#: plain modules the recipes use to prepare TorchScript archives (fused fast paths, complex values, symbolics):
-#: a route that may take an archive lists them, so its reproduce script carries them
-SCRIPT_REWRITES: tuple[ModuleType, ...] = (script_unfuse, script_complex, symbolics, script_prepare)
 
 
 @dataclass
@@ -89,8 +88,8 @@ class ExportResult:
 
 @dataclass(frozen=True)
 class Route:
-    """One way to produce a format: a name (as reports show it), its recipe, and the plain modules besides
-    `recipes` that the recipe calls (its reproduce script carries them)."""
+    """One way to produce a format: a name (as reports show it), its recipe, and the plain modules besides the
+    shared `recipes` and the recipe's own module that the recipe calls (its reproduce script carries them)."""
 
     name: str
     recipe: Recipe
@@ -110,6 +109,30 @@ class NoOptions(BaseModel):
 #: An optimization recipe: (the base artifact's file, the output file, options) -> facts
 Transform = Callable[[str, str, dict[str, Any]], dict[str, Any]]
 
+#: what a variant's recipe may need besides its base file, which the step writes into the artifact's folder:
+#: "samples" (the job's parity samples, with the tolerance; the fp16 repair), "calibration" (int8 static)
+NEEDS = frozenset({"samples", "calibration"})
+
+
+#: A variant's config: a frozen dataclass (torchao's style) declaring each setting as a field with its default, and
+#: `version: ClassVar[int]`, bumped when a setting's meaning changes. Plain (no portq base class), so the module that
+#: defines it can be copied into a reproduce script.
+VariantConfig = Any
+
+
+def config_options(config: VariantConfig | None) -> dict[str, Any]:
+    """A config's settings as its recipe reads them (a None setting: the recipe's own choice, left out)."""
+    if config is None:
+        return {}
+    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+
+
+def config_record(config: VariantConfig | None) -> dict[str, Any] | None:
+    """A config as reports and reproduce scripts record it: its name, version and every setting."""
+    if config is None:
+        return None
+    return {"config": type(config).__name__, "version": config.version, **asdict(config)}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -119,11 +142,13 @@ class Variant:
     `precision` is what the artifact computes in (None: as its source), which picks its parity tolerance;
     `candidate_for` are the targets where `--optimize auto` tries it; `auto_skip(target)` says why auto does
     not try it on this worker (asked for by name, it runs anyway); `repair` names the variant to try when
-    this one fails parity.
+    this one fails parity. `config` holds the variant's settings: an optimization's recipe reads them; for an
+    export setting (no `transform`), they are the format options it fixes (`fixed`).
     """
 
     name: str
     description: str
+    config: VariantConfig | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
     transform: Transform | None = None
@@ -132,7 +157,16 @@ class Variant:
     candidate_for: frozenset[str] = frozenset()
     auto_skip: Callable[[str], str | None] = lambda target: None
     repair: str | None = None
-    needs: frozenset[str] = frozenset()  # "calibration": int8 static; "samples": the repair's parity samples
+    needs: frozenset[str] = frozenset()  # of NEEDS: what the step writes for the recipe besides its base file
+
+    def __post_init__(self) -> None:
+        if self.config is not None and not isinstance(getattr(type(self.config), "version", None), int):
+            raise ValueError(f"variant {self.name}: its config {type(self.config).__name__} declares no version")
+        unknown = sorted(self.needs - NEEDS)
+        if unknown:
+            raise ValueError(f"variant {self.name}: unknown needs {unknown}; known: {', '.join(sorted(NEEDS))}")
+        if self.config is not None and self.transform is None and not self.fixed:
+            object.__setattr__(self, "fixed", config_options(self.config))
 
     @property
     def lossless(self) -> bool:
@@ -180,6 +214,14 @@ class FormatHandler:
     # after an optimization recipe wrote `out` from `base`: carry over what the format stamps on its files,
     # and return the options to open it with (the recipe's facts may say how it must be opened)
     adopt: Callable[[Path, Path, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    # the inputs an artifact file's graph takes (an exporter drops unused ones); None: all of the source's
+    graph_inputs: Callable[[Path], set[str] | None] = lambda path: None
+    # the opset an artifact file holds (ONNX), for the report; None: the format has none
+    opset_of: Callable[[Path], int | None] = lambda path: None
+    # whether latency counts the copies of inputs and outputs between host and device (a runtime on numpy arrays)
+    host_copies: bool = False
+    # once per process before the format's first export (the dynamo exporter's translation table, for ONNX)
+    setup: Callable[[], None] = lambda: None
     variants: Registry[Variant] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,9 +1,11 @@
 """Reproduce scripts: beside each artifact, a small Python file that redoes its conversion and parity check by hand.
 
 `<artifact id>/reproduce_<artifact id>.py` carries copies of the plain modules portq itself ran: how the
-source is built (the job kind's source builder), the export recipes (`portq.tasks.formats.recipes`,
-`unfuse`, and the modules the route lists, such as the TorchScript rewrites), how the artifact is opened
-and called (`portq.tasks.checks.runtimes`) and how each output is judged (`portq.tasks.checks.output_check`).
+source is built (the job kind's source builder), the shared export recipes (`portq.tasks.formats.recipes`,
+`unfuse`), its own format's recipe module and the modules its route and variant list (such as the TorchScript
+rewrites or the ONNX optimizers; never another format's), how the artifact is opened and called
+(`portq.tasks.checks.runtimes`) and how each output is judged (`portq.tasks.checks.output_check`). The
+variant's config is recorded in its settings.
 It reads the job's samples from `reproduce_inputs.npz` in the job's folder. It needs torch and numpy (and
 onnxruntime for ONNX), not portq, so it can go into an upstream bug report.
 """
@@ -12,15 +14,17 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from portq.tasks.execution.steps import StepContext
+from portq.tasks.checks.evidence import SourceEvidence
+from portq.tasks.core.contract import JobSpec
+from portq.tasks.state.store import Store
 
 INPUTS_FILE = "reproduce_inputs.npz"
 #: recipe options that name a data file the step wrote into the artifact's folder
@@ -64,12 +68,15 @@ def module_source(module: ModuleType) -> str:
 
 
 def copied_modules(builder: Any, route: Any, recipe_modules: tuple[ModuleType, ...] = ()) -> list[ModuleType]:
-    """The modules a reproduce script copies, in order: the source builder's, the route's, the recipe's and the
-    runners'."""
+    """The modules a reproduce script copies, in order, each once: the source builder's, the shared recipes, the
+    route's (its own recipe module last), the variant's recipe modules and the runners'."""
     from portq.tasks.checks import output_check, runtimes
     from portq.tasks.formats import recipes, unfuse
 
-    return [*builder.script_modules(), unfuse, *route.modules, recipes, *recipe_modules, runtimes, output_check]
+    own = sys.modules[route.recipe.__module__]
+    modules = [*builder.script_modules(), unfuse, *route.modules, recipes, own, *recipe_modules, runtimes,
+               output_check]
+    return list(dict.fromkeys(modules))
 
 
 def warm_sources() -> None:
@@ -227,9 +234,26 @@ if __name__ == "__main__":
 '''
 
 
-def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, precision: str,
-                       transform: tuple[Any, dict[str, Any]] | None = None,
-                       recipe_modules: tuple[ModuleType, ...] = ()) -> Path:
+@dataclass(frozen=True)
+class ScriptInputs:
+    """What a reproduce script is written from, besides the export: the job, the artifact and its variant, its
+    resolved options, the source's evidence and the built source."""
+
+    spec: JobSpec
+    artifact_id: str
+    variant: Any  # portq.tasks.formats.base.Variant
+    options: dict[str, Any]
+    evidence: SourceEvidence
+    source: Any  # the LoadedModel
+    store: Store
+
+    @property
+    def display(self) -> str:
+        return self.spec.display
+
+
+def write_for_artifact(ctx: ScriptInputs, handler: Any, result: Any, req: Any, precision: str,
+                       transform: tuple[Any, dict[str, Any]] | None = None) -> Path:
     """Write `reproduce_<artifact id>.py` beside a freshly exported artifact (the job writes the samples once).
 
     The script holds each output to the tolerance the report held it to (mode, atol, rtol, q, per-output
@@ -237,6 +261,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     """
     from portq.tasks.checks.tolerances import ResolvedTolerance, resolve
     from portq.tasks.core.toolchain import toolchain
+    from portq.tasks.formats.base import config_record
     from portq.tasks.sources.builders import builder_for
 
     def plain(t: ResolvedTolerance) -> dict[str, Any]:
@@ -251,7 +276,8 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
     builder = builder_for(ctx.spec.kind.value)
     assert ctx.source is not None
     settings = {
-        "artifact": ctx.artifact_id, "format": handler.format.value, "variant": ctx.request.variant,
+        "artifact": ctx.artifact_id, "format": handler.format.value, "variant": ctx.variant.name,
+        "config": config_record(ctx.variant.config),
         "route": route.name, "recipe": route.recipe.__name__, "opener": handler.opener.__name__,
         "filename": handler.filename, "source": builder.script_settings(ctx.spec, ctx.source, ctx.store),
         "opts": req.opts(), "options": ctx.options, "tolerances": tolerances, "tolerance": default,
@@ -262,7 +288,7 @@ def write_for_artifact(ctx: StepContext, handler: Any, result: Any, req: Any, pr
         fn, opts = transform
         settings["transform"] = fn.__name__
         settings["transform_opts"] = {k: (Path(v).name if k in _DATA_FILES else v) for k, v in opts.items()}
-    modules = copied_modules(builder, route, recipe_modules)
+    modules = copied_modules(builder, route, ctx.variant.recipe_modules)
     doc = (inspect.getdoc(route.recipe) or "").splitlines()[0]
     path = result.path.parent / script_name(ctx.artifact_id)
     path.write_text(render(settings=settings, recipe_doc=doc, tolerances=tolerances, display=ctx.display,

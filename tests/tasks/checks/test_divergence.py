@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from portq.tasks.checks.divergence import onnx_candidates
 from portq.tasks.core.contract import Format, InputSpec, JobStatus
 from portq.tasks.execution.run import run_job
 from portq.tasks.formats import FORMATS
+from portq.tasks.formats.onnx.localise import onnx_candidates
 from portq.tasks.state.store import Store
 from torch import nn
 

@@ -228,7 +228,7 @@ def test_a_file_at_another_opset_than_asked_is_not_the_artifact(tmp_path: Path) 
     with only a warning (seen on the example ConvNet): such a file fails its route, and the ladder goes on."""
     import onnx
     from onnx import helper
-    from portq.tasks.formats.onnx import _finish
+    from portq.tasks.formats.onnx.handler import _finish
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
@@ -323,9 +323,30 @@ def test_small_weights_stay_inside_the_file_by_default(tmp_path: Path) -> None:
 def test_weights_over_the_threshold_go_to_external_data_on_their_own(tmp_path: Path, monkeypatch) -> None:
     """"auto": the exporter's output is moved to model.onnx.data once the weights pass the threshold (1 GiB;
     lowered here), for the TorchScript-based exporter too, which would otherwise inline them up to 2 GB."""
-    from portq.tasks.formats import recipes
+    from portq.tasks.formats.onnx import export as recipes
 
     monkeypatch.setattr(recipes, "EXTERNAL_DATA_BYTES", 50)
     build, shape, dynamic = ROUTE_CASES[("onnx", "torchscript")]
     result = FORMATS.get("onnx").export(_request(build(), shape, dynamic, tmp_path), only=["torchscript"])
     assert [p.name for p in result.data] == ["model.onnx.data"]
+
+
+def test_every_variant_declares_a_frozen_versioned_config() -> None:
+    """Each variant's settings are a frozen dataclass with a version (torchao's style); an export setting's config is
+    the options it fixes; a variant that needs something the step cannot provide is refused at registration."""
+    import dataclasses
+
+    from portq.tasks.formats.base import NEEDS, Variant, config_options
+
+    for fmt, handler in FORMATS:
+        for name, variant in handler.variants:
+            if name == "default":
+                continue
+            config = variant.config
+            assert dataclasses.is_dataclass(config), f"{fmt}.{name} declares no config"
+            assert type(config).__dataclass_params__.frozen, f"{fmt}.{name}: {type(config).__name__} is not frozen"
+            assert isinstance(type(config).version, int), f"{fmt}.{name}: {type(config).__name__} has no version"
+            if variant.transform is None:
+                assert variant.fixed == config_options(config), f"{fmt}.{name}"
+    with pytest.raises(ValueError, match="unknown needs.*known: " + ", ".join(sorted(NEEDS))):
+        Variant("x", "a variant that needs a GPU", needs=frozenset({"gpu"}))

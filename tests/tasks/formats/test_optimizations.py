@@ -13,6 +13,7 @@ import torch
 from portq.tasks.checks.runtimes import call
 from portq.tasks.core.contract import Format
 from portq.tasks.formats import FORMATS
+from portq.tasks.formats.base import config_options
 from portq.tasks.formats.recipes import NotApplicable
 from portq.tasks.formats.selection import optimization_variants
 
@@ -43,6 +44,7 @@ VARIANT_CASES: dict[tuple[str, str], Callable[[], tuple[torch.nn.Module, tuple[i
     ("onnx", "ort-all"): _cnn,
     ("onnx", "ort-transformer"): _encoder,
     ("onnx", "slim"): _cnn,
+    ("onnx", "shape-inference"): _encoder,
     ("onnx", "fp16"): _mlp,
     ("onnx", "fp16-mixed"): _mlp,
     ("onnx", "int8-dynamic"): _encoder,
@@ -94,7 +96,7 @@ def test_variant_optimizes_its_small_model(fmt: str, name: str, tmp_path: Path) 
         return
     base = _base_file(fmt, model, torch.from_numpy(xs[0]), tmp_path)
     atol, rtol = TOL[variant.precision]
-    opts: dict = {"target": "cpu", **variant.fixed}
+    opts: dict = {"target": "cpu", **variant.fixed, **config_options(variant.config)}
     if "calibration" in variant.needs:
         opts["calibration"] = _samples_npz(tmp_path / "calibration.npz", xs)
     if "samples" in variant.needs:
@@ -120,7 +122,7 @@ def test_variant_optimizes_its_small_model(fmt: str, name: str, tmp_path: Path) 
 
 
 def test_an_overflowing_fp16_model_is_repaired_by_keeping_the_diverging_nodes_in_float32(tmp_path: Path) -> None:
-    from portq.tasks.formats import onnx_precision
+    from portq.tasks.formats.onnx import precision as onnx_precision
 
     torch.manual_seed(0)
     model = Fp16Overflow().eval()
@@ -171,3 +173,24 @@ def _check_setting_variant(fmt: str, name: str, model: torch.nn.Module, xs: list
             casts = [n for n in program.graph.nodes if n.op == "call_function" and "_to_copy" in str(n.target)
                      and n.kwargs.get("dtype") == half]
             assert casts, program.graph
+
+
+def test_shape_inference_types_every_intermediate_value(tmp_path: Path) -> None:
+    """`onnx.shape-inference` (added as one module, `portq.tasks.formats.onnx.shape_inference`): from a file whose
+    intermediate values carry no types, it writes every value's type and shape; its config is registered with it."""
+    import onnx
+
+    handler = FORMATS.get("onnx")
+    variant = handler.variants.get("shape-inference")
+    model, shape = _encoder()
+    base = _base_file("onnx", model, torch.randn(*shape), tmp_path)
+    proto = onnx.load(str(base))
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(base))
+    out = tmp_path / "shapes.onnx"
+    facts = variant.transform(str(base), str(out), {"target": "cpu", **config_options(variant.config)})
+    typed = {v.name for v in onnx.load(str(out)).graph.value_info if v.type.tensor_type.HasField("shape")}
+    produced = {o for n in proto.graph.node for o in n.output if o} - {o.name for o in proto.graph.output}
+    assert produced and produced <= typed, sorted(produced - typed)[:5]
+    assert facts["value_info_before"] == 0 and facts["value_info_after"] == len(typed)
+    assert (variant.config.strict_mode, variant.config.data_prop, type(variant.config).version) == (True, True, 1)

@@ -243,3 +243,35 @@ def test_script_check_is_the_reports_rule(mode, q):
         assert passed is report.outputs[0].passed, (case, mode, atol, rtol)
         outcomes.append(passed)
     assert any(outcomes) and not all(outcomes)  # both verdicts were exercised
+
+
+def test_an_optimization_script_carries_its_formats_code_and_runs_its_variants_config(tmp_path):
+    """An ONNX optimization's script: the base export, then the variant's recipe with its config (recorded in the
+    script's settings and in the report), carrying the ONNX recipe modules and no other format's."""
+    torch.manual_seed(0)
+    path = tmp_path / "mlp.pt2"
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    torch.export.save(torch.export.export(mlp, (torch.randn(4, 16),)), path)
+    store = Store(str(tmp_path / "store"))
+    sub = prepare([str(path)], store, batch="r", max_bytes=1 << 30, options={
+        "latency": {"warmup": 0, "runs": 1},
+        "optimize": {"candidates": ["ort-basic", "fp16", "shape-inference"], "precisions": ["fp16"]}})
+    report = run_job(sub.specs[0], store)
+    arts = {a.id: a for a in report.artifacts}
+    for name, config in (("onnx.ort-basic", "OrtOptimizeConfig"), ("onnx.fp16", "Fp16Config"),
+                         ("onnx.shape-inference", "ShapeInferenceConfig")):
+        art = arts[name]
+        assert art.status.value == "succeeded" and art.parity.passed, art.error
+        recorded = art.optimization.facts["config"]
+        assert recorded["config"] == config and recorded["version"] == 1
+        script = report.url(art.reproduce)
+        text = Path(script).read_text()
+        settings = _settings(script)
+        assert settings["config"] == recorded and settings["transform"] == art.optimization.transform
+        assert {k: v for k, v in settings["transform_opts"].items() if k in recorded} == \
+            {k: v for k, v in recorded.items() if k not in ("config", "version")}
+        assert "def onnx_dynamo(" in text and "def pt2_export(" not in text and "def torchscript_trace(" not in text
+        res = _run_script(script)
+        assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
+        assert f"then {art.optimization.transform}" in res.stdout
+    assert arts["onnx.ort-basic"].optimization.facts["config"]["level"] == "ORT_ENABLE_BASIC"

@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from portq.tasks.formats import FORMATS, recipes, script_unfuse
+from portq.tasks.formats import FORMATS, recipes
 from portq.tasks.formats.diagnose import blocker
-from portq.tasks.formats.reproduce import module_source
-from portq.tasks.formats.script_prepare import RewriteMismatch, check_same, prepare_script
+from portq.tasks.formats.onnx import export as onnx_export
+from portq.tasks.formats.reproduce import copied_modules, module_source
+from portq.tasks.formats.rewrites import script_unfuse
+from portq.tasks.formats.rewrites.script_prepare import RewriteMismatch, check_same, prepare_script
 from portq.tasks.sources.builders import SOURCE_BUILDERS
 from torch import nn
 
@@ -107,7 +109,7 @@ def test_masked_transformers_convert_by_the_torchscript_route(build: str, tmp_pa
         longer = (torch.randn(3, 10, 32), torch.randn(3, 8, 32), harder.padding_mask([2, 10, 6], 10))
         names, dynamic = ["src", "tgt", "pad"], {0: {1: "src_len"}, 1: {1: "tgt_len"}, 2: {1: "src_len"}}
     archive = _trace(module, args)
-    notes = recipes.onnx_torchscript(_source(archive), args, str(tmp_path / "m.onnx"), _opts(names, dynamic))
+    notes = onnx_export.onnx_torchscript(_source(archive), args, str(tmp_path / "m.onnx"), _opts(names, dynamic))
     assert any("_transformer_encoder_layer_fwd" in n for n in notes)
     assert_parity(archive, tmp_path / "m.onnx", [args, longer], names)
 
@@ -128,7 +130,7 @@ def test_archives_convert_by_more_than_one_route(name: str, tmp_path: Path) -> N
         args, longer = (torch.randn(2, 32 * 15 + 64),), (torch.randn(2, 32 * 23 + 64),)
         dynamic = {0: {1: "samples"}}
     archive = _trace(module, args)
-    for route in (recipes.onnx_torchscript, recipes.onnx_ts2ep):
+    for route in (onnx_export.onnx_torchscript, onnx_export.onnx_ts2ep):
         path = tmp_path / f"{route.__name__}.onnx"
         notes = route(_source(archive), args, str(path), _opts(["x"], dynamic))
         assert any("lowered" in n and "complex" in n for n in notes or [])
@@ -161,7 +163,7 @@ def test_symbolics_match_eager_at_two_lengths(name: str, tmp_path: Path) -> None
     torch.manual_seed(0)
     args, longer = (torch.randn(2, 9, 5),), (torch.randn(2, 12, 5),)
     archive = _trace(_Fn(SYMBOLIC_CASES[name]), args)
-    recipes.onnx_torchscript(_source(archive), args, str(tmp_path / "f.onnx"), _opts(["x"], {0: {1: "seq"}}))
+    onnx_export.onnx_torchscript(_source(archive), args, str(tmp_path / "f.onnx"), _opts(["x"], {0: {1: "seq"}}))
     assert_parity(archive, tmp_path / "f.onnx", [args, longer], ["x"])
 
 
@@ -180,7 +182,7 @@ def test_dict_outputs_are_returned_flat_in_portqs_order_and_weights_are_initiali
 
     args = (torch.randn(2, 4),)
     archive = _trace(DictOut(), args)
-    recipes.onnx_torchscript(_source(archive), args, str(tmp_path / "d.onnx"), _opts(["x"], {}, outputs=4))
+    onnx_export.onnx_torchscript(_source(archive), args, str(tmp_path / "d.onnx"), _opts(["x"], {}, outputs=4))
     assert_parity(archive, tmp_path / "d.onnx", [args], ["x"])
     graph = onnx.load(str(tmp_path / "d.onnx")).graph
     assert {tuple(i.dims) for i in graph.initializer} >= {(3, 4), (3,)}  # where ONNX tools look for weights
@@ -224,11 +226,11 @@ def test_the_torchscript_route_refuses_a_program_whose_sizes_tracing_would_fix(t
     module, args = harder.PolarLlama(layers=1), (torch.randint(0, 100, (2, 7)),)
     program = torch.export.export(module, args, dynamic_shapes=({0: torch.export.Dim("batch")},))
     with pytest.raises(RuntimeError, match="reads its dynamic sizes"):
-        recipes.onnx_torchscript(_source(module=program.module(), program=program), args,
+        onnx_export.onnx_torchscript(_source(module=program.module(), program=program), args,
                                  str(tmp_path / "p.onnx"), _opts(["x"], {0: {0: "batch"}}))
     # without dynamic dims, its complex values are traced and rewritten as an archive's are
     static = torch.export.export(module, args)
-    notes = recipes.onnx_torchscript(_source(module=static.module(), program=static), args,
+    notes = onnx_export.onnx_torchscript(_source(module=static.module(), program=static), args,
                                      str(tmp_path / "s.onnx"), _opts(["x"], {}))
     assert any("aten::polar" in n for n in notes or [])
     assert_parity(module, tmp_path / "s.onnx", [args], ["x"])
@@ -262,14 +264,16 @@ def _top_level_names(module: types.ModuleType) -> set[str]:
 
 def test_the_modules_a_reproduce_script_carries_define_each_name_once() -> None:
     """A script concatenates its modules: a name defined twice would silently replace the other's."""
-    from portq.tasks.checks import output_check, runtimes
-    from portq.tasks.formats import unfuse
-
     for fmt, handler in FORMATS:
         for (route, (_, variant)) in [(r, v) for r in handler.routes for v in handler.variants]:
             for kind, builder in SOURCE_BUILDERS:
-                carried = [*builder.script_modules(), unfuse, *route.modules, recipes, *variant.recipe_modules,
-                           runtimes, output_check]
+                carried = copied_modules(builder, route, variant.recipe_modules)
+                recipe_module = route.recipe.__module__
+                others = {m.__name__ for m in carried if m.__name__.endswith(".export")} - {recipe_module}
+                # a script carries its own format's recipes, never another format's (AOTInductor's compiles the
+                # ExportedProgram's, so it carries that one too)
+                assert others <= {"portq.tasks.formats.exported_program.export"} and (
+                    not others or fmt == "aoti"), f"{fmt}:{route.name} carries {others}"
                 seen: dict[str, str] = {}
                 for module in carried:
                     for name in _top_level_names(module):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from portq.tasks.core.errors import ModelLoadError
-from portq.tasks.formats import recipes
+from portq.tasks.formats.onnx import export as recipes
 from portq.tasks.sources.dequantize import FLOAT_NOTE, dequantize_module
 from portq.tasks.sources.loading import LoadRequest, load_model
 from portq.tasks.sources.recipes import build_source

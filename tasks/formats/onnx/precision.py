@@ -1,6 +1,6 @@
 """Lossy ONNX optimization recipes: half precision (with the mixed-precision repair) and int8
 quantization. portq's lossy variants run them, and their reproduce scripts carry a copy of this file's
-source after `onnx_optimize`'s, whose helpers it uses. Plain functions, as in `onnx_optimize`.
+source after `optimize`'s and `transformer`'s, whose helpers it uses. Plain functions, as in `optimize`.
 
 `fp16_repair` is portq's repair for a half-precision artifact that fails parity: it compares the fp32
 and fp16 models' intermediate tensors in topological order (a first-divergence search on the ONNX
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from portq.tasks.formats.onnx_optimize import (
+from portq.tasks.formats.onnx.optimize import (  # portq-only
     _CPU_EXTRA_FP16_BLOCK,
     FP16_MAX,
     _dummy_feeds,
@@ -26,8 +26,8 @@ from portq.tasks.formats.onnx_optimize import (
     _session,
     _toposort,
     load_samples,
-    transformer_profile,
 )
+from portq.tasks.formats.onnx.transformer import transformer_profile  # portq-only
 
 
 # ============================================================================= fp16

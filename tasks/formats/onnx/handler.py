@@ -1,6 +1,6 @@
 """ONNX: exported by torch.onnx through a ladder of routes, run in onnxruntime on the target device.
 
-Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
+Routes, in the order tried (recipes in `portq.tasks.formats.onnx.export`):
   passthrough        an ONNX source file as it is (`portq optimize`); not applicable to PyTorch sources
   dynamo             torch.onnx.export(dynamo=True) on the nn.Module or ExportedProgram
   dynamo_decomposed  the ExportedProgram decomposed first (fused fast-path kernels rewritten), then dynamo
@@ -12,9 +12,7 @@ Routes, in the order tried (recipes in `portq.tasks.formats.recipes`):
 For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
 
 Options (`OnnxOptions`): the opset, where the weights go (`external_data`), and onnxruntime's session settings for
-running the artifact. Variants: `opset17`, `external`, and the optimizations made from the default artifact by the
-recipes in `onnx_optimize` (ort-basic, ort-extended, ort-all, ort-transformer, slim) and `onnx_precision` (fp16,
-fp16-mixed, int8-dynamic, int8-static).
+running the artifact. The recipes are in `export`; the variants, each with its config, in `variants`.
 
 Weights over 1 GiB (or all of them, with `external_data: always`) are written to `model.onnx.data` beside
 `model.onnx`, whichever route exported them: the two files are one artifact (its size counts both), moved,
@@ -31,21 +29,13 @@ from portq.tasks.checks import runtimes
 from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
-from portq.tasks.formats import onnx_optimize, onnx_precision, recipes
-from portq.tasks.formats.base import (
-    FORMATS,
-    SCRIPT_REWRITES,
-    ExportRequest,
-    ExportResult,
-    FormatHandler,
-    Route,
-    Variant,
-)
-from portq.tasks.formats.hardware import cpu_has_native_fp16
+from portq.tasks.formats import exporter_cache
+from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
+from portq.tasks.formats.onnx import export, symbolics
+from portq.tasks.formats.onnx.export import DEFAULT_OPSET, onnx_opset
+from portq.tasks.formats.rewrites import SCRIPT_REWRITES
 from pydantic import BaseModel, ConfigDict, Field
 
-#: Opset used when --opset is not given (every route honours it; the report records what the file holds).
-DEFAULT_OPSET = recipes.DEFAULT_OPSET
 FILENAME = "model.onnx"
 
 
@@ -53,7 +43,7 @@ def _finish(req: ExportRequest, path: Path, route: str) -> ExportResult:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = onnx_opset(model)
     wanted = req.options.get("opset") or DEFAULT_OPSET
     if opset != wanted and route != "passthrough":  # an ONNX source keeps its own opset
         # the dynamo exporter writes opset 18 and converts down with onnx's version converter, which fails on
@@ -158,21 +148,36 @@ def _adopt(base: Path, out: Path, facts: dict[str, Any], options: dict[str, Any]
 
 
 def _localise(source: Any, path: Path, runner: Any, ev: Any, parity: Any, tol: Any) -> tuple[Any, str]:
-    from portq.tasks.checks.divergence import localise_onnx
+    from portq.tasks.formats.onnx.localise import localise_onnx
 
     return localise_onnx(source, path, runner, ev, parity, tol)
+
+
+def graph_inputs(path: Path) -> set[str] | None:
+    """The inputs the ONNX file's graph takes (an exporter drops unused ones), its initializers left out."""
+    if path.suffix != ".onnx":
+        return None
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in proto.graph.initializer}
+    return {i.name for i in proto.graph.input if i.name not in initializers}
+
+
+#: the plain modules the routes that may take a TorchScript archive call besides their recipe module
+_ARCHIVE_ROUTE = (*SCRIPT_REWRITES, symbolics)
 
 
 ONNX = FormatHandler(
     format=Format.onnx,
     filename=FILENAME,
     routes=[
-        Route("passthrough", recipes.onnx_passthrough),
-        Route("dynamo", recipes.onnx_dynamo),
-        Route("dynamo_decomposed", recipes.onnx_dynamo_decomposed),
-        Route("torchscript", recipes.onnx_torchscript, SCRIPT_REWRITES),
-        Route("ts2ep", recipes.onnx_ts2ep, SCRIPT_REWRITES),
-        Route("ts2ep_decomposed", recipes.onnx_ts2ep_decomposed, SCRIPT_REWRITES),
+        Route("passthrough", export.onnx_passthrough),
+        Route("dynamo", export.onnx_dynamo),
+        Route("dynamo_decomposed", export.onnx_dynamo_decomposed),
+        Route("torchscript", export.onnx_torchscript, _ARCHIVE_ROUTE),
+        Route("ts2ep", export.onnx_ts2ep, SCRIPT_REWRITES),
+        Route("ts2ep_decomposed", export.onnx_ts2ep_decomposed, SCRIPT_REWRITES),
     ],
     opener=runtimes.open_onnx,
     checked_open=open_checked,
@@ -180,51 +185,9 @@ ONNX = FormatHandler(
     finish=_finish,
     localise=_localise,
     adopt=_adopt,
+    graph_inputs=graph_inputs,
+    opset_of=lambda path: onnx_opset(str(path)) if path.suffix == ".onnx" else None,
+    host_copies=True,
+    setup=exporter_cache.install,
 )
 FORMATS.add(Format.onnx.value, ONNX)
-
-# Variants: each a name, and the options it fixes; optimizations name their base and recipe. Measured on
-# 2 CPU cores (README, Optimization): which candidates `--optimize auto` tries per target follows from it.
-_GRAPH = (onnx_optimize,)
-_LOSSY = (onnx_optimize, onnx_precision)
-CPU, CUDA = frozenset({"cpu"}), frozenset({"cuda"})
-
-
-def _no_native_fp16(target: str) -> str | None:
-    if target == "cpu" and not cpu_has_native_fp16():
-        return ("onnxruntime's CPU provider computes fp16 through casts to fp32 on this CPU (no AVX-512 FP16): "
-                "never faster; ask for onnx.fp16 by name to measure it anyway")
-    return None
-
-
-for variant in (
-    Variant("opset17", "ONNX at opset 17, for runtimes that do not read opset 18 yet", fixed={"opset": 17}),
-    Variant("external", "ONNX with every weight in model.onnx.data beside model.onnx (what models over 2 GB get "
-            "anyway)", fixed={"external_data": "always"}),
-    Variant("ort-basic", "onnxruntime's basic graph optimizations (constant folding, redundant nodes), saved "
-            "offline", base="default", transform=onnx_optimize.ort_basic, recipe_modules=_GRAPH),
-    Variant("ort-extended", "onnxruntime's extended optimizations (operator fusions) saved offline, portable; "
-            "layout transforms applied when it loads", base="default", transform=onnx_optimize.ort_extended,
-            recipe_modules=_GRAPH, candidate_for=CPU),
-    Variant("ort-all", "every onnxruntime optimization saved offline, layout transforms included: NCHWc "
-            "weights reordered for this host's SIMD width, so serve it on the same kind of CPU",
-            base="default", transform=onnx_optimize.ort_all, recipe_modules=_GRAPH, candidate_for=CPU),
-    Variant("ort-transformer", "onnxruntime's transformer fusions (Attention, LayerNorm, Gelu; Optimum's O2) on "
-            "transformer-like graphs", base="default", transform=onnx_optimize.ort_transformer,
-            recipe_modules=_GRAPH, candidate_for=CPU | CUDA),
-    Variant("slim", "onnxslim graph simplification", base="default", transform=onnx_optimize.onnxslim,
-            recipe_modules=_GRAPH),
-    Variant("fp16", "float16 weights and activations (inputs and outputs stay float32), with onnxruntime's "
-            "op block list", base="default", transform=onnx_precision.fp16, recipe_modules=_LOSSY,
-            precision="fp16", candidate_for=CPU | CUDA, auto_skip=_no_native_fp16, repair="fp16-mixed"),
-    Variant("fp16-mixed", "float16 with the nodes where fp16 diverges kept in float32 (the repair of a failing "
-            "fp16 variant)", base="default", transform=onnx_precision.fp16_repair_recipe, recipe_modules=_LOSSY,
-            precision="fp16", needs=frozenset({"samples"})),
-    Variant("int8-dynamic", "int8 weights, activations quantized at run time (MatMul and Gemm; never Conv, "
-            "which is slower so on CPUs)", base="default", transform=onnx_precision.int8_dynamic,
-            recipe_modules=_LOSSY, precision="int8", candidate_for=CPU),
-    Variant("int8-static", "int8 QDQ, per-channel weights, activation ranges calibrated on samples "
-            "(--calibration, else the job's own)", base="default", transform=onnx_precision.int8_static,
-            recipe_modules=_LOSSY, precision="int8", candidate_for=CPU, needs=frozenset({"calibration"})),
-):
-    ONNX.variants.add(variant.name, variant)

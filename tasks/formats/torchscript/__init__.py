@@ -1,14 +1,18 @@
 """TorchScript: the source archive as is, else torch.jit.trace, else torch.jit.script; run with torch.jit.load.
 
-Variants: `frozen` (torch.jit.freeze of the default artifact, opened with optimize_for_inference).
+Recipes in `export`. Variants: `frozen` (torch.jit.freeze of the default artifact, opened with
+optimize_for_inference).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from portq.tasks.checks import runtimes
 from portq.tasks.core.contract import Format
-from portq.tasks.formats import recipes
 from portq.tasks.formats.base import FORMATS, FormatHandler, Route, Variant
+from portq.tasks.formats.torchscript import export
 from pydantic import BaseModel, ConfigDict, Field
 
 FILENAME = "model.torchscript.pt"
@@ -21,19 +25,26 @@ class TorchScriptOptions(BaseModel):
                                                             "artifact is opened (CPU rewrites such as MKLDNN)")
 
 
+@dataclass(frozen=True)
+class FreezeConfig:
+    """torch.jit.freeze of the default artifact (`export.torchscript_frozen`), with its default settings."""
+
+    version: ClassVar[int] = 1
+
+
 TORCHSCRIPT = FormatHandler(
     format=Format.torchscript,
     filename=FILENAME,
     routes=[
-        Route("passthrough", recipes.torchscript_passthrough),
-        Route("trace", recipes.torchscript_trace),
-        Route("script", recipes.torchscript_script),
+        Route("passthrough", export.torchscript_passthrough),
+        Route("trace", export.torchscript_trace),
+        Route("script", export.torchscript_script),
     ],
     opener=runtimes.open_torchscript,
     options=TorchScriptOptions,
 )
 FORMATS.add(Format.torchscript.value, TORCHSCRIPT)
 TORCHSCRIPT.variants.add("frozen", Variant(
-    "frozen", "torch.jit.freeze, opened with optimize_for_inference (Conv+BN folding, MKLDNN on CPU)",
-    fixed={"optimize_for_inference": True}, base="default", transform=recipes.torchscript_frozen,
+    "frozen", "torch.jit.freeze, opened with optimize_for_inference (Conv+BN folding, MKLDNN on CPU)", FreezeConfig(),
+    fixed={"optimize_for_inference": True}, base="default", transform=export.torchscript_frozen,
     candidate_for=frozenset({"cpu"})))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from portq.tasks.formats.script_complex import lower_complex  # portq-only
-from portq.tasks.formats.script_unfuse import clone_script, fused_ops, unfuse_graph  # portq-only
+from portq.tasks.formats.rewrites.script_complex import lower_complex  # portq-only
+from portq.tasks.formats.rewrites.script_unfuse import clone_script, fused_ops, unfuse_graph  # portq-only
 
 #: the self-check's tolerance: a rewrite is the same computation, so only float reassociation may differ
 REWRITE_ATOL, REWRITE_RTOL = 1e-5, 1e-4

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-_COMPLEX_TO_REAL = {"torch.complex64": "float32", "torch.complex128": "float64", "torch.complex32": "float16"}
-
 
 class LoweringError(RuntimeError):
     """A complex-valued op the lowering does not know (the message names it)."""
@@ -391,10 +389,6 @@ class _Lowerer:
         self.repr[node.output().unique()] = n.output()
         self.rt[n.output().unique()] = torch.view_as_real(value.resolve_conj())
         self.counts["buffer"] = self.counts.get("buffer", 0) + 1
-
-
-def has_complex(script: Any, args: tuple[Any, ...]) -> bool:
-    return any(t.is_complex() for t in probe(script, args).values())
 
 
 def lower_complex(script: Any, args: tuple[Any, ...]) -> list[str]:
