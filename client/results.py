@@ -42,7 +42,7 @@ def status(
 def report(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "
-                                                         "(schema: batch-report.v2.json).")] = False,
+                                                         "(schema: batch-report.v3.json).")] = False,
     fmt: Annotated[ReportFormat, typer.Option("--format", help="table (terminal), json, md (Markdown summary) "
                                                                "or html (self-contained summary page).")]
     = ReportFormat.table,

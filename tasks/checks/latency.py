@@ -23,14 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from portq.tasks.checks.paired import PairedOptions, PairedTiming, measure_paired, spread
 from portq.tasks.checks.runners import Runner
 from portq.tasks.core.contract import (
     BUSY_NOTE,
     DISTURBED_NOTE,
+    PAIRED_METHOD,
     Histogram,
     LatencyOptions,
     LatencyReport,
     Memory,
+    PairedComparison,
     SweepPoint,
     Timing,
     json_float,
@@ -89,14 +92,6 @@ class LatencyStats:
             max_ms=float(max(self.samples_ms)), throughput_per_s=self.throughput_per_s,
             first_run_ms=self.first_run_ms, histogram=latency_histogram(self.samples_ms),
         )
-
-
-def spread(medians: list[float]) -> float:
-    """(max - min) / min: how far apart the window medians are (0 when equal, inf when one is zero)."""
-    lo, hi = min(medians), max(medians)
-    if lo <= 0:
-        return 0.0 if hi <= 0 else math.inf
-    return (hi - lo) / lo
 
 
 def criterion(opts: LatencyOptions) -> str:
@@ -286,9 +281,20 @@ def time_source(
 
 
 def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
-                  host_copies: bool = False) -> LatencyReport:
-    """Time an artifact exactly as the source was timed (`ev`: the job's SourceEvidence) and report both."""
-    stats = measure_with(runner, ev.samples[0], opts, batch_size=ev.batch_size)
+                  host_copies: bool = False, source: Runner | None = None,
+                  reopen: Callable[[], Runner] | None = None, seed: int = 0) -> LatencyReport:
+    """Time an artifact against the source (`ev`: the job's SourceEvidence) and report both.
+
+    With the `source` model's runner at hand, the headline speedup is a paired comparison (`compare_paired`):
+    source and artifact in alternating blocks, with an interval and a verdict. Without it (no source in this
+    process), the artifact is timed on its own as the source was, and the speedup is the ratio of the two p50s.
+    `reopen` opens the artifact again, for a comparison re-timed with one thread."""
+    paired = None
+    if source is not None:
+        paired = compare_paired(source, runner, ev.samples[0], opts, device=ev.device, reopen=reopen, seed=seed)
+        stats = paired_stats(paired, opts, batch_size=ev.batch_size)
+    else:
+        stats = measure_with(runner, ev.samples[0], opts, batch_size=ev.batch_size)
     probe.warm()
     sweep, notes = [], []
     for size, (inputs, source_stats) in sorted(ev.sweep.items()):
@@ -298,10 +304,84 @@ def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, 
             notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
             continue
         sweep.append((size, point, source_stats))
-    notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
+    if paired is None:
+        notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
     if host_copies and ev.device.startswith("cuda"):
         notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
                      "the source's inputs are already on the GPU")
-    return build_report(device=ev.device, opts=opts, artifact=stats, source=ev.latency, sweep=sweep,
-                        load_ms=load_ms, memory=probe.stop(), source_memory=ev.memory,
-                        providers=getattr(runner, "providers", None), notes=notes)
+    report = build_report(device=ev.device, opts=opts, artifact=stats, source=ev.latency, sweep=sweep,
+                          load_ms=load_ms, memory=probe.stop(), source_memory=ev.memory,
+                          providers=getattr(runner, "providers", None), notes=notes)
+    if paired is not None:
+        apply_paired(report, paired)
+    return report
+
+
+def paired_options(opts: LatencyOptions) -> PairedOptions:
+    """A job's latency options as the paired comparison reads them: a block is half a window, and the interval
+    must come within half the windows' stability of the estimate (±5% for the default 10%)."""
+    return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 2, 1.0),
+                         max_seconds=opts.max_seconds, precision=opts.stability / 2)
+
+
+def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,
+                   device: str, reopen: Callable[[], Runner] | None = None, seed: int = 0) -> PairedTiming:
+    """The paired comparison of the source and an artifact on one sample; on an oversubscribed CPU, once more
+    with one thread on both sides (torch's pool, and the artifact opened again by `reopen`)."""
+    import torch
+    from portq.tasks.checks import runtimes
+
+    popts = paired_options(opts)
+    cpu = not device.startswith("cuda")
+    threads = torch.get_num_threads() if cpu else 1
+
+    def once(art: Runner, n: int) -> PairedTiming:
+        src_in, art_in = source.prepare(sample), art.prepare(sample)
+        return measure_paired(lambda: source.run(src_in), lambda: art.run(art_in), popts, threads=n,
+                              cpu_bound=cpu, seed=seed)
+
+    first = once(artifact, threads)
+    if not (cpu and threads > 1 and first.load.oversubscribed):
+        return first
+    saved = runtimes.JOB_THREADS
+    torch.set_num_threads(1)
+    runtimes.JOB_THREADS = 1
+    try:
+        single = once(reopen() if reopen is not None else artifact, 1)
+    finally:
+        torch.set_num_threads(threads)
+        runtimes.JOB_THREADS = saved
+    single.retimed_from = first
+    return single
+
+
+def paired_stats(paired: PairedTiming, opts: LatencyOptions, *, batch_size: int | None) -> LatencyStats:
+    """The artifact's own numbers from the comparison's artifact blocks (its timing section and p50)."""
+    blocks = paired.artifact_blocks_ms
+    last = blocks[-opts.windows:]
+    spread_ = spread(last) if len(last) >= 2 else math.inf
+    return LatencyStats(warmup=max(opts.warmup, 1), runs=len(paired.artifact_runs_ms),
+                        samples_ms=paired.artifact_runs_ms, window_medians_ms=blocks,
+                        window_runs=paired.artifact_block_runs, stable=spread_ <= opts.stability, spread=spread_,
+                        batch_size=batch_size, first_run_ms=paired.artifact_first_ms,
+                        timed_runs=len(paired.artifact_runs_ms))
+
+
+def apply_paired(report: LatencyReport, paired: PairedTiming) -> None:
+    """The comparison's speedup, interval and verdict into the artifact's latency report."""
+    load = paired.load
+    report.speedup = paired.speedup
+    report.speedup_interval = [paired.low, paired.high]
+    report.inconclusive = paired.inconclusive
+    report.inconclusive_reason = paired.reason
+    report.stable = report.stable and not paired.inconclusive
+    report.comparison = PairedComparison(
+        method=PAIRED_METHOD, pairs=paired.pairs, threads=paired.threads, stopped_by=paired.stopped_by,
+        confidence=PairedOptions.confidence, cores=load.cores, other_runnable_threads=load.others,
+        cpu_per_wall=load.cpu_per_wall, involuntary_switches_per_s=load.involuntary_switches_per_s,
+        source_blocks_ms=paired.source_blocks_ms, artifact_blocks_ms=paired.artifact_blocks_ms)
+    first = paired.retimed_from
+    if first is not None:
+        report.notes.append(f"timed with one thread on both sides: at {first.threads} threads "
+                            f"{first.reason} (the {first.threads}-thread reading was {first.speedup:.3g}x, "
+                            f"{first.low:.3g}x to {first.high:.3g}x)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
     from portq.tasks.checks.latency import time_artifact
     from portq.tasks.checks.memory import MemoryProbe
     from portq.tasks.checks.parity import compare
-    from portq.tasks.checks.runners import call, to_tensors
+    from portq.tasks.checks.runners import TorchRunner, call, to_tensors
     from portq.tasks.formats import FORMATS, ExportRequest, attempt_reports
     from portq.tasks.formats.reproduce import ScriptInputs, write_for_artifact
 
@@ -157,7 +158,10 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         step = ctx.enter("latency")
         with clock.stage("latency"):
             artifact.latency = time_artifact(runner, ev, ctx.spec.options.latency, probe=probe, load_ms=load_ms,
-                                             host_copies=handler.host_copies)
+                                             host_copies=handler.host_copies,
+                                             source=TorchRunner(ctx.source.module, ev.device),
+                                             reopen=partial(handler.open_runner, result.path, ev.device, ctx.options),
+                                             seed=ctx.spec.options.parity.seed)
         if not artifact.parity.passed and ctx.spec.options.parity.localise:
             step = ctx.enter("localise")
             with clock.stage("localise"):

@@ -21,8 +21,10 @@ p50 +- 1.96 std / sqrt(runs). With `change = new p50 / baseline p50 - 1` and `t 
 - slower (change > t): a regression when the ranges do not overlap (new range low > baseline range high);
   otherwise unchanged, within the noise.
 - faster (change < -t): the mirror image, an improvement.
-- A *disturbed* measurement is one marked `stable: false`, whose job found the machine busy (load average
-  above the usable CPUs), or whose runs were disturbed (median above 5x the fastest run). Interference only
+- A *disturbed* measurement is one whose paired timing was inconclusive (an oversubscribed machine, or an
+  interval too wide: `portq.tasks.checks.paired`), one marked `stable: false`, whose job found the machine busy
+  (load average above the usable CPUs), or whose runs were disturbed (median above 5x the fastest run). The
+  windows of a paired measurement are its artifact blocks. Interference only
   ever adds time, so a disturbance can make a measurement look slower, never faster. When the side that came
   out slower is disturbed, its windows are not trusted: the change counts only if every one of its runs, the
   fastest included, is slower than the other side's range high by more than t; otherwise it is
@@ -92,7 +94,9 @@ def timing_range(t: Timing) -> tuple[float, float]:
 def disturbances(latency: LatencyReport, t: Timing) -> list[str]:
     """Why a measurement cannot be trusted on its own (empty when it can)."""
     reasons = []
-    if not t.stable:
+    if latency.inconclusive:  # the paired comparison saw an oversubscribed machine, or runs that varied too much
+        reasons.append(f"its paired timing was inconclusive ({latency.inconclusive_reason})")
+    elif not t.stable:
         reasons.append(f"unstable (its window medians spread {t.spread:.0%})")
     for note in latency.notes:
         if note.startswith(BUSY_NOTE):

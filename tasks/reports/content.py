@@ -6,6 +6,8 @@ rendered twice: as Markdown below and as HTML in `portq.tasks.reports.html`, so 
 
 from __future__ import annotations
 
+import math
+
 from portq.tasks.core.contract import (
     ArtifactReport,
     BatchReport,
@@ -24,16 +26,62 @@ from portq.tasks.reports.facts import Fact
 from portq.tasks.reports.facts import fmt as _fmt
 
 
-def mark_best(artifacts: list[ArtifactReport]) -> str | None:
-    """Mark the fastest artifact that converted and passed parity (lowest p50 at the sample); return its id.
+def speedup_interval(a: ArtifactReport) -> tuple[float, float]:
+    """An artifact's speedup interval (low, high); a report without one (older than paired timing) is a point."""
+    assert a.latency is not None
+    lat = a.latency
+    return (lat.speedup_interval[0], lat.speedup_interval[1]) if lat.speedup_interval else (lat.speedup, lat.speedup)
 
-    Ties go to the earlier artifact in the job's order. None when no artifact qualifies.
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two speedup intervals (low, high) overlap: neither is shown to be faster than the other."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def mark_best(artifacts: list[ArtifactReport]) -> str | None:
+    """Mark the fastest artifact that converted and passed parity (the highest speedup over the source); return
+    its id. None when no artifact qualifies.
+
+    Artifacts whose speedup intervals overlap the fastest one's are tied with it: none is shown to be faster.
+    The tie is broken by a stated rule: lossless before lossy (an optimization that changes the numbers), then
+    the smaller file, then the job's order. The pick's `best_note` says when it was a tie, and when its speedup
+    is inconclusive.
     """
     eligible = [a for a in artifacts if a.good and a.latency is not None]
-    best = min(eligible, key=lambda a: a.latency.p50_ms if a.latency else 0.0, default=None)
     for a in artifacts:
-        a.best = a is best
-    return best.id if best is not None else None
+        a.best, a.best_note = False, None
+    if not eligible:
+        return None
+    fastest = max(eligible, key=lambda a: a.latency.speedup if a.latency else 0.0)
+    tied = [a for a in eligible if overlap(speedup_interval(a), speedup_interval(fastest))]
+    best = min(tied, key=lambda a: (not lossless(a), a.size_bytes if a.size_bytes is not None else math.inf,
+                                    eligible.index(a)))
+    notes = []
+    if len(tied) > 1:
+        others = ", ".join(a.id for a in tied if a is not best)
+        notes.append(f"tied with {others} (speedup intervals overlap): picked by the rule lossless first, then "
+                     "the smaller file, then the job's order")
+    assert best.latency is not None
+    if best.latency.inconclusive:
+        notes.append(f"its speedup is inconclusive: {best.latency.inconclusive_reason}")
+    best.best, best.best_note = True, "; ".join(notes) or None
+    return best.id
+
+
+def lossless(a: ArtifactReport) -> bool:
+    """Whether the artifact computes with the source's numbers (no lossy optimization such as fp16 or int8)."""
+    return a.optimization is None or a.optimization.lossless
+
+
+def speedup_text(a: ArtifactReport) -> str:
+    """The speedup as the tables show it: `3.40x (3.10-3.80)`, flagged when inconclusive."""
+    if a.latency is None:
+        return "-"
+    lat = a.latency
+    text = f"{lat.speedup:.2f}x"
+    if lat.speedup_interval:
+        text += f" ({lat.speedup_interval[0]:.2f}-{lat.speedup_interval[1]:.2f})"
+    return f"inconclusive: {text}" if lat.inconclusive else text
 
 
 def artifact_row(a: ArtifactReport) -> list[str]:
@@ -43,16 +91,18 @@ def artifact_row(a: ArtifactReport) -> list[str]:
     if a.latency:
         p50 = _fmt(a.latency.p50_ms) + ("" if a.latency.stable else " (unstable)")
     src = _fmt(a.latency.source_p50_ms) if a.latency else "-"
-    speedup = f"{a.latency.speedup:.2f}x" if a.latency else "-"
     note = a.error or (f"route {a.route}" if a.route else "")
     if a.optimization is not None and a.status is not StepStatus.skipped:
         note += f" + {a.optimization.transform}"
-    if a.latency and a.latency.speedup < 1.0 and a.status is StepStatus.succeeded:
+    if a.latency and a.latency.inconclusive:
+        note += f"; speedup inconclusive: {a.latency.inconclusive_reason}"
+    elif a.latency and a.latency.speedup < 1.0 and a.status is StepStatus.succeeded:
         note += "; slower than the source"
     if a.parity and a.parity.first_divergence:
         d = a.parity.first_divergence
         note += f"; diverges at {d.node} ({d.op_type}{', ' + d.module if d.module else ''})"
-    return [a.id, a.status.value, parity, max_abs, p50, src, speedup, "best" if a.best else "", note]
+    best = ("best (tie)" if a.best_note and a.best_note.startswith("tied") else "best") if a.best else ""
+    return [a.id, a.status.value, parity, max_abs, p50, src, speedup_text(a), best, note]
 
 
 ARTIFACT_COLUMNS = ["artifact", "status", "parity", "max abs err", "p50 ms", "source p50 ms", "speedup", "best",
@@ -94,7 +144,9 @@ def job_facts(r: JobReport) -> list[Fact]:
              Fact("status", r.status.value + (" (cached)" if r.cached else ""), strong=True,
                   bad=r.status is JobStatus.failed)]
     if r.best:
-        facts.append(Fact("best pick", r.best, strong=True))
+        pick = next((a for a in r.artifacts if a.id == r.best), None)
+        note = pick.best_note if pick is not None else None
+        facts.append(Fact("best pick", r.best + (f" ({note})" if note else ""), strong=True))
     verdict = speed_verdict(r)
     if verdict:
         facts.append(Fact("speed", verdict, bad=verdict.startswith("no artifact")))
@@ -123,8 +175,11 @@ def speed_verdict(r: JobReport) -> str | None:
     passing = [a for a in timed if a.good]
     fastest = max(passing or timed, key=lambda a: a.latency.speedup if a.latency else 0.0)
     assert fastest.latency is not None
+    if fastest.latency.inconclusive:
+        return (f"{fastest.id} measured {speedup_text(fastest)} the source's speed, not a precise number: "
+                f"{fastest.latency.inconclusive_reason}" + ("" if passing else " (and it failed parity)"))
     if fastest.latency.speedup >= 1.0:
-        return f"{fastest.id} is {fastest.latency.speedup:.2f}x the source's speed" + (
+        return f"{fastest.id} is {speedup_text(fastest)} the source's speed" + (
             "" if passing else " (but it failed parity)")
     return (f"no artifact is faster than the source model: the best, {fastest.id}, runs at "
             f"{fastest.latency.speedup:.2f}x its speed; serve the PyTorch model, or try --optimize")

@@ -311,7 +311,7 @@ def batch_html(b: BatchReport, base: str) -> str:
     """The batch summary page: model x format x parity x p50 x speedup, best picks highlighted, and a link to each
     job's report.html relative to `base`, the folder the page will be in (`relative_link`)."""
     rows = summary_rows(b)
-    best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")] == "best"}
+    best_rows = {i for i, row in enumerate(rows) if row[SUMMARY_COLUMNS.index("best")].startswith("best")}
     body = [f"<h1>portq batch {_e(b.batch)}</h1>", f"<p>{_e(counts_line(b))}; store <code>{_e(b.store)}</code></p>",
             table(SUMMARY_COLUMNS, rows, best_rows)]
     speedups = [(f"{j.model}/{a.id}", a.latency.speedup) for j in b.jobs for a in j.artifacts

@@ -30,8 +30,8 @@ def test_submit_runs_here_and_reports(example_models, env):
     rep = run_cli("report", "demo", "--json", env=env)
     assert rep.returncode == 0
     doc = json.loads(rep.stdout)
-    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v2.json").read_text()))
-    assert doc["batch"] == "demo" and doc["counts"]["succeeded"] == 3 and doc["schema_version"] == 2
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v3.json").read_text()))
+    assert doc["batch"] == "demo" and doc["counts"]["succeeded"] == 3 and doc["schema_version"] == 3
     for job in doc["jobs"]:
         (art,) = job["artifacts"]
         assert (art["id"], art["format"], art["variant"]) == ("onnx", "onnx", "default")

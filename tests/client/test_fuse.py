@@ -81,14 +81,14 @@ def test_a_fusion_runs_here_and_reports_like_any_job(members, env, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == "batch fz" and "running 1 job(s) here" in res.stderr
     doc = json.loads(run_cli("report", "fz", "--json", env=env).stdout)
-    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v2.json").read_text()))
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v3.json").read_text()))
     (job,) = doc["jobs"]
     assert job["kind"] == "fuse" and job["model"] == "ensemble-ts0-ts1-ts2"
     assert job["source"] == "fuse(ensemble: ts0.pt, ts1.pt, ts2.pt)" and job["status"] == "succeeded"
     assert [a["id"] for a in job["artifacts"]] == ["onnx", "pt2"] and all(a["parity"]["passed"]
                                                                             for a in job["artifacts"])
     report = json.loads(open(job["report"]).read())
-    jsonschema.validate(report, json.loads((SCHEMA_DIR / "job-report.v2.json").read_text()))
+    jsonschema.validate(report, json.loads((SCHEMA_DIR / "job-report.v3.json").read_text()))
     fusion = report["fusion"]
     assert fusion["params"]["weights"] == [0.5, 0.25, 0.25] and fusion["combine_check"]["passed"]
     assert fusion["metric"] == "accuracy" and all(m["score"] is not None for m in fusion["members"])

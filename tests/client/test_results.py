@@ -25,7 +25,7 @@ def batch(example_models, tmp_path_factory):
 
 def test_json_carries_best_and_the_new_evidence(batch):
     doc = json.loads(run_cli("report", "rep", "--json", env=batch).stdout)
-    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v2.json").read_text()))
+    jsonschema.validate(doc, json.loads((SCHEMA_DIR / "batch-report.v3.json").read_text()))
     assert doc == json.loads(run_cli("report", "rep", "--format", "json", env=batch).stdout)
     (job,) = doc["jobs"]
     arts = {a["id"]: a for a in job["artifacts"]}
@@ -93,6 +93,6 @@ def test_a_store_written_by_version_1_is_named_as_such(tmp_path):
                                                               "path": "/old/results/k1/model.onnx"}]}))
     res = run_cli("report", "old", env={"PORTQ_STORE": str(store)})
     assert res.returncode == 1
-    assert "is a job report of schema version 1, written by an older portq; this portq reads version 2" in res.stderr
+    assert "is a job report of schema version 1, written by an older portq; this portq reads version 3" in res.stderr
     assert "submit the models again" in res.stderr and "Traceback" not in res.stderr
     assert "validation error" not in res.stderr.lower() and res.stderr.count("\n") <= 3

@@ -14,7 +14,7 @@ from portq.tasks.core.contract.record import JobStatus
 from portq.tasks.core.contract.spec import Precision, ToleranceMode
 from pydantic import Field
 
-REPORT_SCHEMA_VERSION: Literal[2] = 2
+REPORT_SCHEMA_VERSION: Literal[3] = 3
 
 
 class StepStatus(str, Enum):
@@ -172,6 +172,27 @@ BUSY_NOTE = "the machine was busy"
 DISTURBED_NOTE = "runs were disturbed"
 
 
+#: how a latency report's speedup was measured (`LatencyReport.comparison.method`)
+PAIRED_METHOD = "paired"
+
+
+class PairedComparison(ReportModel):
+    """How the speedup was measured: the source and the artifact timed in alternating blocks
+    (`portq.tasks.checks.paired`), and what the machine did meanwhile."""
+
+    method: str = PAIRED_METHOD
+    pairs: int
+    threads: int = Field(description="compute threads each side ran with")
+    stopped_by: str
+    confidence: float = Field(0.95, description="of the speedup's interval (percentile bootstrap over the pairs)")
+    cores: int
+    other_runnable_threads: float = Field(description="median runnable threads of other processes while timing")
+    cpu_per_wall: float | None = Field(None, description="this process's CPU seconds per wall second (evidence)")
+    involuntary_switches_per_s: float = 0.0
+    source_blocks_ms: list[float] = Field(default_factory=list, description="each source block's median run")
+    artifact_blocks_ms: list[float] = Field(default_factory=list, description="each artifact block's median run")
+
+
 class LatencyReport(ReportModel):
     device: str
     warmup: int
@@ -184,7 +205,14 @@ class LatencyReport(ReportModel):
     source_p90_ms: float
     source_p99_ms: float
     source_mean_ms: float
-    speedup: float = Field(description="source p50 / artifact p50")
+    speedup: float = Field(description="how many times faster than the source: the median of the paired blocks' "
+                           "ratios (`comparison`), or, in reports without one, source p50 / artifact p50")
+    speedup_interval: list[float] | None = Field(None, description="[low, high]: the speedup's confidence "
+                                                 "interval (absent in reports older than paired timing)")
+    inconclusive: bool = Field(False, description="true: the speedup is not a precise number (an oversubscribed "
+                               "machine, or an interval too wide): read `inconclusive_reason`")
+    inconclusive_reason: str | None = None
+    comparison: PairedComparison | None = None
     stable: bool = True
     criterion: str = ""
     artifact: Timing | None = None
@@ -248,6 +276,8 @@ class ArtifactReport(ReportModel):
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
     best: bool = Field(False, description="the fastest artifact of its job that passed parity")
+    best_note: str | None = Field(None, description="on the best pick: a tie it won by the stated rule, or an "
+                                  "inconclusive speedup")
 
     @property
     def good(self) -> bool:
@@ -332,7 +362,7 @@ class FusionReport(ReportModel):
 class JobReport(ReportModel):
     """`report.json`: what one job produced (written last, after its artifacts)."""
 
-    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[3] = REPORT_SCHEMA_VERSION
     job_id: str
     job_key: str | None = None
     kind: JobKind = JobKind.convert
@@ -393,7 +423,7 @@ class BatchJob(ReportModel):
 class BatchReport(ReportModel):
     """What `portq report BATCH --json` prints: a contract that scripts and CI rely on."""
 
-    schema_version: Literal[2] = REPORT_SCHEMA_VERSION
+    schema_version: Literal[3] = REPORT_SCHEMA_VERSION
     batch: str
     store: str
     counts: dict[str, int]

@@ -20,6 +20,10 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 
 _M = TypeVar("_M", bound=BaseModel)
 
+#: Older versions this portq still reads, because the newer one only added optional fields: a report of version 2
+#: (before paired timing) reads as version 3 without a speedup interval.
+STILL_READ: dict[type[BaseModel], set[int]] = {JobReport: {2}, BatchReport: {2}}
+
 
 def read_versioned(model: type[_M], data: Any, where: str) -> _M:
     """Validate stored data, telling an older portq's file apart from a damaged one.
@@ -30,16 +34,28 @@ def read_versioned(model: type[_M], data: Any, where: str) -> _M:
     field = "version" if "version" in model.model_fields else "schema_version"
     expected = model.model_fields[field].default
     found = data.get(field) if isinstance(data, dict) else None
-    if isinstance(found, int) and found != expected:
+    if isinstance(found, int) and found in STILL_READ.get(model, set()):
+        data = upgraded(data, field, expected)
+    elif isinstance(found, int) and found != expected:
         what = {JobSpec: "job spec", JobReport: "job report", BatchReport: "batch report",
                 SeriesEntry: "series entry"}.get(model, model.__name__)
         age = "an older" if found < expected else "a newer"
         raise OlderVersionError(
             f"{where} is a {what} of schema version {found}, written by {age} portq; this portq reads version "
             f"{expected}", step="read", file=where,
-            hint="submit the models again (a new batch) to get version-2 results, or read this store with the "
-                 "portq that wrote it" if found < expected else "upgrade portq to read it")
+            hint=f"submit the models again (a new batch) to get version-{expected} results, or read this store "
+                 "with the portq that wrote it" if found < expected else "upgrade portq to read it")
     return model.model_validate(data)
+
+
+def upgraded(data: dict[str, Any], field: str, version: int) -> dict[str, Any]:
+    """An older report as the current version: its own fields, and the newer version's number (recursively for a
+    batch's job reports)."""
+    out = {**data, field: version}
+    for key, value in out.items():
+        if isinstance(value, list):
+            out[key] = [upgraded(v, field, version) if isinstance(v, dict) and field in v else v for v in value]
+    return out
 
 
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:

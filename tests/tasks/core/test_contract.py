@@ -185,7 +185,7 @@ def test_data_from_an_older_portq_is_refused_in_a_sentence():
                  "status": "succeeded", "best": "onnx", "artifacts": [{"format": "onnx", "status": "succeeded"}]}
     with pytest.raises(OlderVersionError) as e:
         read_versioned(JobReport, v1_report, "store/results/x/report.json")
-    assert "schema version 1, written by an older portq; this portq reads version 2" in e.value.message
+    assert "schema version 1, written by an older portq; this portq reads version 3" in e.value.message
     assert "store/results/x/report.json" in e.value.message and "submit the models again" in e.value.message
     v1_spec = {"version": 1, "job_id": "j", "batch_id": "b", "model": "m", "formats": ["onnx"]}
     with pytest.raises(OlderVersionError, match="job spec of schema version 1"):
@@ -221,3 +221,18 @@ def test_an_artifact_is_good_when_it_converted_and_passed_parity(status, passed,
     artifact = ArtifactReport(id="onnx", format="onnx", status=status, parity=parity)
     assert artifact.good is good
     assert "good" not in artifact.model_dump()  # decided from the report, never stored in it
+
+
+def test_a_version_2_report_reads_as_version_3_without_an_interval():
+    latency = {"device": "cpu", "warmup": 1, "runs": 3, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "mean_ms": 1.0,
+               "source_p50_ms": 2.0, "source_p90_ms": 2.0, "source_p99_ms": 2.0, "source_mean_ms": 2.0,
+               "speedup": 2.0, "stable": True}
+    v2 = {"schema_version": 2, "job_id": "j", "batch": "b", "model": "m", "source": "m.pt", "target": "cpu",
+          "status": "succeeded", "best": "onnx",
+          "artifacts": [{"id": "onnx", "format": "onnx", "status": "succeeded", "latency": latency}]}
+    report = read_versioned(JobReport, v2, "store/results/x/report.json")
+    assert report.schema_version == 3
+    (art,) = report.artifacts
+    assert art.latency.speedup == 2.0 and art.latency.speedup_interval is None and not art.latency.inconclusive
+    with pytest.raises(OlderVersionError, match="a newer portq"):
+        read_versioned(JobReport, {**v2, "schema_version": 4}, "x")

@@ -51,8 +51,12 @@ def test_auto_tries_the_targets_candidates_and_picks_the_fastest_that_passes(tmp
     for lossy in ("onnx.int8-dynamic", "onnx.int8-static"):
         assert arts[lossy].status is StepStatus.skipped and "--precision int8" in arts[lossy].error
     passing = [a for a in report.artifacts if a.parity is not None and a.parity.passed and a.latency]
-    fastest = min(passing, key=lambda a: a.latency.p50_ms)
-    assert report.best == fastest.id and arts[report.best].best
+    # the best is the fastest by its paired speedup, or one tied with it (intervals overlap), picked by the rule
+    fastest = max(passing, key=lambda a: a.latency.speedup)
+    low, high = fastest.latency.speedup_interval
+    tied = {a.id for a in passing if a.latency.speedup_interval[0] <= high and low <= a.latency.speedup_interval[1]}
+    assert report.best in tied and arts[report.best].best
+    assert (len(tied) > 1) == ("tied with" in (arts[report.best].best_note or ""))
 
 
 def test_lossy_variants_run_only_with_their_precision_and_are_judged_by_it(tmp_path):
