@@ -18,7 +18,7 @@ def test_every_listed_api_is_used_where_it_says():
     from pathlib import Path
 
     tasks = Path(torch_compat.__file__).resolve().parents[1]
-    for module, attribute, used_by in torch_compat.PRIVATE_APIS:
+    for module, attribute, _used_by in torch_compat.PRIVATE_APIS:
         name = (attribute or module).split(".")[-1]
         users = [p for p in tasks.rglob("*.py") if p.name != "torch.py" and name in p.read_text()]
         assert users, f"{module}.{attribute} is listed but no module uses it: drop it from PRIVATE_APIS"
