@@ -167,3 +167,18 @@ def test_ratio_ticks_are_1_2_5_on_a_log_axis():
     assert ratio_ticks(0.5, 2.0) == [0.5, 1.0, 2.0]
     assert ratio_ticks(0.3, 12) == [0.5, 1.0, 2.0, 5.0, 10.0]
     assert ratio_ticks(0.004, 2e4) == [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+
+
+def test_a_job_page_links_the_summary_relatively_on_every_kind_of_store():
+    """The result folder is results/<key> on a directory store and results/<key>/d-<id> on an object store: the
+    link back to batches/<batch>/summary.html holds from either, and names no local path or bucket."""
+    from portq.tasks.reports.batch_pages import summary_link
+    from portq.tasks.state.store import Store
+
+    for root, up in (("/srv/portq", "../.."), ("s3://bucket/portq", "../../..")):
+        store = Store(root)
+        folder = store.url(store.publication("results/k").folder)
+        assert summary_link(store, "b", folder) == f"{up}/batches/b/summary.html"
+    page = job_html(_full_job(), summary="../../batches/b/summary.html", present={"report.json", "job.log"})
+    assert 'href="../../batches/b/summary.html"' in page and 'href="job.log"' in page
+    assert 'href="report.md"' not in page  # only the files that are there
