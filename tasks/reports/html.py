@@ -260,6 +260,8 @@ def ratio_ticks(lo: float, hi: float) -> list[float]:
 
 
 def _ratio_text(v: float) -> str:
+    if v < 0.1:
+        return f"{v:.2g}x"
     return f"{v:.2f}x" if v < 10 else f"{v:.1f}x" if v < 100 else f"{v:.0f}x"
 
 
