@@ -65,7 +65,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#18794e;fo
 .fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.regression{background:#fdecec}.muted{color:#5f6b73}
 .plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0;min-width:0;max-width:100%}
 figcaption{font-size:12px;color:#5f6b73}svg{max-width:100%;height:auto}
-code{background:#f3f5f7;padding:0 3px;border-radius:3px}nav{margin:4px 0 12px}nav a{margin-right:14px;display:inline-block;max-width:100%}
+code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+nav{margin:4px 0 12px}nav a{margin-right:14px;display:inline-block;max-width:100%}
 """
 
 COLORS = ("#2f6fde", "#e0832a", "#18794e", "#a23fbf")
