@@ -121,7 +121,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         report.result = store.url(publication.folder)
         report.finished_at = utcnow()
         report.duration_s = round(time.perf_counter() - start, 3)
-        _write_reports(workdir, report)
+        _write_reports(workdir, report, store)
         try:
             published = store.publish_dir(workdir, publication, commit_file=REPORT_FILE)
         except StoreError as e:
@@ -166,12 +166,15 @@ def _fail(report: JobReport, e: PortqError) -> None:
     report.failure = Failure(**e.to_dict())  # type: ignore[arg-type]
 
 
-def _write_reports(workdir: Path, report: JobReport) -> None:
+def _write_reports(workdir: Path, report: JobReport, store: Store) -> None:
+    from portq.tasks.reports.batch_pages import summary_link
     from portq.tasks.reports.content import job_markdown
-    from portq.tasks.reports.html import job_html
+    from portq.tasks.reports.html import JOB_FILES, job_html
 
     start = time.perf_counter()
-    markdown, html = job_markdown(report), job_html(report)
+    summary = summary_link(store, report.batch, report.result) if report.result else None
+    present = {n for n in JOB_FILES if (workdir / n).exists()} | {"report.json", "report.md"}
+    markdown, html = job_markdown(report), job_html(report, summary, present)
     report.timings["reports"] = round(time.perf_counter() - start, 4)  # report.json itself comes last
     (workdir / "report.md").write_text(markdown)
     (workdir / "report.html").write_text(html)

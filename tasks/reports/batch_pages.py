@@ -1,14 +1,15 @@
 """A batch's summary pages in the store, beside its records: `batches/<batch>/summary.html` and `summary.md`.
 
 Written when a client sees the batch finish (`portq submit`, `portq wait`, `portq.wait`). Their links to each
-job's report are relative (`../../results/<key>/report.html`), so the pages keep working when the store is
-served over HTTP, copied, or published to an object store.
+job's report are relative (`../../results/<key>/report.html`), and so is each job page's link back here
+(`summary_link`), so the pages keep working when the store is served over HTTP, copied, or published to an
+object store.
 """
 
 from __future__ import annotations
 
 from portq.tasks.core.contract import BatchReport
-from portq.tasks.reports.content import batch_markdown
+from portq.tasks.reports.content import batch_markdown, relative_link
 from portq.tasks.reports.html import batch_html
 from portq.tasks.state.store import Store
 
@@ -22,6 +23,12 @@ def page_key(batch: str, fmt: str) -> str:
 def page_urls(store: Store, batch: str) -> dict[str, str]:
     """Where the batch's summary pages are (a path for a directory store, a URL otherwise), by format."""
     return {fmt: store.url(page_key(batch, fmt)) for fmt in PAGES}
+
+
+def summary_link(store: Store, batch: str, folder: str) -> str:
+    """The batch's summary page as a link from `folder` (a job's result folder, as a path or URL in the store):
+    relative, like the summary's links back to the jobs."""
+    return relative_link(page_urls(store, batch)["html"], folder)
 
 
 def publish_summary(store: Store, report: BatchReport) -> dict[str, str]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
+from urllib.parse import quote
 
 from portq.tasks.core.contract import (
     ArtifactReport,
@@ -21,6 +23,7 @@ from portq.tasks.core.contract import (
     Histogram,
     JobReport,
     SeriesHistory,
+    StepStatus,
 )
 from portq.tasks.reports.compare import COMPARE_COLUMNS, comparison_headline, comparison_rows, rules_line
 from portq.tasks.reports.content import (
@@ -54,12 +57,16 @@ from portq.tasks.reports.history import HISTORY_COLUMNS, Trend, history_rows, hi
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2328;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #dde1e4;padding-bottom:4px}
-h3{font-size:15px}table{border-collapse:collapse;margin:8px 0 14px;font-size:13px}
+h1,h2,h3,p,li{overflow-wrap:anywhere}h3{font-size:15px}
+.scroll{overflow-x:auto;max-width:100%;margin:8px 0 14px}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #dde1e4;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f3f5f7}
+td{white-space:nowrap}td.text{white-space:normal;min-width:16em}td.path{white-space:normal}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#18794e;font-weight:600}
 .fail{color:#c9252d;font-weight:600}.best{background:#e8f7ee}.regression{background:#fdecec}.muted{color:#5f6b73}
-.plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0}figcaption{font-size:12px;color:#5f6b73}
+.plots{display:flex;flex-wrap:wrap;gap:18px}figure{margin:0;min-width:0;max-width:100%}
+figcaption{font-size:12px;color:#5f6b73}svg{max-width:100%;height:auto}
 code{background:#f3f5f7;padding:0 3px;border-radius:3px}
+nav{margin:4px 0 12px}nav a{margin-right:14px;display:inline-block;max-width:100%}
 """
 
 COLORS = ("#2f6fde", "#e0832a", "#18794e", "#a23fbf")
@@ -69,25 +76,51 @@ def _e(x: object) -> str:
     return html.escape(str(x), quote=True)
 
 
+_NUMBER = re.compile(r"[-+]?\.?\d")
+
+
 def _cell(text: str) -> str:
     cls = {"pass": "pass", "FAIL": "fail", "failed": "fail", "succeeded": "pass", "best": "pass",
            "regression": "fail", "improvement": "pass"}.get(text)
-    numeric = text[:1].isdigit() and not text.endswith("windows)")
-    attrs = f' class="{cls}"' if cls else ' class="num"' if numeric else ""
+    if cls is None and _NUMBER.match(text) and not text.endswith("windows)"):
+        cls = "num"
+    elif cls is None and len(text) > 32 and " " in text:
+        cls = "text"  # sentences (a note, an error) wrap; every other cell keeps its tokens whole
+    elif cls is None and len(text) > 20 and "/" in text and " " not in text:
+        # a path: it may wrap after a slash when the table is short of room
+        return f'<td class="path">{"/<wbr>".join(_e(part) for part in text.split("/"))}</td>'
+    attrs = f' class="{cls}"' if cls else ""
     return f"<td{attrs}>{_e(text)}</td>"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], best_rows: set[int] | None = None,
           row_class: str = "best") -> str:
+    """A table in a box of its own, which scrolls sideways when the table is wider than the page."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{row_class}"' if best_rows and i in best_rows else ""
         body.append(f"<tr{cls}>" + "".join(_cell(c) for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 # ------------------------------------------------------------------------------------------------- plots
+
+
+def _svg(width: float, height: float, title: str, parts: Sequence[str]) -> str:
+    """An inline SVG with a viewBox, so that the page's CSS can shrink it to a narrow window."""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:g}" height="{height:g}" '
+            f'viewBox="0 0 {width:g} {height:g}" role="img" aria-label="{_e(title)}">{"".join(parts)}</svg>')
+
+
+#: a glyph's width at most, in ems, in the sans-serif fonts a browser falls back to (DejaVu Sans is the widest)
+_EM = 0.66
+
+
+def _title(title: str, width: float) -> str:
+    """A chart's title on its first line, in a smaller font when it would not fit the chart's width."""
+    size = min(12.0, (width - 2) / (_EM * max(len(title), 1)))
+    return f'<text x="0" y="14" font-size="{size:.1f}" font-weight="600">{_e(title)}</text>'
 
 
 def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_label: str, width: int = 420,
@@ -98,7 +131,7 @@ def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_labe
     peak = max(counts, default=0) or 1
     n = max(len(counts), 1)
     bar_w = plot_w / n
-    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+    parts = [_title(title, width),
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
              f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak}</text>',
              f'<text x="{left - 4}" y="{top + plot_h}" font-size="10" text-anchor="end">0</text>']
@@ -112,8 +145,7 @@ def svg_bars(labels: Sequence[str], counts: Sequence[int], *, title: str, x_labe
                      f'transform="rotate(-45 {lx:.1f} {ly})">{_e(label)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
                  f'{_e(x_label)}</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+    return _svg(width, height, title, parts)
 
 
 def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_label: str, width: int = 520,
@@ -132,7 +164,7 @@ def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_lab
     def x(v: float) -> float:
         return left + plot_w * (v - lo) / (hi - lo)
 
-    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+    parts = [_title(title, width),
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
              f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{peak:.0%}</text>']
     for k, tick in enumerate((lo, (lo + hi) / 2, hi)):
@@ -154,8 +186,7 @@ def svg_histograms(series: Sequence[tuple[str, Histogram]], *, title: str, x_lab
                      f'{_e(tail)}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{top + plot_h + 26}" font-size="11" text-anchor="middle">'
                  f'{_e(x_label)}</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+    return _svg(width, height, title, parts)
 
 
 def svg_lines(labels: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]], *, title: str,
@@ -184,7 +215,7 @@ def svg_lines(labels: Sequence[str], series: Sequence[tuple[str, Sequence[float 
         t = ((math.log10(v) if v > 0 else lo) - lo) / (hi - lo) if log else (v - lo) / (hi - lo)
         return top + plot_h * (1 - min(max(t, 0.0), 1.0))
 
-    parts = [f'<text x="{left}" y="14" font-size="12" font-weight="600">{_e(title)}</text>',
+    parts = [_title(title, width),
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>',
              f'<text x="{left - 4}" y="{top + 4}" font-size="10" text-anchor="end">{_e(fmt_hi)}</text>',
@@ -209,14 +240,73 @@ def svg_lines(labels: Sequence[str], series: Sequence[tuple[str, Sequence[float 
             exact = " (exact)" if log and v <= 0 else ""
             parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"><title>{_e(name)} '
                          f'{_e(labels[i])}: {_e(_fmt(v))}{exact}</title></circle>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="{_e(title)}">{"".join(parts)}</svg>')
+    return _svg(width, height, title, parts)
 
 
 def svg_line(values: Sequence[float], *, title: str, x_label: str, y_label: str, width: int = 420) -> str:
     """A line through the values at 1, 2, ... (a loss curve per epoch): one series of `svg_lines`."""
     return svg_lines([str(i + 1) for i in range(len(values))], [(y_label, list(values))], title=title,
                      y_label=f"{y_label} (x: {x_label})", width=width)
+
+
+def ratio_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks for a log axis of ratios: 1, 2 and 5 times the powers of ten in [lo, hi] (only the powers of ten
+    when that makes more than nine)."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = [(m, float(f"{m}e{k}")) for k in decades for m in (1, 2, 5)]
+    ticks = [(m, t) for m, t in ticks if lo <= t <= hi]
+    if len(ticks) > 9:
+        ticks = [(m, t) for m, t in ticks if m == 1]
+    return [t for _, t in ticks]
+
+
+def _ratio_text(v: float) -> str:
+    if v < 0.1:
+        return f"{v:.2g}x"
+    return f"{v:.2f}x" if v < 10 else f"{v:.1f}x" if v < 100 else f"{v:.0f}x"
+
+
+def svg_ratio_bars(labels: Sequence[str], ratios: Sequence[float], *, title: str, x_label: str,
+                   width: int = 640) -> str:
+    """Ratios (speedups) as horizontal bars on a log axis, each drawn from 1x: right of it faster, left slower.
+
+    One row per label, so the chart grows downwards, not sideways; a label too long for its margin is cut
+    short (the full label is in the bar's tooltip)."""
+    row_h, top, bottom, right, char_w = 22, 26, 40, 58, 11 * _EM
+    longest = max((len(label) for label in labels), default=0)
+    left = math.ceil(min(max(longest * char_w + 14, 60), width * 0.4))
+    fits = math.floor((left - 14) / char_w + 1e-6)
+    plot_w = width - left - right
+    height = top + row_h * len(ratios) + bottom
+    positive = [r for r in ratios if r > 0]
+    lo = min(min(positive, default=1.0), 1.0) / 1.25
+    hi = max(max(positive, default=1.0), 1.0) * 1.25
+    if hi / lo < 4:  # ratios close to 1x: from 0.5x to 2x at least
+        lo, hi = min(lo, 0.5), max(hi, 2.0)
+
+    def x(v: float) -> float:
+        v = min(max(v, lo), hi)
+        return left + plot_w * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+    axis_y = top + row_h * len(ratios)
+    parts = [_title(title, width)]
+    for t in ratio_ticks(lo, hi):
+        stroke = "#888" if t == 1 else "#e3e6e8"
+        parts.append(f'<line x1="{x(t):.1f}" y1="{top - 4}" x2="{x(t):.1f}" y2="{axis_y}" stroke="{stroke}"/>'
+                     f'<text x="{x(t):.1f}" y="{axis_y + 13}" font-size="10" text-anchor="middle">{t:g}x</text>')
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#888"/>')
+    for i, (label, v) in enumerate(zip(labels, ratios)):
+        y = top + row_h * i
+        x0, x1 = sorted((x(1.0), x(v)))
+        color = COLORS[2] if v >= 1 else COLORS[1]
+        shown = label if len(label) <= fits else label[:max(fits - 1, 1)] + "…"
+        parts.append(f'<text x="{left - 6}" y="{y + 15}" font-size="11" text-anchor="end">{_e(shown)}</text>'
+                     f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1.5):.1f}" height="{row_h - 8}" '
+                     f'fill="{color}"><title>{_e(label)}: {_ratio_text(v)}</title></rect>'
+                     f'<text x="{x1 + 4:.1f}" y="{y + 15}" font-size="11">{_ratio_text(v)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle">'
+                 f'{_e(x_label)}</text>')
+    return _svg(width, height, title, parts)
 
 
 def error_histogram_svg(name: str, h: Histogram) -> str:
@@ -234,17 +324,36 @@ def _page(title: str, body: list[str]) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _facts(facts: list[Fact]) -> str:
+def _href(path: str | None) -> str | None:
+    """A file of the job's result folder as a link from its report.html; None for a path that is not relative
+    to the folder (an absolute path or a URL)."""
+    if not path or path.startswith("/") or "://" in path or ".." in path.split("/"):
+        return None
+    return quote(path)
+
+
+def _link(path: str, label: str | None = None) -> str:
+    href = _href(path)
+    return f'<a href="{_e(href)}">{_e(label or path)}</a>' if href else _e(label or path)
+
+
+def _facts(facts: list[Fact], linked: dict[str, str] | None = None) -> str:
+    """The facts as a list; a fact whose label is in `linked` shows its value with that (relative) link."""
     items = []
     for f in facts:
-        value = f"<strong>{_e(f.value)}</strong>" if f.strong else _e(f.value)
+        value = _link(f.value) if linked and f.label in linked and f.value == linked[f.label] else _e(f.value)
+        value = f"<strong>{value}</strong>" if f.strong else value
         cls = ' class="fail"' if f.bad else ""
         items.append(f"<li{cls}>{_e(f.label)}: {value}</li>")
     return "<ul>" + "".join(items) + "</ul>" if items else ""
 
 
 def _artifact_html(a: ArtifactReport) -> list[str]:
-    out = [f"<h2>{_e(a.id)}{' — best pick' if a.best else ''}</h2>", _facts(artifact_facts(a))]
+    linked = {"file": a.path or "", "reproduce": a.reproduce or ""}
+    out = [f"<h2 id=\"{_e(_anchor(a.id))}\">{_e(a.id)}{' — best pick' if a.best else ''}</h2>",
+           _facts(artifact_facts(a), linked)]
+    if a.data and a.status is StepStatus.succeeded:
+        out.append("<p class=\"muted\">beside the file: " + ", ".join(_link(d) for d in a.data) + "</p>")
     if a.attempts:
         out += ["<p class=\"muted\">Routes tried:</p>", table(ATTEMPT_COLUMNS, attempt_rows(a))]
     p = a.parity
@@ -291,11 +400,35 @@ def _fusion_html(f: FusionReport) -> list[str]:
     return out
 
 
-def job_html(r: JobReport) -> str:
-    """report.html for one job."""
-    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", _facts(job_facts(r))]
+#: the job's own files in its result folder, linked from its page when they are there
+JOB_FILES = ("report.json", "report.md", "job.log", "reproduce_inputs.npz")
+
+
+def _anchor(artifact: str) -> str:
+    return "artifact-" + re.sub(r"[^A-Za-z0-9_.-]", "-", artifact)
+
+
+def job_nav(r: JobReport, summary: str | None, present: Collection[str] | None) -> str:
+    """The links at the top of a job's page: the batch's summary page, the job's files, each artifact's file."""
+    links = []
+    if summary:
+        links.append(f'<a href="{_e(summary)}">batch {_e(r.batch)}: summary</a>')
+    names = [n for n in JOB_FILES if n in present] if present is not None else list(JOB_FILES[:2])
+    links += [_link(n) for n in names]
+    links += [_link(a.path, f"{a.id} file") for a in r.artifacts
+              if a.status is StepStatus.succeeded and _href(a.path) and a.path]
+    return "<nav>" + " ".join(links) + "</nav>" if links else ""
+
+
+def job_html(r: JobReport, summary: str | None = None, present: Collection[str] | None = None) -> str:
+    """report.html for one job, as it sits in the job's result folder. It links `summary` (the batch's summary page,
+    relative to that folder), the job's files in `present` (the names in the folder; without it, report.json and
+    report.md) and each artifact's file and reproduce script, all relative, so they work wherever the folder is."""
+    body = [f"<h1>portq job {_e(r.job_id)}: {_e(r.model)} → {_e(r.target.value)}</h1>", job_nav(r, summary, present),
+            _facts(job_facts(r))]
     best_rows = {i for i, a in enumerate(r.artifacts) if a.best}
-    body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
+    if r.artifacts:
+        body.append(table(ARTIFACT_COLUMNS, [artifact_row(a) for a in r.artifacts], best_rows))
     if r.fusion is not None:
         body += _fusion_html(r.fusion)
     for a in r.artifacts:
@@ -304,7 +437,7 @@ def job_html(r: JobReport) -> str:
         body.append(f"<h2>environment</h2><p>{_e(environment_line(r.environment))}</p>")
     if r.toolchain:
         body.append("<p class=\"muted\">toolchain: " + _e(toolchain_line(r)) + "</p>")
-    return _page(f"portq {r.model}", body)
+    return _page(f"portq {r.model}", [b for b in body if b])
 
 
 def batch_html(b: BatchReport, base: str) -> str:
@@ -317,9 +450,9 @@ def batch_html(b: BatchReport, base: str) -> str:
     speedups = [(f"{j.model}/{a.id}", a.latency.speedup) for j in b.jobs for a in j.artifacts
                 if a.latency is not None]
     if speedups:
-        body.append(svg_bars([n for n, _ in speedups], [round(s * 100) for _, s in speedups],
-                             title="speedup over the source, x100 (100 = as fast)", x_label="model / artifact",
-                             width=max(420, 60 * len(speedups))))
+        body.append("<div class=\"plots\"><figure>" + svg_ratio_bars(
+            [n for n, _ in speedups], [v for _, v in speedups], title="speedup over the source (p50 at the sample)",
+            x_label="source p50 / artifact p50, log scale: right of 1x faster, left of it slower") + "</figure></div>")
     links = [f"<li><a href=\"{_e(link)}\">{_e(label)}</a></li>" for label, link in job_links(b, base, "html")]
     if links:
         body.append("<h2>job reports</h2><ul>" + "".join(links) + "</ul>")
