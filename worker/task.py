@@ -5,7 +5,8 @@ task then raises `JobFailed`, so Celery events, Flower and its Prometheus metric
 a transient storage failure is retried with backoff, then dead-lettered; a message that is not a valid
 job is rejected without requeueing. `JobRequest` runs in the worker's main process and records what
 the job's own process cannot: that it died (segfault, OOM kill), or was killed at the time limit.
-Nothing here imports torch: the prefork child does, on demand.
+Nothing here imports torch: with step isolation on (the default) a job's source and steps run in step processes
+forked from the forkserver that imported it; with it off, the prefork child imports it (`portq.worker.warm`).
 """
 
 from __future__ import annotations

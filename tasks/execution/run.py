@@ -33,7 +33,7 @@ from portq.tasks.core.contract import (
 )
 from portq.tasks.core.errors import PortqError, StoreError, TransientError, first_line
 from portq.tasks.core.toolchain import toolchain, worker_name
-from portq.tasks.execution.capture import captured
+from portq.tasks.execution.capture import LOG_FILE, captured
 from portq.tasks.execution.isolation import InProcess, Isolation
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ from portq.tasks.state import records
 from portq.tasks.state.store import Store, result_key
 
 REPORT_FILE = "report.json"
-LOG_FILE = "job.log"
 
 
 def workdir_prefix(job_id: str) -> str:
