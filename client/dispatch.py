@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
+from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, new_id
 from portq.tasks.core.errors import ConfigError, PortqError, StoreError, TransientError, first_line
 from portq.tasks.core.settings import Settings
 from portq.tasks.state import delivery
@@ -71,7 +71,7 @@ def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = Non
     """
     from portq.tasks.execution.isolation import isolation_for
     from portq.tasks.execution.run import run_job
-    from portq.tasks.state import records
+    from portq.tasks.state import lifecycle, records
 
     settings = settings or Settings.resolve(env={})
     for spec in specs:
@@ -82,8 +82,8 @@ def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = Non
         except (TransientError, StoreError) as e:
             with suppress(PortqError):  # the store may be what failed: then the record cannot say so either
                 record = records.read_record(store, spec.batch_id, spec.job_id)
-                if record is not None and not record.status.finished:
-                    records.transition(store, record, JobStatus.failed, error=e.message)
+                if record is not None:
+                    lifecycle.gave_up(store, record, e.message)
             continue
         if on_done:
             on_done(report)

@@ -117,12 +117,12 @@ def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
 
 
 def _note_retry(store: Store, job: JobSpec, note: str) -> None:
-    from portq.tasks.state import records
+    from portq.tasks.state import lifecycle, records
 
     try:
         record = records.read_record(store, job.batch_id, job.job_id)
         if record is not None and not record.status.finished:
-            records.transition(store, record, JobStatus.queued, error=note)
+            lifecycle.requeued(store, record, note)
     except PortqError:
         pass  # the store is what failed; the retry will find out
 
