@@ -166,12 +166,22 @@ def dispatch(sub: Jobs, resolved: Settings, st: Store, *, wait: bool = True, tim
 
 def status(batch: str, *, store: str | None = None) -> list[JobRecord]:
     """Each job's record: queued, running (and the step it runs now), succeeded, failed or cancelled."""
-    return batches.require_batch(Store(settings(store=store).store), batch)
+    resolved = settings(store=store)
+    st = Store(resolved.store)
+    refusals = _refusals(resolved, st, batch)
+    if refusals is not None:  # what workers that could not reach this store said about its jobs
+        refusals()
+    return batches.require_batch(st, batch)
 
 
 def report(batch: str, *, store: str | None = None) -> BatchReport:
     """The batch report (the contract `portq report BATCH --json` prints): every job, artifact, parity, latency."""
-    return batches.batch_report(Store(settings(store=store).store), batch)
+    resolved = settings(store=store)
+    st = Store(resolved.store)
+    refusals = _refusals(resolved, st, batch)
+    if refusals is not None:
+        refusals()
+    return batches.batch_report(st, batch)
 
 
 def summary_pages(batch: str, *, store: str | None = None) -> dict[str, str]:

@@ -94,7 +94,7 @@ def collect_refusals(settings: Settings, store: Store, batch: str) -> int:
     from portq.tasks.state import lifecycle, records
 
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
         found = client.hgetall(REFUSALS_KEY.format(batch=batch))
     except Exception:  # noqa: BLE001  (any broker trouble: try again at the next poll)
         return 0

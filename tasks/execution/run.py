@@ -5,7 +5,7 @@ error boundary.
 cause, in the job's report and state record, and the caller (a Celery task, or the embedded runner)
 carries on. Only `TransientError` and `StoreError` (storage trouble) escape, so the queue can retry them. Whether a
 delivery runs at all is decided before, by `portq.tasks.state.delivery.admit`, for the queue and the
-embedded default alike.
+embedded default alike; which status the job's record says is decided by `portq.tasks.state.lifecycle`.
 
 Artifacts are written into the job's working folder, each into a folder named by its artifact id; the
 report's paths are relative to the job's folder, and the folder's URL is set once, when it publishes.

@@ -65,8 +65,9 @@ def submitted(store: Store, job: JobSpec | JobRecord) -> JobRecord:
 
 def refused(store: Store, record: JobRecord, reason: str, *, new: bool = False) -> JobRecord:
     """The job must not run (a path that cannot become a job, over a size limit, a message that is not a job):
-    failed at once with `reason`, not retried. `new`: the record was built by the caller and never written."""
-    return _move(store, record, JobStatus.failed, fresh=new, error=reason, result=None)
+    failed at once with `reason`, not retried. `new`: the record was built by the caller and never written.
+    A job that finished meanwhile stays finished."""
+    return _move(store, record, JobStatus.failed, fresh=new, error=reason, result=None, on_conflict=_keep_finished)
 
 
 def not_sent(store: Store, record: JobRecord, reason: str, dead_letter: str) -> JobRecord:
@@ -120,8 +121,9 @@ def started(store: Store, record: JobRecord, worker: str) -> JobRecord:
 
 
 def served_from_cache(store: Store, record: JobRecord, result: str) -> JobRecord:
-    """An identical job's result was already in the store: succeeded, pointing at it."""
-    return _move(store, record, JobStatus.succeeded, result=result, cached=True)
+    """An identical job's result was already in the store: succeeded, pointing at it (unless it was cancelled
+    meanwhile)."""
+    return _move(store, record, JobStatus.succeeded, result=result, cached=True, on_conflict=_keep_finished)
 
 
 def finished(store: Store, record: JobRecord, report: JobReport, result: str | None) -> JobRecord:
@@ -152,8 +154,10 @@ def gave_up(store: Store, record: JobRecord, reason: str) -> JobRecord:
 
 
 def reset(store: Store, record: JobRecord) -> JobRecord:
-    """Back to queued as if new (`portq retry`): attempts, result, worker and dead letter go."""
-    return _move(store, record, JobStatus.queued, result=None, cached=False, attempts=0, dead_letter=None, worker=None)
+    """Back to queued as if new (`portq retry`): attempts, result, worker and dead letter go. A job that another
+    writer put back on its way meanwhile (queued or running) is left as it is."""
+    return _move(store, record, JobStatus.queued, result=None, cached=False, attempts=0, dead_letter=None, worker=None,
+                 on_conflict=_on_its_way)
 
 
 def note_step(store: Store, record: JobRecord, step: str) -> None:
@@ -174,6 +178,11 @@ def note_step(store: Store, record: JobRecord, step: str) -> None:
 def _keep_finished(fresh: JobRecord) -> bool:
     """On a lost race: leave a record another writer finished (or cancelled) as it is."""
     return fresh.status.finished
+
+
+def _on_its_way(fresh: JobRecord) -> bool:
+    """On a lost race: leave a record another writer queued or started as it is."""
+    return not fresh.status.finished
 
 
 def _move(store: Store, record: JobRecord, to: JobStatus, *, fresh: bool = False, on_conflict: Any = None,
