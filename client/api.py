@@ -161,17 +161,27 @@ def dispatch(sub: Jobs, resolved: Settings, st: Store, *, wait: bool = True, tim
         on_started(sub, resolved, st)
     if not wait:
         return batches.batch_report(st, sub.batch)
-    return _follow(watcher, timeout, progress)
+    return _follow(watcher, timeout, progress, refusals=_refusals(resolved, st, sub.batch))
 
 
 def status(batch: str, *, store: str | None = None) -> list[JobRecord]:
     """Each job's record: queued, running (and the step it runs now), succeeded, failed or cancelled."""
-    return batches.require_batch(Store(settings(store=store).store), batch)
+    resolved = settings(store=store)
+    st = Store(resolved.store)
+    refusals = _refusals(resolved, st, batch)
+    if refusals is not None:  # what workers that could not reach this store said about its jobs
+        refusals()
+    return batches.require_batch(st, batch)
 
 
 def report(batch: str, *, store: str | None = None) -> BatchReport:
     """The batch report (the contract `portq report BATCH --json` prints): every job, artifact, parity, latency."""
-    return batches.batch_report(Store(settings(store=store).store), batch)
+    resolved = settings(store=store)
+    st = Store(resolved.store)
+    refusals = _refusals(resolved, st, batch)
+    if refusals is not None:
+        refusals()
+    return batches.batch_report(st, batch)
 
 
 def summary_pages(batch: str, *, store: str | None = None) -> dict[str, str]:
@@ -187,9 +197,10 @@ def wait(batch: str, *, timeout: float = 0, store: str | None = None,
 
     Raises WaitTimeout after `timeout` seconds (0: no limit); the jobs carry on regardless.
     """
-    st = Store(settings(store=store).store)
+    resolved = settings(store=store)
+    st = Store(resolved.store)
     batches.require_batch(st, batch)
-    return _follow(BatchWatcher(st, batch), timeout, progress)
+    return _follow(BatchWatcher(st, batch), timeout, progress, refusals=_refusals(resolved, st, batch))
 
 
 # ----------------------------------------------------------------------------------------------- the parts
@@ -330,12 +341,26 @@ def _run_here(sub: Submission, st: Store, resolved: Settings, progress: OnProgre
         thread.join()
 
 
+def _refusals(resolved: Settings, st: Store, batch: str) -> Callable[[], object] | None:
+    """With a broker: what records the jobs a worker refused without reaching this store (`_follow` calls it)."""
+    if resolved.embedded:
+        return None
+    from portq.client.dispatch import collect_refusals
+
+    return lambda: collect_refusals(resolved, st, batch)
+
+
 def _follow(watcher: BatchWatcher, timeout: float, progress: OnProgress | None,
-            poll_s: float = POLL_S) -> BatchReport:
-    """Poll the batch's records until every job has finished; its report then."""
+            poll_s: float = POLL_S, refusals: Callable[[], object] | None = None) -> BatchReport:
+    """Poll the batch's records until every job has finished; its report then. `refusals`, every few seconds:
+    record what workers that could not reach this store said about its jobs."""
     import time
 
+    checked = 0.0
     while True:
+        if refusals is not None and time.monotonic() - checked > 2:
+            refusals()
+            checked = time.monotonic()
         state: BatchProgress = watcher.poll()
         if progress is not None:
             progress(state)

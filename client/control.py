@@ -15,10 +15,10 @@ import typer
 from portq.client.cli import BrokerOpt, StoreOpt, app, err, out, resolve
 from portq.tasks.core.contract import JobRecord, JobSpec, JobStatus
 from portq.tasks.core.errors import InputError
-from portq.tasks.execution.run import failed_key
-from portq.tasks.state import delivery
+from portq.tasks.state import delivery, lifecycle
 from portq.tasks.state import records as batches
-from portq.tasks.state.store import Store, dead_letter_key
+from portq.tasks.state.keys import dead_letter_key, failed_key
+from portq.tasks.state.store import Store
 from rich.markup import escape
 from rich.table import Table
 
@@ -190,11 +190,11 @@ def _job_id(task: dict[str, Any]) -> str | None:
 
 
 def _mark_cancelled(st: Store, record: JobRecord, why: str) -> None:
-    batches.transition(st, record, JobStatus.cancelled, error=why)
+    lifecycle.cancelled(st, record, why)
 
 
 def _reset(st: Store, record: JobRecord) -> None:
     """Back to queued, as if new: the old attempt's failed result and dead letter go."""
     st.delete(dead_letter_key(record.batch, record.job_id))
     st.delete(failed_key(record.job_id))
-    batches.reset(st, record)
+    lifecycle.reset(st, record)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, JobStatus, new_id
+from portq.tasks.core.contract import CONVERT_TASK, JobReport, JobSpec, new_id
 from portq.tasks.core.errors import ConfigError, PortqError, StoreError, TransientError, first_line
 from portq.tasks.core.settings import Settings
 from portq.tasks.state import delivery
@@ -39,28 +39,72 @@ def check_broker(app, settings: Settings) -> None:  # type: ignore[no-untyped-de
 
 
 def enqueue(specs: list[JobSpec], settings: Settings, store: Store | None = None, *, resubmit: bool = False) -> None:
-    """Publish one message per job. A job that cannot be published is dead-lettered (so `portq retry` finds it).
+    """Publish one message per job. A job that cannot be published (the broker is down) is recorded as not sent,
+    failed with the reason and dead-lettered, so `portq retry` sends it once the broker is back.
 
     The first submission's Celery task id is the job id; a resubmission gets a fresh one, so a worker
     that still remembers the old id as revoked (`portq cancel`) does not drop it.
     """
     app = producer(settings)
-    check_broker(app, settings)
+    where = store_location(store) if store is not None else None
+
+    def kwargs(spec: JobSpec) -> dict[str, Any]:
+        return {"spec": spec.model_dump(mode="json"), **({"store": where} if where else {})}
+
+    try:
+        check_broker(app, settings)
+    except ConfigError as e:
+        if store is not None:  # none of them will be sent: not left queued forever, and `portq retry` finds them
+            for spec in specs:
+                delivery.not_sent(store, spec, f"the broker at {settings.broker_display} did not answer")
+        raise ConfigError(e.cause, step="submit", hint=f"{e.hint}; the job(s) are recorded as not sent, and "
+                                                       "`portq retry BATCH` sends them once the broker is up") from None
     sent = 0
     try:
         with app.producer_or_acquire() as prod:
             for spec in specs:
                 task_id = f"{spec.job_id}.{new_id()[:6]}" if resubmit else spec.job_id
-                app.send_task(CONVERT_TASK, kwargs={"spec": spec.model_dump(mode="json")}, queue=spec.queue,
+                app.send_task(CONVERT_TASK, kwargs=kwargs(spec), queue=spec.queue,
                               task_id=task_id, producer=prod, retry=True, retry_policy=PUBLISH_RETRY)
                 sent += 1
     except Exception as e:
         cause = f"could not be queued: the broker at {settings.broker_display} failed ({first_line(e)})"
         if store is not None:
             for spec in specs[sent:]:
-                delivery.dead_letter(store, spec, None, cause)
+                delivery.not_sent(store, spec, cause)
         raise TransientError(f"queued {sent} of {len(specs)} job(s); the rest {cause}", step="submit",
                              hint="they are recorded as failed; `portq retry BATCH` resubmits them") from None
+
+
+def store_location(store: Store) -> str:
+    """Where the client's store is, for a worker to name it (or write there): an absolute path for a directory
+    (the default `./portq-store` is relative to each process), a URL without credentials otherwise."""
+    return store.url("").rstrip("/") or store.display
+
+
+#: a Redis hash per batch: job id -> why a worker refused it when it could not write to the client's store
+REFUSALS_KEY = "portq:refused:{batch}"
+
+
+def collect_refusals(settings: Settings, store: Store, batch: str) -> int:
+    """Record in the client's store the jobs a worker refused without reaching it (a worker on another store);
+    how many. Best effort: a broker that does not answer here is left to the wait loop's next poll."""
+    import redis
+
+    from portq.tasks.state import lifecycle, records
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        found = client.hgetall(REFUSALS_KEY.format(batch=batch))
+    except Exception:  # noqa: BLE001  (any broker trouble: try again at the next poll)
+        return 0
+    done = 0
+    for job_id, reason in found.items():
+        record = records.read_record(store, batch, job_id.decode())
+        if record is not None and not record.status.finished:
+            lifecycle.refused(store, record, reason.decode())
+            done += 1
+    return done
 
 
 def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = None,
@@ -71,7 +115,7 @@ def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = Non
     """
     from portq.tasks.execution.isolation import isolation_for
     from portq.tasks.execution.run import run_job
-    from portq.tasks.state import records
+    from portq.tasks.state import lifecycle, records
 
     settings = settings or Settings.resolve(env={})
     for spec in specs:
@@ -82,8 +126,8 @@ def run_here(specs: list[JobSpec], store: Store, settings: Settings | None = Non
         except (TransientError, StoreError) as e:
             with suppress(PortqError):  # the store may be what failed: then the record cannot say so either
                 record = records.read_record(store, spec.batch_id, spec.job_id)
-                if record is not None and not record.status.finished:
-                    records.transition(store, record, JobStatus.failed, error=e.message)
+                if record is not None:
+                    lifecycle.gave_up(store, record, e.message)
             continue
         if on_done:
             on_done(report)

@@ -12,6 +12,7 @@ from portq.client.cli import StoreOpt, app, err, out
 from portq.client.render import status_table, summary_table
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.reports.content import batch_markdown
+from portq.tasks.state import keys
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
 
@@ -61,7 +62,7 @@ def report(
     from portq.client import api
 
     rep = api.report(batch, store=store)
-    base = str(output.resolve().parent) if output is not None else Store(rep.store).url(f"batches/{batch}")
+    base = str(output.resolve().parent) if output is not None else Store(rep.store).url(keys.batch_key(batch))
     if as_json:
         fmt = ReportFormat.json
     if to_store:

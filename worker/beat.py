@@ -77,7 +77,7 @@ def publish(app: Celery, specs: list[JobSpec], store: Store) -> None:
     except Exception as e:
         cause = f"could not be queued: the broker failed ({first_line(e)})"
         for spec in specs[sent:]:
-            delivery.dead_letter(store, spec, None, cause)
+            delivery.not_sent(store, spec, cause)
         raise TransientError(f"queued {sent} of {len(specs)} job(s); the rest {cause}", step="beat",
                              hint="they are recorded as failed; `portq retry BATCH` resubmits them") from None
 

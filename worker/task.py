@@ -5,7 +5,8 @@ task then raises `JobFailed`, so Celery events, Flower and its Prometheus metric
 a transient storage failure is retried with backoff, then dead-lettered; a message that is not a valid
 job is rejected without requeueing. `JobRequest` runs in the worker's main process and records what
 the job's own process cannot: that it died (segfault, OOM kill), or was killed at the time limit.
-Nothing here imports torch: the prefork child does, on demand.
+Nothing here imports torch: with step isolation on (the default) a job's source and steps run in step processes
+forked from the forkserver that imported it; with it off, the prefork child imports it (`portq.worker.warm`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def retry_countdown(retries: int, settings: Settings) -> int:
     return int(max(1, min(2 ** retries, 60, settings.visibility_timeout // 4)))
 
 
-def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
+def convert(task: Task, spec: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     from portq.tasks.execution.isolation import isolation_for
     from portq.tasks.execution.run import run_job
 
     started = time.monotonic()
     settings = settings_of(task.app)
-    store = Store(settings.store)
+    client_store, store = store, Store(settings.store)
     try:
         job = JobSpec.model_validate(spec)
     except ValidationError as e:
@@ -66,6 +67,11 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
         raise task.retry(countdown=retry_countdown(64, settings), max_retries=None)
     try:
         admission = delivery.admit(store, job, max_attempts=settings.max_retries + 1)
+        if admission.missing:
+            reason = _not_in_this_store(store, job, client_store)
+            log.error("job %s (%s): %s", job.job_id, job.model, reason)
+            _refuse_where_the_client_reads(task, store, job, client_store, reason)
+            raise JobFailed(reason)
         if not admission.run:
             log.info("job %s (%s): %s; not run again", job.job_id, job.model, admission.reason)
             return {"job_id": job.job_id, "status": "skipped", "reason": admission.reason}
@@ -97,6 +103,43 @@ def convert(task: Task, spec: dict[str, Any]) -> dict[str, Any]:
     return {"job_id": job.job_id, "status": report.status.value, "cached": report.cached}
 
 
+def _not_in_this_store(store: Store, job: JobSpec, client_store: str | None) -> str:
+    """Why a job with no record here cannot run: it was submitted to another store (the client's, when the
+    message names it)."""
+    refs = [*job.source.model_files(), *job.source.data_files()]
+    inputs = "nor its inputs" if not any(store.exists(r.key) for r in refs) else "(its inputs are)"
+    where = f"store {client_store}" if client_store else "another store (the client did not say which)"
+    return InputError(f"this job's record is not in this worker's store {store.display} {inputs}; it was submitted "
+                      f"to {where}", step="receive",
+                      hint=f"start the worker with PORTQ_STORE={client_store or '<the client store>'}, or submit "
+                           "with the worker's store").message
+
+
+def _refuse_where_the_client_reads(task: Task, store: Store, job: JobSpec, client_store: str | None,
+                                   reason: str) -> None:
+    """Record the refusal in the client's store when this worker reaches it and the job's record is there;
+    otherwise on the broker, where the client's wait loop looks (`portq.client.dispatch.collect_refusals`)."""
+    from portq.tasks.state import lifecycle, records
+
+    if client_store and client_store != store.display:
+        try:
+            theirs = Store(client_store)
+            record = records.read_record(theirs, job.batch_id, job.job_id)
+            if record is not None and not record.status.finished:
+                lifecycle.refused(theirs, record, reason)
+                return
+        except PortqError as e:
+            log.info("job %s: cannot record its refusal in store %s: %s", job.job_id, client_store, e.message)
+    try:
+        with task.app.connection_for_write() as conn:
+            client = conn.default_channel.client  # the Redis transport's client
+            key = f"portq:refused:{job.batch_id}"
+            client.hset(key, job.job_id, reason)
+            client.expire(key, 7 * 24 * 3600)
+    except Exception as e:  # noqa: BLE001  (a broker that is not Redis, or is gone: the log has it)
+        log.error("job %s: cannot leave its refusal on the broker either: %s", job.job_id, e)
+
+
 def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
     """Size limits hold on the worker too: a message can come from anywhere that reaches the broker."""
     refs = [(ref, settings.max_model_bytes, "PORTQ_MAX_MODEL_BYTES") for ref in job.source.model_files()]
@@ -116,12 +159,12 @@ def _over_limits(store: Store, job: JobSpec, settings: Settings) -> str | None:
 
 
 def _note_retry(store: Store, job: JobSpec, note: str) -> None:
-    from portq.tasks.state import records
+    from portq.tasks.state import lifecycle, records
 
     try:
         record = records.read_record(store, job.batch_id, job.job_id)
         if record is not None and not record.status.finished:
-            records.transition(store, record, JobStatus.queued, error=note)
+            lifecycle.requeued(store, record, note)
     except PortqError:
         pass  # the store is what failed; the retry will find out
 

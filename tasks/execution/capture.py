@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+#: the job's log in its result folder: what its steps printed (and, for an isolated step, its crash stack)
+LOG_FILE = "job.log"
+
 _NOISY_LOGGERS = ("torch", "torch.onnx", "torch._dynamo", "torch._inductor", "torch.export", "onnxscript", "onnx_ir")
 
 

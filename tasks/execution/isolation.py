@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from portq.tasks.core.contract import ArtifactReport, StepStatus
 from portq.tasks.core.errors import IsolatedStepCrash
 from portq.tasks.core.settings import Settings
+from portq.tasks.execution.capture import LOG_FILE
 from portq.tasks.execution.forkserver import warm_up
 from portq.tasks.execution.step_process import StepProcess, keep, take, tree_rss
 
@@ -313,8 +314,6 @@ def _failed(ctx: StepContext, e: IsolatedStepCrash) -> ArtifactReport:
 
 
 def _append_log(log_path: Path, workdir: Path, what: str) -> None:
-    from portq.tasks.execution.run import LOG_FILE
-
     if not log_path.exists():
         return
     text = log_path.read_text(errors="replace")

@@ -17,6 +17,7 @@ from typing import Any
 from portq.tasks.core.contract import SAFE_ID, JobOptions, JobRecord, JobSpec, SeriesEntry, Target
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.core.manifest import ManifestPlan, load_manifest
+from portq.tasks.state import keys
 from portq.tasks.state import series as series_index
 from portq.tasks.state.store import Store
 from portq.tasks.state.submission import prepare
@@ -35,7 +36,7 @@ class Night:
 def unused_batch_name(store: Store, name: str) -> str:
     """`name`, or `name-2`, `name-3`... when a batch of that name exists (a second night on one date)."""
     candidate, n = name, 1
-    while store.exists(f"batches/{candidate}"):
+    while store.exists(keys.batch_key(candidate)):
         n += 1
         candidate = f"{name}-{n}"
     return candidate

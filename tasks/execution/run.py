@@ -5,7 +5,7 @@ error boundary.
 cause, in the job's report and state record, and the caller (a Celery task, or the embedded runner)
 carries on. Only `TransientError` and `StoreError` (storage trouble) escape, so the queue can retry them. Whether a
 delivery runs at all is decided before, by `portq.tasks.state.delivery.admit`, for the queue and the
-embedded default alike.
+embedded default alike; which status the job's record says is decided by `portq.tasks.state.lifecycle`.
 
 Artifacts are written into the job's working folder, each into a folder named by its artifact id; the
 report's paths are relative to the job's folder, and the folder's URL is set once, when it publishes.
@@ -31,20 +31,20 @@ from portq.tasks.core.contract import (
     read_versioned,
     utcnow,
 )
-from portq.tasks.core.errors import PortqError, StoreError, TransientError, first_line
+from portq.tasks.core.errors import InputError, PortqError, StoreError, TransientError, first_line
 from portq.tasks.core.toolchain import toolchain, worker_name
-from portq.tasks.execution.capture import captured
+from portq.tasks.execution.capture import LOG_FILE, captured
 from portq.tasks.execution.isolation import InProcess, Isolation
 
 if TYPE_CHECKING:
     from portq.tasks.checks.evidence import SourceEvidence
     from portq.tasks.formats.selection import Planned
     from portq.tasks.sources.loading import LoadedModel
-from portq.tasks.state import records
-from portq.tasks.state.store import Store, result_key
+from portq.tasks.state import lifecycle, records
+from portq.tasks.state.keys import failed_key, result_key
+from portq.tasks.state.store import Store
 
 REPORT_FILE = "report.json"
-LOG_FILE = "job.log"
 
 
 def workdir_prefix(job_id: str) -> str:
@@ -57,10 +57,6 @@ def workdir_glob(job_id: str = "*") -> str:
     return os.path.join(tempfile.gettempdir(), workdir_prefix(job_id) + "*")
 
 
-def failed_key(job_id: str) -> str:
-    return f"failed/{job_id}"
-
-
 def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation: Isolation | None = None) -> JobReport:
     """Run (or serve from the cache) one job and record its outcome.
 
@@ -71,8 +67,9 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         record = records.read_record(store, spec.batch_id, spec.job_id)
     except StoreError as e:
         raise TransientError(e.cause, step="store") from e
-    fresh = record is None
-    record = record or records.new_record(spec)
+    if record is None:  # admitted jobs have one: this is a caller's mistake, not the job's
+        raise InputError(f"job {spec.job_id} has no record in store {store.display}", step="receive",
+                         hint="submit it to this store (`delivery.admit` says what to do with such a delivery)")
     tools = toolchain()
     key = spec.job_key(tools)
     cache = result_key(key)
@@ -81,11 +78,14 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     if cached is not None:
         report = read_versioned(JobReport, store.read_json(f"{cached}/{REPORT_FILE}"), store.url(cached))
         if report.status is JobStatus.succeeded:
-            records.transition(store, record, JobStatus.succeeded, fresh=fresh, result=cached, cached=True)
+            lifecycle.served_from_cache(store, record, cached)
             return report.model_copy(update={"cached": True, "job_id": spec.job_id, "batch": spec.batch_id,
                                              "model": spec.model})
 
-    records.transition(store, record, JobStatus.running, fresh=fresh, worker=worker, step="load")
+    if lifecycle.started(store, record, worker).status is not JobStatus.running:  # cancelled meanwhile
+        return JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
+                         source=spec.display, target=spec.target, status=record.status, error=record.error,
+                         toolchain=tools, worker=worker)
     isolation = isolation or InProcess()
     isolation.prepare()  # not for a cached job: nothing of it runs
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
@@ -98,7 +98,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         try:
             with captured(workdir / LOG_FILE):
                 _convert(spec, store, workdir, report, isolation,
-                         on_step=lambda step: records.note_step(store, record, step))
+                         on_step=lambda step: lifecycle.note_step(store, record, step))
         except (TransientError, StoreError):
             raise  # storage trouble: the queue retries the job, with backoff
         except PortqError as e:
@@ -129,7 +129,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         except OSError as e:
             raise TransientError(f"cannot publish {store.url(final)}: {e.strerror or e}", step="publish") from e
     # a second delivery that lost the race points at the first one's folder: one result per job key
-    records.transition(store, record, report.status, result=published.folder, cached=False, error=report.error)
+    lifecycle.finished(store, record, report, published.folder)
     return report
 
 

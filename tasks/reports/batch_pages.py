@@ -11,13 +11,14 @@ from __future__ import annotations
 from portq.tasks.core.contract import BatchReport
 from portq.tasks.reports.content import batch_markdown, relative_link
 from portq.tasks.reports.html import batch_html
+from portq.tasks.state import keys
 from portq.tasks.state.store import Store
 
 PAGES = {"html": "summary.html", "md": "summary.md"}
 
 
 def page_key(batch: str, fmt: str) -> str:
-    return f"batches/{batch}/{PAGES[fmt]}"
+    return keys.page_key(batch, PAGES[fmt])
 
 
 def page_urls(store: Store, batch: str) -> dict[str, str]:
@@ -33,7 +34,7 @@ def summary_link(store: Store, batch: str, folder: str) -> str:
 
 def publish_summary(store: Store, report: BatchReport) -> dict[str, str]:
     """Write (or rewrite) the batch's summary pages into the store; where they are, by format."""
-    base = store.url(f"batches/{report.batch}")
+    base = store.url(keys.batch_key(report.batch))
     store.write_bytes(page_key(report.batch, "html"), batch_html(report, base).encode())
     store.write_bytes(page_key(report.batch, "md"), batch_markdown(report, base).encode())
     return page_urls(store, report.batch)

@@ -15,42 +15,22 @@ worker's main process calls it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from portq.tasks.core.contract import SAFE_ID, JobRecord, JobSpec, JobStatus, Target, read_versioned, safe_name, utcnow
-from portq.tasks.core.errors import InputError, StoreError, TransientError
-from portq.tasks.state import records
-from portq.tasks.state.store import Store, dead_letter_key, spec_key
+from portq.tasks.core.errors import InputError
+from portq.tasks.state import lifecycle, records
+from portq.tasks.state.keys import dead_folder, dead_letter_key, spec_key
+from portq.tasks.state.lifecycle import Admission  # noqa: F401  (its old home)
+from portq.tasks.state.store import Store
 
 RETRY_HINT = "`portq retry {batch}` resubmits it"
 
 
-@dataclass
-class Admission:
-    """What one delivery of a job does: run it, or skip it (and why, for the log)."""
-
-    run: bool
-    reason: str = ""
-
-
 def admit(store: Store, spec: JobSpec, max_attempts: int) -> Admission:
-    """Decide what this delivery of `spec` does, from the job's state record: the one place that decides,
-    for the queue's deliveries and the embedded default's runs alike."""
-    try:
-        record = records.read_record(store, spec.batch_id, spec.job_id)
-    except StoreError as e:
-        raise TransientError(e.cause, step="store") from e
-    if record is None:
-        return Admission(True)
-    if record.status.finished:
-        return Admission(False, f"already {record.status.value}")
-    if record.attempts >= max_attempts:
-        # Every attempt so far started and never finished: its worker died under it each time.
-        last = record.error or f"the last attempt was on {record.worker or 'an unknown worker'} and never finished"
-        dead_letter(store, spec, record, f"its worker died during each of its {record.attempts} attempts ({last})")
-        return Admission(False, f"dead-lettered after {record.attempts} attempts")
-    return Admission(True)
+    """Decide what this delivery of `spec` does, from the job's state record (`lifecycle.admitted`): the one
+    place that decides, for the queue's deliveries and the embedded default's runs alike."""
+    return lifecycle.admitted(store, spec, max_attempts, dead_letter)
 
 
 def worker_lost(store: Store, raw_spec: Any, cause: str, max_attempts: int) -> JobRecord | None:
@@ -69,8 +49,8 @@ def worker_lost(store: Store, raw_spec: Any, cause: str, max_attempts: int) -> J
     if record.attempts >= max_attempts:
         return dead_letter(store, spec, record, f"the worker process died on each of its {record.attempts} "
                                                 f"attempts; the last time: {cause}")
-    return records.transition(store, record, JobStatus.queued,
-                              error=f"attempt {record.attempts} of {max_attempts} ended when {cause}; requeued")
+    return lifecycle.requeued(store, record, f"attempt {record.attempts} of {max_attempts} ended when {cause}; "
+                                             "requeued")
 
 
 def time_limit_exceeded(store: Store, raw_spec: Any, limit_s: float) -> JobRecord | None:
@@ -91,28 +71,39 @@ def terminated(store: Store, raw_spec: Any) -> JobRecord | None:
     record = records.read_record(store, spec.batch_id, spec.job_id) if spec else None
     if record is None or record.status.finished:  # already recorded (cancel --terminate marks it itself)
         return record
-    return records.transition(store, record, JobStatus.cancelled,
-                              error="cancelled while running: its process was killed")
+    return lifecycle.cancelled(store, record, "cancelled while running: its process was killed")
 
 
 def dead_letter(store: Store, spec: JobSpec, record: JobRecord | None, reason: str) -> JobRecord:
     """Record the job failed with `reason`, keeping its spec where `portq retry` finds it."""
-    fresh = record is None
-    record = record or records.new_record(spec)
+    key = _write_dead_letter(store, spec, record, reason)
+    return lifecycle.dead_lettered(store, spec, record, f"{reason} (dead-lettered: "
+                                                        f"{RETRY_HINT.format(batch=spec.batch_id)})", key)
+
+
+def not_sent(store: Store, spec: JobSpec, reason: str) -> JobRecord:
+    """The job never reached the broker: failed with `reason` and dead-lettered, so `status`, `wait` and `report`
+    do not show it queued forever and `portq retry BATCH` sends it once the broker is back."""
+    record = records.read_record(store, spec.batch_id, spec.job_id)
+    key = _write_dead_letter(store, spec, record, reason)
+    error = f"not sent: {reason} ({RETRY_HINT.format(batch=spec.batch_id).replace('resubmits', 'sends')})"
+    if record is None:
+        return lifecycle.dead_lettered(store, spec, None, error, key)
+    return lifecycle.not_sent(store, record, error, key)
+
+
+def _write_dead_letter(store: Store, spec: JobSpec, record: JobRecord | None, reason: str) -> str:
     key = dead_letter_key(spec.batch_id, spec.job_id)
     store.write_json(key, {"job_id": spec.job_id, "batch": spec.batch_id, "model": spec.model, "reason": reason,
-                           "attempts": record.attempts, "worker": record.worker, "at": utcnow(),
-                           "spec": spec.model_dump(mode="json")})
-    return records.transition(store, record, JobStatus.failed, fresh=fresh, result=None, dead_letter=key,
-                              error=f"{reason} (dead-lettered: {RETRY_HINT.format(batch=spec.batch_id)})")
+                           "attempts": record.attempts if record else 0, "worker": record.worker if record else None,
+                           "at": utcnow(), "spec": spec.model_dump(mode="json")})
+    return key
 
 
 def refuse(store: Store, spec: JobSpec, reason: str) -> JobRecord:
     """A job that must not run here (over a size limit): failed at once, not retried."""
     record = records.read_record(store, spec.batch_id, spec.job_id)
-    fresh = record is None
-    return records.transition(store, record or records.new_record(spec), JobStatus.failed, fresh=fresh,
-                              error=reason, result=None)
+    return lifecycle.refused(store, record or records.new_record(spec), reason, new=record is None)
 
 
 def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
@@ -125,9 +116,8 @@ def reject_message(store: Store, raw: Any, problem: str) -> JobRecord | None:
     model = raw.get("model")
     record = JobRecord(job_id=job_id, batch=batch, model=safe_name(model if isinstance(model, str) else "model"),
                        source="?", target=Target.cpu, status=JobStatus.failed)
-    return records.transition(store, record, JobStatus.failed, fresh=True,
-                              error=InputError(f"the worker refused this job's message: {problem}",
-                                               step="receive").message)
+    return lifecycle.refused(store, record, InputError(f"the worker refused this job's message: {problem}",
+                                                      step="receive").message, new=True)
 
 
 def write_spec(store: Store, spec: JobSpec) -> None:
@@ -143,7 +133,7 @@ def read_spec(store: Store, batch: str, job_id: str) -> JobSpec | None:
 
 
 def dead_letters(store: Store, batch: str) -> list[dict[str, Any]]:
-    return [store.read_json(f"batches/{batch}/dead/{name}") for name in store.list(f"batches/{batch}/dead")
+    return [store.read_json(f"{dead_folder(batch)}/{name}") for name in store.list(dead_folder(batch))
             if name.endswith(".json")]
 
 

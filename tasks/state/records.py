@@ -1,21 +1,13 @@
 """Batches live in the store: one state record per job, so `status`, `report` and `--wait` need no broker,
 survive client restarts, and read the same in embedded and queued mode. No Celery chord or result backend.
 
-This module owns a record's state: every status change goes through `transition`, which checks it against
-`ALLOWED`:
-
-    (new) -> queued | failed                       submitted, or refused at submit / on arrival
-    queued -> running | succeeded | failed | cancelled   run; served from the cache; refused; cancelled
-    running -> running | succeeded | failed | cancelled | queued
-                                                   a new attempt after a lost worker; finished; killed;
-                                                   requeued for a retry
-    succeeded | failed | cancelled -> queued       `portq retry` resubmits it
+This module reads records and batches. Which status a job has is decided by `portq.tasks.state.lifecycle`
+alone, which writes every status change (compare-and-set, with the table of allowed moves).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 from portq.tasks.core.contract import (
     BatchJob,
@@ -27,24 +19,10 @@ from portq.tasks.core.contract import (
     read_versioned,
     utcnow,
 )
-from portq.tasks.core.errors import InputError, PortqError, StoreError
-from portq.tasks.state.store import Store, record_key
+from portq.tasks.core.errors import InputError
+from portq.tasks.state import keys
+from portq.tasks.state.store import Store
 from pydantic import ValidationError
-
-_FINISHED = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
-ALLOWED: dict[JobStatus | None, set[JobStatus]] = {
-    None: {JobStatus.queued, JobStatus.failed},
-    JobStatus.queued: {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled},
-    JobStatus.running: {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled,
-                        JobStatus.queued},
-    **{s: {JobStatus.queued} for s in _FINISHED},
-}
-
-
-class IllegalTransition(PortqError):
-    """A status change the job's life does not allow (a bug, or two writers disagreeing)."""
-
-    kind = "state"
 
 
 def new_record(spec: JobSpec, status: JobStatus = JobStatus.queued, error: str | None = None) -> JobRecord:
@@ -53,50 +31,15 @@ def new_record(spec: JobSpec, status: JobStatus = JobStatus.queued, error: str |
                      target=spec.target, kind=spec.kind, status=status, error=error)
 
 
-def transition(store: Store, record: JobRecord, to: JobStatus, *, fresh: bool = False, **fields: Any) -> JobRecord:
-    """Move a record to `to`, set `fields` (error, result, cached, worker, attempts, dead_letter) and write it.
-
-    `fresh`: the record was never written (its status is the one it starts in). The error and the step are
-    cleared unless given; a move to running starts a new attempt.
-    """
-    current = None if fresh else record.status
-    if to not in ALLOWED[current]:
-        raise IllegalTransition(f"job {record.job_id} cannot go from {current.value if current else 'new'} to "
-                                f"{to.value}", step="state", hint="please report this with the batch's records")
-    record.status = to
-    record.error = fields.pop("error", None)
-    record.step = fields.pop("step", None)
-    if to is JobStatus.running:
-        record.attempts += 1
-    for name, value in fields.items():
-        setattr(record, name, value)
-    write_record(store, record)
-    return record
-
-
-def note_step(store: Store, record: JobRecord, step: str) -> None:
-    """What a running job is doing now (`export:onnx`, `parity:onnx`...), for progress displays; not a status
-    change. Best effort: a store hiccup here must not fail the job."""
-    record.step = step
-    try:
-        write_record(store, record)
-    except StoreError:
-        pass
-
-
-def reset(store: Store, record: JobRecord) -> JobRecord:
-    """Back to queued as if new (`portq retry`): attempts, result, worker and dead letter go."""
-    return transition(store, record, JobStatus.queued, result=None, cached=False, attempts=0, dead_letter=None,
-                      worker=None)
-
-
 def write_record(store: Store, record: JobRecord) -> None:
+    """Write `record` as it is, unconditionally, keeping its version: for setting up a store (tests, imports).
+    A status change goes through `portq.tasks.state.lifecycle`, which checks and versions it."""
     record.updated_at = utcnow()
-    store.write_json(record_key(record.batch, record.job_id), record.model_dump(mode="json"))
+    store.write_json(keys.record_key(record.batch, record.job_id), record.model_dump(mode="json"))
 
 
 def read_record(store: Store, batch: str, job_id: str) -> JobRecord | None:
-    key = record_key(batch, job_id)
+    key = keys.record_key(batch, job_id)
     data = store.read_many([key]).get(key)  # one request: a missing record is None, not an error
     return None if data is None else JobRecord.model_validate(store.parse_json(key, data))
 
@@ -113,7 +56,7 @@ class RecordReader:
         self._seen: dict[str, tuple[str, JobRecord]] = {}  # record file name -> (version, record)
 
     def read(self) -> list[JobRecord]:
-        folder = f"batches/{self.batch}/jobs"
+        folder = keys.records_folder(self.batch)
         versions = {n: v for n, v in self.store.versions(folder).items() if n.endswith(".json")}
         changed = [n for n, v in versions.items() if n not in self._seen or self._seen[n][0] != v]
         fetched = self.store.read_many([f"{folder}/{n}" for n in changed])
@@ -136,7 +79,7 @@ def list_records(store: Store, batch: str) -> list[JobRecord]:
 
 
 def list_batches(store: Store) -> list[str]:
-    return store.list("batches")
+    return store.list(keys.BATCHES)
 
 
 def require_batch(store: Store, batch: str) -> list[JobRecord]:

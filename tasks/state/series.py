@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from portq.tasks.core.contract import SAFE_ID, JobStatus, NightSummary, SeriesEntry, SeriesHistory, read_versioned
 from portq.tasks.core.errors import UsageError
-from portq.tasks.state import records
+from portq.tasks.state import keys, records
 from portq.tasks.state.store import Store
 
-SERIES_ROOT = "series"
+SERIES_ROOT = keys.SERIES
 
 
 def entry_key(series: str, batch: str) -> str:
-    return f"{SERIES_ROOT}/{series}/{batch}.json"
+    return keys.series_entry_key(series, batch)
 
 
 def record_night(store: Store, entry: SeriesEntry) -> None:
@@ -33,7 +33,7 @@ def nights(store: Store, series: str) -> list[SeriesEntry]:
     """The series' nights, oldest first; a UsageError (exit 2) for a series the store does not have."""
     if not SAFE_ID.match(series):
         raise UsageError(f"{series!r} is not a series name", step="history")
-    names = [n for n in store.list(f"{SERIES_ROOT}/{series}") if n.endswith(".json")]
+    names = [n for n in store.list(keys.series_folder(series)) if n.endswith(".json")]
     if not names:
         known = list_series(store)
         raise UsageError(f"no series {series!r} in store {store.root}", step="history",

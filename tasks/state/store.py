@@ -1,14 +1,6 @@
 """Shared storage: a directory, or any fsspec URL (`s3://bucket/prefix` through s3fs, ...).
 
-Layout under the store root:
-
-    inputs/<sha256><suffix>            uploaded model files and sample .npz, content-addressed
-    results/<job_key>/                 one job's artifacts, report.json (written last) and report.md
-    batches/<batch>/jobs/<job_id>.json each job's state record
-    batches/<batch>/specs/<job_id>.json each job's spec, as sent (what `portq retry` resubmits)
-    batches/<batch>/dead/<job_id>.json  dead letters: jobs that ended without a report
-    series/<series>/<batch>.json       the nights of a manifest's series (portq.tasks.state.series)
-    tmp/                               staging for atomic writes; entries older than any job are swept
+The layout under the store's root is in `portq.tasks.state.keys`, which builds every key.
 
 How a result folder is published, the first complete one winning and a reader never seeing a part of one:
 
@@ -47,6 +39,14 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from portq.tasks.core.errors import ConfigError, StoreError
 from portq.tasks.core.settings import redact_url
+from portq.tasks.state.keys import (  # noqa: F401  (the keys' old home: callers may import them from here)
+    STAGING,
+    dead_letter_key,
+    input_key,
+    record_key,
+    result_key,
+    spec_key,
+)
 
 
 def _os_reason(e: OSError) -> str:
@@ -74,29 +74,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def input_key(sha256: str, suffix: str) -> str:
-    suffix = "".join(c for c in suffix.lower() if c.isalnum() or c == ".")[:12]
-    return f"inputs/{sha256}{suffix}"
-
-
-def result_key(job_key: str) -> str:
-    return f"results/{job_key}"
-
-
-def record_key(batch: str, job_id: str) -> str:
-    return f"batches/{batch}/jobs/{job_id}.json"
-
-
-def spec_key(batch: str, job_id: str) -> str:
-    return f"batches/{batch}/specs/{job_id}.json"
-
-
-def dead_letter_key(batch: str, job_id: str) -> str:
-    return f"batches/{batch}/dead/{job_id}.json"
-
-
-#: staging area for atomic writes, on the same filesystem as everything it is renamed into
-STAGING = "tmp"
 #: object stores: the file in a result key that names the delivery folder holding the result
 COMMIT = "commit.json"
 #: object stores: how many files `read_many` fetches at once

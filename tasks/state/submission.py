@@ -35,8 +35,9 @@ from portq.tasks.core.contract import (
     safe_name,
 )
 from portq.tasks.core.errors import ConfigError, InputError, PortqError, validation_problems
-from portq.tasks.state import delivery, records
-from portq.tasks.state.store import Store, input_key, sha256_file
+from portq.tasks.state import delivery, lifecycle
+from portq.tasks.state.keys import input_key
+from portq.tasks.state.store import Store, sha256_file
 from pydantic import ValidationError
 
 
@@ -119,11 +120,11 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
         except PortqError as e:
             rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=display,
                             target=Target(options.get("target", "cpu")), status=JobStatus.failed)
-            records.transition(store, rec, JobStatus.failed, fresh=True, error=e.message)
+            lifecycle.refused(store, rec, e.message, new=True)
             sub.rejected.append(rec)
             continue
         delivery.write_spec(store, spec)  # what `portq retry` resubmits
-        records.transition(store, records.new_record(spec), JobStatus.queued, fresh=True)
+        lifecycle.submitted(store, spec)
         sub.specs.append(spec)
     return sub
 
@@ -212,6 +213,6 @@ def prepare_fusion(request: FusionRequest, store: Store, *, batch: str | None, o
     spec = JobSpec(job_id=new_id("j"), batch_id=sub.batch, model=model, kind=JobKind.fuse, force=force,
                    source=source, options=JobOptions.model_validate({**options, "sample": sample}))
     delivery.write_spec(store, spec)
-    records.transition(store, records.new_record(spec), JobStatus.queued, fresh=True)
+    lifecycle.submitted(store, spec)
     sub.specs.append(spec)
     return sub

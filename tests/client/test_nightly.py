@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 from portq.tasks.core.contract import JobRecord, JobReport, JobStatus, SeriesEntry, Target
 from portq.tasks.core.schema_files import SCHEMA_DIR
-from portq.tasks.state import records, series
+from portq.tasks.state import lifecycle, series
 from portq.tasks.state.store import Store
 
 from tests.conftest import run_cli
@@ -25,8 +25,12 @@ def night(store: Store, batch: str, models: dict[str, float], *, series_name: st
         report = JobReport(job_id=rec.job_id, batch=batch, model=model, source=rec.source, target=Target.cpu,
                            status=JobStatus.succeeded, result=store.url(key), artifacts=[artifact(ms)], best="onnx")
         store.write_json(f"{key}/report.json", report.model_dump(mode="json"))
-        records.transition(store, rec, JobStatus.queued, fresh=True)
-        records.transition(store, rec, JobStatus.succeeded, result=key, cached=ms == 1.0)
+        lifecycle.submitted(store, rec)
+        if ms == 1.0:
+            lifecycle.served_from_cache(store, rec, key)
+        else:
+            lifecycle.started(store, rec, "w")
+            lifecycle.finished(store, rec, report, key)
     if series_name:
         series.record_night(store, SeriesEntry(series=series_name, batch=batch, submitted_at=at,
                                                manifest="/m/vision.yaml", jobs=len(models)))

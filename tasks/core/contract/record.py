@@ -42,3 +42,5 @@ class JobRecord(ReportModel):
     step: str | None = Field(None, description="what a running job is doing now: load, source (running the source "
                                                "model), export:ID, parity:ID, latency:ID, localise:ID")
     updated_at: str = Field(default_factory=utcnow)
+    version: int = Field(0, description="how many times the record was written: each write is conditional on the "
+                                        "version read (portq.tasks.state.lifecycle)")

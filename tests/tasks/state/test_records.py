@@ -6,8 +6,8 @@ import time
 from collections import Counter
 
 import pytest
-from portq.tasks.core.contract import JobRecord, JobStatus, Target
-from portq.tasks.state import records
+from portq.tasks.core.contract import JobRecord, JobReport, JobStatus, Target
+from portq.tasks.state import lifecycle, records
 from portq.tasks.state.store import Store
 
 
@@ -20,6 +20,11 @@ def count_requests(store: Store) -> Counter:
 
     store.fs.s3.meta.events.register("before-call.s3", on_call)
     return seen
+
+
+def finished_report(r: JobRecord) -> JobReport:
+    return JobReport(job_id=r.job_id, batch=r.batch, model=r.model, source=r.source, target=r.target,
+                     status=JobStatus.succeeded)
 
 
 def queued_batch(store: Store, batch: str, n: int) -> list[JobRecord]:
@@ -39,7 +44,7 @@ def test_a_reader_fetches_only_new_and_changed_records(s3_store):
     assert requests == Counter({"ListObjectsV2": 1, "GetObject": 30})
     requests.clear()
     for r in recs[:2]:
-        records.transition(store, r, JobStatus.running)
+        lifecycle.started(store, r, "w")
     requests.clear()
     got = reader.read()
     assert requests == Counter({"ListObjectsV2": 1, "GetObject": 2})
@@ -61,8 +66,8 @@ def test_following_a_batch_reads_each_change_once_not_every_record_each_poll(s3_
     def work() -> None:  # a worker finishing one job every 0.1 s
         for r in recs:
             time.sleep(0.1)
-            records.transition(store, r, JobStatus.running)
-            records.transition(store, r, JobStatus.succeeded)
+            lifecycle.started(store, r, "w")
+            lifecycle.finished(store, r, finished_report(r), None)
 
     writer = threading.Thread(target=work)
     writer.start()
