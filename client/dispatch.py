@@ -90,7 +90,6 @@ def collect_refusals(settings: Settings, store: Store, batch: str) -> int:
     """Record in the client's store the jobs a worker refused without reaching it (a worker on another store);
     how many. Best effort: a broker that does not answer here is left to the wait loop's next poll."""
     import redis
-
     from portq.tasks.state import lifecycle, records
 
     try:

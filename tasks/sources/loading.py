@@ -18,7 +18,6 @@ from portq.tasks.core.registry import Registry
 from portq.tasks.sources.checkpoints import load_safetensors, load_torch_save
 from portq.tasks.sources.loaded import LoadedModel, LoadRequest, float_equivalent
 
-
 Loader = Callable[[LoadRequest], LoadedModel]
 LOADERS: Registry[Loader] = Registry("model kind")
 
