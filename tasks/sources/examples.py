@@ -20,7 +20,16 @@ def write_examples(directory: Path, seed: int = 0) -> list[Path]:
 
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     torch.manual_seed(seed)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".portq-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        from portq.tasks.core.errors import ConfigError
+
+        raise ConfigError(f"cannot write the example models to {directory}: {e.strerror or e}", step="examples",
+                          hint="give a folder you can write to, e.g. `portq examples models`") from e
     written: list[Path] = []
 
     class MLP(nn.Module):

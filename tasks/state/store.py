@@ -121,6 +121,9 @@ class Store:
             raise ConfigError(f"cannot open store {self.display}: {self._shown(e)}", step="store",
                               hint="PORTQ_STORE is a directory or an fsspec URL such as s3://bucket/prefix") from e
         self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local and os.path.exists(self.base) and not os.path.isdir(self.base):
+            raise ConfigError(f"the store {self.display} is a file, not a folder", step="store",
+                              hint="point --store or PORTQ_STORE at a folder; it is created if missing")
         self._cache_dir: Path | None = None
         # s3fs asks for an object's size (a HEAD) before a whole-object GET, to split large ones into ranges;
         # what the store reads this way is small (records, reports, commits): one GET each
@@ -243,7 +246,7 @@ class Store:
         """Atomic for a local store (temp file + rename); a single PUT for object stores."""
         path = self._path(key)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._makedirs(os.path.dirname(path))
             tmp = self._staging_path(key)
             try:
                 with open(tmp, "wb") as f:
@@ -265,7 +268,7 @@ class Store:
         """
         path = self._path(key)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._makedirs(os.path.dirname(path))
             tmp = self._staging_path(key)
             try:
                 with open(tmp, "wb") as f:
@@ -292,7 +295,7 @@ class Store:
             return
         path = self._path(key)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._makedirs(os.path.dirname(path))
             tmp = self._staging_path(key)
             try:
                 shutil.copyfile(local, tmp)
@@ -343,7 +346,7 @@ class Store:
 
     def _publish_by_rename(self, local_dir: Path, key: str, commit_file: str) -> Published:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._makedirs(os.path.dirname(path))
         staging = self._staging_path(key)
         try:
             shutil.copytree(local_dir, staging)
@@ -443,14 +446,21 @@ class Store:
         the store, the endpoint and what to do, before anything else is attempted."""
         key = f"{STAGING}/probe-{uuid.uuid4().hex[:12]}"
         if self.local:
-            try:
-                os.makedirs(self._path(STAGING), exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create the store at {self.root}: {e.strerror or e}", step="store") from e
+            self._makedirs(self._path(STAGING))
         self.write_bytes(key, b"portq can write here\n")
         self._discard(key)
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _makedirs(self, path: str) -> None:
+        """A folder of the local store, created if missing: a read-only or misplaced store is one sentence."""
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename and str(e.filename) != self.root else ""
+            raise ConfigError(f"cannot write to the store {self.display}: {e.strerror or e}{where}", step="store",
+                              hint="point --store or PORTQ_STORE at a folder you can write to; it is created if "
+                                   "missing") from e
+
     def _discard(self, key: str) -> None:
         """Delete `key` (a file or a folder) if possible; what stays behind is swept later."""
         with suppress(StoreError):
@@ -465,7 +475,7 @@ class Store:
 
     def _staging_path(self, key: str) -> str:
         root = self._path(STAGING)
-        os.makedirs(root, exist_ok=True)
+        self._makedirs(root)
         return f"{root}/{uuid.uuid4().hex[:12]}-{key.rsplit('/', 1)[-1]}"
 
     def _scratch(self) -> str:
