@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from portq.client.cli import StoreOpt, app, err, out
+from portq.client.console import err, out
+from portq.client.options import StoreOpt
 from portq.client.render import status_table, summary_table
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.reports.content import batch_markdown
@@ -23,7 +24,6 @@ class ReportFormat(str, Enum):
     html = "html"
 
 
-@app.command()
 def status(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     store: StoreOpt = None,
@@ -38,7 +38,6 @@ def status(
     raise typer.Exit(1 if c["failed"] else 0)
 
 
-@app.command()
 def report(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "
