@@ -11,6 +11,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
+from enum import Enum
 from typing import Annotated, Any
 
 import typer
@@ -57,6 +58,8 @@ def parameters(model: type[Request], skip: tuple[str, ...] = ()) -> list[inspect
         required = info.is_required()
         default = ... if required else info.default
         cli_default = None if isinstance(default, (list, dict)) else default
+        if isinstance(meta.text, type) and issubclass(meta.text, Enum) and cli_default is not None:
+            cli_default = meta.text(getattr(cli_default, "value", cli_default))  # the command line's own enum
         shown: bool | str = meta.shown_default or (False if required else _shown(default))
         # Rich reads help as markup: a literal '[d0,d1]' or '[default: ...]' would vanish
         option = typer.Option(*meta.decls, help=(info.description or "").replace("[", r"\["), show_default=shown)

@@ -26,15 +26,21 @@ class ReportFormat(str, Enum):
 
 def status(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the batch's counts and each job's record as one "
+                                                         "JSON document.")] = False,
     store: StoreOpt = None,
 ) -> None:
     """Each job's state: queued, running (and its step), succeeded, failed. Exit 1 if any job failed."""
     from portq.client import api
 
     records = api.status(batch, store=store)
-    out.print(status_table(batch, records))
     c = batches.counts(records)
-    out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
+    if as_json:
+        typer.echo(json.dumps({"batch": batch, "counts": c, "jobs": [r.model_dump(mode="json") for r in records]},
+                              indent=2))
+    else:
+        out.print(status_table(batch, records))
+        out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
     raise typer.Exit(1 if c["failed"] else 0)
 
 

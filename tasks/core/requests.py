@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -25,6 +26,14 @@ R = TypeVar("R", bound="Request")
 
 #: what `--target` also accepts, for the word users reach for first
 TARGET_ALIASES = {"gpu": Target.cuda.value}
+
+
+class TargetName(str, Enum):
+    """The words `--target` accepts: the targets, and their aliases."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+    gpu = "gpu"
 
 
 @dataclass(frozen=True)
@@ -116,12 +125,11 @@ json_object = _json_object("--arch-kwargs")
 
 
 TargetField = Annotated[Target, Field(description="Serving device: cpu routes to the `cpu` queue, cuda (alias: "
-                                                  "gpu) to `gpu`.")]
-InputsField = Annotated[list[str | InputSpec], Field(description="Input spec 'name:dtype[d0,d1]' (integers need a range: "
-                                                     "'ids:int64[2,16]{0,30000}'); repeat in forward-argument order. "
-                                                     "Default: a sidecar <stem>.npz, or a .pt2's own example inputs "
-                                                     "(optimize: a portq artifact's own, else the graph's)."),
-                        flag("--input", "-i", text=list[str] | None)]
+                                                  "gpu) to `gpu`."), flag(text=TargetName)]
+InputsField = Annotated[list[str | InputSpec], Field(
+    description="Input spec 'name:dtype[d0,d1]' (integers need a range: 'ids:int64[2,16]{0,30000}'); repeat in "
+                "forward-argument order. Default: a sidecar <stem>.npz, or a .pt2's own example inputs (optimize: a "
+                "portq artifact's own, else the graph's)."), flag("--input", "-i", text=list[str] | None)]
 OptimizeField = Annotated[str | list[str] | None, Field(
     description="Also try optimization variants and pick the fastest that passes parity: 'auto' (the candidates "
                 "for the target), or variant names, e.g. ort-all,int8-dynamic."), flag(text=str | None)]
@@ -150,6 +158,7 @@ class Request(BaseModel):
     @field_validator("target", mode="before")
     @classmethod
     def _target_alias(cls, v: Any) -> Any:
+        v = getattr(v, "value", v)
         return TARGET_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @classmethod
