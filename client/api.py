@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
@@ -30,15 +30,15 @@ from portq.client.progress import BatchProgress, BatchWatcher, OnProgress
 from portq.tasks.core.contract import (
     ArtifactRequest,
     BatchReport,
-    Format,
+    Comparison,
     InputSpec,
     JobRecord,
     JobSpec,
     Precision,
     Target,
-    ToleranceMode,
 )
 from portq.tasks.core.errors import ConfigError, InputError, WaitTimeout
+from portq.tasks.core.requests import ConvertRequest, FuseRequest, JobRequest, OptimizeRequest
 from portq.tasks.core.settings import Settings
 from portq.tasks.formats import artifact_requests
 from portq.tasks.state import records as batches
@@ -47,6 +47,7 @@ from portq.tasks.state.submission import Submission, prepare
 
 if TYPE_CHECKING:
     import torch
+    from portq.tasks.execution.night import Night
 
 #: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
 ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
@@ -62,41 +63,23 @@ def settings(broker: str | None = None, store: str | None = None) -> Settings:
 
 def submit(
     models: ModelSource | Sequence[ModelSource],
+    request: ConvertRequest | None = None,
     *,
-    target: Target | str = Target.cpu,
-    formats: Sequence[str | Format] = ("onnx",),
-    batch: str | None = None,
-    wait: bool = True,
-    timeout: float = 0,
-    inputs: Sequence[str | InputSpec] = (),
     example_inputs: Any = None,
-    dynamic: Sequence[str] = (),
-    atol: float | None = None,
-    rtol: float | None = None,
-    tolerance_mode: ToleranceMode | str | None = None,
-    quantile: float | None = None,
-    tolerance_precision: Precision | str | None = None,
-    optimize: str | Sequence[str] | None = None,
-    precision: str | Sequence[str | Precision] | None = None,
-    calibration: Sequence[str | os.PathLike[str]] = (),
-    output_tol: Mapping[str, Mapping[str, Any]] | None = None,
-    localise: bool = True,
-    opset: int | None = None,
-    seed: int = 0,
-    runs: int | None = None,
-    warmup: int | None = None,
-    batch_sizes: Sequence[int] = (),
-    arch: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    trust_pickle: bool = False,
-    force: bool = False,
     broker: str | None = None,
     store: str | None = None,
     progress: OnProgress | None = None,
     on_submitted: Callable[[Submission, Settings, Store], None] | None = None,
     on_started: Callable[[Submission, Settings, Store], None] | None = None,
+    **options: Any,
 ) -> BatchReport:
     """Convert models: one job per model file (or in-memory `nn.Module`), each to every format in `formats`.
+
+    The options are `ConvertRequest`'s fields (the `portq submit` flags of the same names), given as keyword
+    arguments or as a request: `target`, `formats`, `batch`, `wait` (default True here), `timeout`, `inputs`, `dynamic`,
+    `atol`, `rtol`, `tolerance_mode`, `quantile`, `tolerance_precision`, `optimize`, `precision`, `calibration`,
+    `output_tol`, `localise`, `opset`, `seed`, `runs`, `warmup`, `batch_sizes`, `arch`, `arch_kwargs`,
+    `trust_pickle`, `force`.
 
     Returns the batch report: every job with its status, artifacts, parity and latency, once they have finished;
     with `wait=False` on a queue, the batch as queued. A job that fails is in the report (`status` failed, `error`
@@ -107,29 +90,91 @@ def submit(
     torch.export (else TorchScript by torch.jit.trace) and submitted as that file. `inputs` are input specs
     (`'ids:int64[batch=2,16]{0,30000}'`), `output_tol` per-output tolerances (`{"logits": {"atol": 1e-3}}`);
     `optimize` ("auto", or variant names) adds optimization variants, `precision` the lossy precisions they may
-    use (`["int8"]`), `calibration` .npz files for static int8; the other keywords are the `portq submit` flags
-    of the same names. `progress` is called at every poll while
+    use (`["int8"]`), `calibration` .npz files for static int8. `progress` is called at every poll while
     the batch runs; `on_submitted` once the jobs are recorded in the store (the batch id is known), `on_started`
     once they are on the queue, or about to run here.
     """
+    req = ConvertRequest.build(request, **_waiting(request, options))
     resolved = settings(broker, store)
     st = Store(resolved.store)
     sources = list(models) if isinstance(models, (list, tuple)) else [models]
     if not sources:
         raise InputError("no models given", step="submit", hint="pass model files or nn.Module objects")
-    options, load = job_options(
-        target=target, formats=formats, inputs=inputs, dynamic=dynamic, atol=atol, rtol=rtol,
-        tolerance_mode=tolerance_mode, quantile=quantile, tolerance_precision=tolerance_precision,
-        optimize=optimize, precision=precision, output_tol=output_tol, localise=localise, opset=opset, seed=seed,
-        runs=runs, warmup=warmup, batch_sizes=batch_sizes, arch=arch, arch_kwargs=arch_kwargs,
-        trust_pickle=trust_pickle)
+    job, load = job_options(req)
     with tempfile.TemporaryDirectory(prefix="portq-modules-") as tmp:
-        paths, displays = _files(sources, example_inputs, Path(tmp), list(dynamic))
-        sub = prepare(paths, st, batch=batch, options=options, load=load, force=force,
-                      calibration=calibration_files(calibration), max_bytes=resolved.max_model_bytes,
+        paths, displays = _files(sources, example_inputs, Path(tmp), list(req.dynamic))
+        sub = prepare(paths, st, batch=req.batch, options=job, load=load, force=req.force,
+                      calibration=calibration_files(req.calibration), max_bytes=resolved.max_model_bytes,
                       max_sample_bytes=resolved.max_sample_bytes, displays=displays)
-    return dispatch(sub, resolved, st, wait=wait, timeout=timeout, progress=progress, on_submitted=on_submitted,
-                    on_started=on_started)
+    return dispatch(sub, resolved, st, wait=req.wait, timeout=req.timeout, progress=progress,
+                    on_submitted=on_submitted, on_started=on_started)
+
+
+def optimize(models: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+             request: OptimizeRequest | None = None, *, broker: str | None = None, store: str | None = None,
+             progress: OnProgress | None = None, on_submitted: Callable[[Submission, Settings, Store], None] | None
+             = None, on_started: Callable[[Submission, Settings, Store], None] | None = None,
+             **options: Any) -> BatchReport:
+    """Optimization variants of existing ONNX files (a portq artifact's model.onnx included), each measured against
+    the file itself; the fastest that passes parity is picked. Options: `OptimizeRequest`'s fields. Anything that is
+    not ONNX is refused (ConfigError) before work starts."""
+    from portq.client.onnx_files import artifact_inputs, check_onnx
+
+    req = OptimizeRequest.build(request, step="optimize", **_waiting(request, options))
+    paths = [Path(p) for p in ([models] if isinstance(models, (str, os.PathLike)) else models)]
+    for path in paths:
+        check_onnx(path)
+    specs = req.inputs or (artifact_inputs(paths[0]) if len(paths) == 1 else [])
+    convert = ConvertRequest.build(target=req.target, formats=["onnx"], batch=req.batch, wait=req.wait,
+                                   timeout=req.timeout, force=req.force, inputs=specs, optimize=req.optimize,
+                                   precision=req.precision, calibration=req.calibration)
+    return submit([str(p) for p in paths], convert, broker=broker, store=store, progress=progress,
+                  on_submitted=on_submitted, on_started=on_started)
+
+
+def fuse(models: Sequence[str | os.PathLike[str]], request: FuseRequest | None = None, *, broker: str | None = None,
+         store: str | None = None, progress: OnProgress | None = None,
+         on_submitted: Callable[[Any, Settings, Store], None] | None = None,
+         on_started: Callable[[Any, Settings, Store], None] | None = None, **options: Any) -> BatchReport:
+    """Fuse models into one (an ensemble, a chain, a merge of their weights), optionally fine-tune it, then convert
+    and check it like any model: one job. Options: `FuseRequest`'s fields (`method` is required). The request is
+    checked before anything is uploaded (a ConfigError says what is wrong); what needs the models loaded fails the
+    job at step `fuse`."""
+    from portq.client.fusion import prepare_fusion_jobs
+
+    req = FuseRequest.build(request, step="fuse", **_waiting(request, options))
+    resolved = settings(broker, store)
+    st = Store(resolved.store)
+    sub = prepare_fusion_jobs([os.fspath(m) for m in models], req, resolved, st, job_options(req, "fuse"))
+    return dispatch(sub, resolved, st, wait=req.wait, timeout=req.timeout, progress=progress,
+                    on_submitted=on_submitted, on_started=on_started)
+
+
+def night(manifest: str | os.PathLike[str], *, batch: str | None = None, force: bool = False,
+          broker: str | None = None, store: str | None = None) -> tuple[Night, Settings, Store]:
+    """One night of a nightly manifest, prepared as a new batch of its series (to `dispatch`)."""
+    from portq.tasks.execution.night import submit_night
+
+    resolved = settings(broker, store)
+    st = Store(resolved.store)
+    prepared = submit_night(Path(manifest), st, max_bytes=resolved.max_model_bytes,
+                            max_sample_bytes=resolved.max_sample_bytes, force=force, batch=batch)
+    return prepared, resolved, st
+
+
+def compare(baseline: str | None = None, new: str | None = None, *, series: str | None = None,
+            latency_threshold: float = 0.10, error_factor: float = 10.0, store: str | None = None) -> Comparison:
+    """What changed between two batches (ids, or batch report .json files), or between a series' last two
+    nights, per model x target x artifact. Raises UsageError for batches that cannot be compared."""
+    from portq.client.comparison import compared
+
+    return compared(baseline, new, series=series, latency_threshold=latency_threshold, error_factor=error_factor,
+                    store=store)[0]
+
+
+def _waiting(request: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The API follows a batch by default (`wait=True`), where the command line waits only with --wait."""
+    return options if request is not None else {"wait": True, **options}
 
 
 class Jobs(Protocol):
@@ -206,42 +251,30 @@ def wait(batch: str, *, timeout: float = 0, store: str | None = None,
 # ----------------------------------------------------------------------------------------------- the parts
 
 
-def job_options(*, target: Target | str, formats: Sequence[str | Format], inputs: Sequence[str | InputSpec],
-                dynamic: Sequence[str], atol: float | None, rtol: float | None,
-                tolerance_mode: ToleranceMode | str | None, quantile: float | None,
-                tolerance_precision: Precision | str | None, optimize: str | Sequence[str] | None,
-                precision: str | Sequence[str | Precision] | None,
-                output_tol: Mapping[str, Mapping[str, Any]] | None, localise: bool, opset: int | None, seed: int,
-                runs: int | None, warmup: int | None, batch_sizes: Sequence[int], arch: str | None,
-                arch_kwargs: Mapping[str, Any] | None, trust_pickle: bool,
-                step: str = "submit") -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JobOptions fields and the convert source's load fields, checked (a ConfigError names the problem)."""
-    try:
-        target = Target(target)
-    except ValueError:
-        raise ConfigError(f"target {target!r} is not one of {', '.join(t.value for t in Target)}",
-                          step="submit") from None
+def job_options(request: JobRequest, step: str = "submit") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request as JobOptions fields and the convert source's load fields, checked (a ConfigError names the
+    problem)."""
+    r = request
     options: dict[str, Any] = {
-        "target": target, "artifacts": artifact_requests([getattr(f, "value", f) for f in formats] or ["onnx"],
-                                                         {"onnx": {"opset": opset}}),
-        "inputs": [_input_spec(s) for s in inputs], "dynamic": list(dynamic),
-        "parity": {"seed": seed, "localise": localise},
+        "target": r.target, "artifacts": artifact_requests(list(r.formats) or ["onnx"], {"onnx": {"opset": r.opset}}),
+        "inputs": [_input_spec(s) for s in r.inputs], "dynamic": list(r.dynamic),
+        "parity": {"seed": r.seed, "localise": r.localise},
     }
-    tol: dict[str, Any] = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("mode", tolerance_mode),
-                                             ("quantile", quantile), ("precision", tolerance_precision))
+    tol: dict[str, Any] = {k: v for k, v in (("atol", r.atol), ("rtol", r.rtol), ("mode", r.tolerance_mode),
+                                             ("quantile", r.quantile), ("precision", r.tolerance_precision))
                            if v is not None}
-    if output_tol:
-        tol["outputs"] = {name: dict(fields) for name, fields in output_tol.items()}
+    if r.output_tol:
+        tol["outputs"] = {name: dict(fields) for name, fields in r.output_tol.items()}
     if tol:
         options["tolerance"] = tol
-    latency: dict[str, Any] = {k: v for k, v in (("runs", runs), ("warmup", warmup)) if v is not None}
-    if batch_sizes:
-        latency["batch_sizes"] = list(batch_sizes)
+    latency: dict[str, Any] = {k: v for k, v in (("runs", r.runs), ("warmup", r.warmup)) if v is not None}
+    if r.batch_sizes:
+        latency["batch_sizes"] = list(r.batch_sizes)
     if latency:
         options["latency"] = latency
-    if optimize or precision:
-        options["optimize"] = optimize_options(optimize, precision, options["artifacts"], target, step)
-    load = {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "trust_pickle": trust_pickle}
+    if r.optimize or r.precision:
+        options["optimize"] = optimize_options(r.optimize, r.precision, options["artifacts"], r.target, step)
+    load = {"arch": r.arch, "arch_kwargs": dict(r.arch_kwargs), "trust_pickle": r.trust_pickle}
     return options, load
 
 
@@ -378,5 +411,6 @@ def _follow(watcher: BatchWatcher, timeout: float, progress: OnProgress | None,
         time.sleep(poll_s)
 
 
-__all__ = ["BatchProgress", "ModelSource", "artifact_requests", "dispatch", "job_options", "report", "settings",
-           "status", "submit", "summary_pages", "wait"]
+__all__ = ["BatchProgress", "ConvertRequest", "FuseRequest", "ModelSource", "OptimizeRequest", "artifact_requests",
+           "compare", "dispatch", "fuse", "job_options", "night", "optimize", "report", "settings", "status", "submit",
+           "summary_pages", "wait"]

@@ -12,7 +12,8 @@ import time
 from typing import Annotated, Any
 
 import typer
-from portq.client.cli import BrokerOpt, StoreOpt, app, err, out, resolve
+from portq.client.console import err, out
+from portq.client.options import BrokerOpt, StoreOpt, resolve
 from portq.tasks.core.contract import JobRecord, JobSpec, JobStatus
 from portq.tasks.core.errors import InputError
 from portq.tasks.state import delivery, lifecycle
@@ -23,7 +24,6 @@ from rich.markup import escape
 from rich.table import Table
 
 
-@app.command()
 def cancel(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     terminate: Annotated[bool, typer.Option("--terminate", help="Also kill the worker processes running this "
@@ -60,7 +60,6 @@ def cancel(
         err.print(f"{left} running job(s) will finish" + ("" if terminate else "; --terminate stops them too"))
 
 
-@app.command()
 def retry(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     jobs: Annotated[list[str] | None, typer.Option("--job", help="Resubmit this job (id); repeatable. "
@@ -116,7 +115,6 @@ def retry(
         raise typer.Exit(see_through(batch, timeout, store=st.root))
 
 
-@app.command()
 def wait(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 3).")] = 0,
@@ -131,7 +129,6 @@ def wait(
     raise typer.Exit(see_through(batch, timeout, store=store))
 
 
-@app.command()
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the replies as one JSON document.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers' replies.")] = 2.0,

@@ -7,18 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from portq.client.cli import StoreOpt, app, err, out, resolve
+from portq.client.comparison import compared
+from portq.client.console import err, out
+from portq.client.options import StoreOpt, resolve
 from portq.client.render import comparison_table, history_table
 from portq.client.results import ReportFormat
-from portq.tasks.core.contract import BatchReport, CompareRules, Comparison, Verdict, read_versioned
-from portq.tasks.core.errors import PortqError, UsageError
-from portq.tasks.reports.compare import compare as compare_batches
+from portq.tasks.core.contract import BatchReport, Comparison, Verdict
+from portq.tasks.core.errors import PortqError
 from portq.tasks.reports.compare import comparison_markdown, regressions
 from portq.tasks.reports.history import Trend, history_markdown, trends
 from portq.tasks.state import records
 from portq.tasks.state import series as series_index
 from portq.tasks.state.store import Store
-from pydantic import ValidationError
 from rich.markup import escape
 
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")]
@@ -32,22 +32,6 @@ def _emit(text: str, output: Path | None) -> None:
     else:
         output.write_text(text)
         err.print(f"wrote {output}")
-
-
-def load_batch(st: Store, ref: str) -> BatchReport:
-    """A batch of the store by id, or a batch report saved with `portq report BATCH --json` (a .json file)."""
-    path = Path(ref)
-    if ref.endswith(".json") and path.is_file():
-        try:
-            return read_versioned(BatchReport, json.loads(path.read_text()), ref)
-        except (ValueError, ValidationError) as e:
-            raise UsageError(f"{ref} is not a batch report: {str(e).splitlines()[0]}", step="compare",
-                             hint="save one with `portq report BATCH --json > FILE.json`") from None
-    if not records.list_records(st, ref):
-        known = records.list_batches(st)
-        raise UsageError(f"no batch {ref!r} in store {st.root}", step="compare",
-                         hint=f"known batches: {', '.join(known[-10:]) or '(none)'}")
-    return records.batch_report(st, ref)
 
 
 def night_trends(st: Store, series: str | None, new: BatchReport, base: BatchReport,
@@ -67,7 +51,6 @@ def night_trends(st: Store, series: str | None, new: BatchReport, base: BatchRep
     return [b.batch for b in chosen], trends(chosen)
 
 
-@app.command()
 def compare(
     baseline: Annotated[str | None, typer.Argument(help="Baseline batch id (or a batch report .json file).",
                                                    show_default=False)] = None,
@@ -86,27 +69,9 @@ def compare(
 ) -> None:
     """What changed between two batches, per model x target x artifact. Exit 0: nothing regressed; 1: something
     regressed; 2: bad arguments (unknown batch, different stores, a batch with itself, no model in common)."""
-    st = Store(resolve(store=store).store)
-    if series is not None:
-        if baseline or new:
-            raise UsageError("give either two batches or --series, not both", step="compare")
-        nights = series_index.nights(st, series)
-        if len(nights) < 2:
-            raise UsageError(f"series {series} has {len(nights)} night(s); compare needs two", step="compare",
-                             hint="submit the manifest again for a second night")
-        baseline, new = nights[-2].batch, nights[-1].batch
-    elif not (baseline and new):
-        raise UsageError("give two batches (BASELINE NEW), or --series S for a series' last two nights",
-                         step="compare")
-    try:
-        rules = CompareRules(latency_threshold=latency_threshold, error_factor=error_factor)
-    except ValidationError as e:
-        raise UsageError("; ".join(f"--{str(x['loc'][0]).replace('_', '-')}: {x['msg']}" for x in e.errors()),
-                         step="compare") from None
-    base_report, new_report = load_batch(st, baseline), load_batch(st, new)
-    in_store = base_report.store == st.root
-    series = series or (series_index.series_of(st, new_report.batch) if in_store else None)
-    result = compare_batches(base_report, new_report, rules, series=series)
+    result, base_report, new_report, st = compared(baseline, new, series=series,
+                                                   latency_threshold=latency_threshold, error_factor=error_factor,
+                                                   store=store)
     _render(result, fmt, output, st, base_report, new_report, history)
     _say(result)
     raise typer.Exit(1 if result.regressed else 0)
@@ -142,7 +107,6 @@ def _say(c: Comparison) -> None:
         err.print(f"no regression between {c.baseline} and {c.new}")
 
 
-@app.command()
 def history(
     series: Annotated[str, typer.Argument(help="Series name (the manifest's `series`, or its file name).")],
     fmt: FormatOpt = ReportFormat.table,

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from portq.client.cli import BrokerOpt, StoreOpt, app, err, out, resolve
+from portq.client.console import err, out
+from portq.client.options import BrokerOpt, StoreOpt, resolve
 
 
 class QueueName(str, Enum):
@@ -15,7 +16,6 @@ class QueueName(str, Enum):
     gpu = "gpu"
 
 
-@app.command()
 def worker(
     queue: Annotated[QueueName, typer.Option(help="Queue to consume: cpu, or gpu (one process per GPU).")]
     = QueueName.cpu,
@@ -34,7 +34,6 @@ def worker(
     run_worker(settings, queue.value, concurrency=concurrency, loglevel=loglevel, hostname=name)
 
 
-@app.command()
 def examples(
     directory: Annotated[Path, typer.Argument(help="Where to write the example models.")] = Path("models"),
 ) -> None:

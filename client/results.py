@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from portq.client.cli import StoreOpt, app, err, out
+from portq.client.console import err, out
+from portq.client.options import StoreOpt
 from portq.client.render import status_table, summary_table
 from portq.tasks.core.errors import ConfigError
 from portq.tasks.reports.content import batch_markdown
@@ -24,22 +25,26 @@ class ReportFormat(str, Enum):
     html = "html"
 
 
-@app.command()
 def status(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the batch's counts and each job's record as one "
+                                                         "JSON document.")] = False,
     store: StoreOpt = None,
 ) -> None:
     """Each job's state: queued, running (and its step), succeeded, failed. Exit 1 if any job failed."""
     from portq.client import api
 
     records = api.status(batch, store=store)
-    out.print(status_table(batch, records))
     c = batches.counts(records)
-    out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
+    if as_json:
+        typer.echo(json.dumps({"batch": batch, "counts": c, "jobs": [r.model_dump(mode="json") for r in records]},
+                              indent=2))
+    else:
+        out.print(status_table(batch, records))
+        out.print(", ".join(f"{k} {v}" for k, v in c.items() if v))
     raise typer.Exit(1 if c["failed"] else 0)
 
 
-@app.command()
 def report(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the batch report as one JSON document "

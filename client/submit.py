@@ -1,9 +1,9 @@
-"""`portq submit`: one job per model file (or per model and target of a manifest), onto the queue or run here;
-`--wait` follows the batch.
+"""`portq submit` and `portq optimize`: one job per model file (or per model and target of a manifest), onto the
+queue or run here; `--wait` follows the batch.
 
-Parsing, printing and exit codes only: the work is `portq.client.api` (`submit`, and `dispatch` for a manifest's
-night and `portq fuse`), the same functions `import portq` offers, so the commands and the Python API take one
-path. The options the commands share are declared once in `portq.client.options`.
+Printing and exit codes only: the work is `portq.client.api` (`submit`, `optimize`, `night` and `dispatch`), the
+same functions `import portq` offers, so the commands and the Python API take one path. Their options are the
+request models' fields (`portq.tasks.core.requests`), made into flags by `portq.client.options.takes`.
 """
 
 from __future__ import annotations
@@ -13,44 +13,17 @@ from typing import Annotated
 
 import typer
 from portq.client import api
-from portq.client.cli import BrokerOpt, StoreOpt, app, err, error, out, resolve, warning
-from portq.client.options import (
-    ArchKwargsOpt,
-    ArchOpt,
-    AtolOpt,
-    BatchOpt,
-    BatchSizesOpt,
-    CalibrationOpt,
-    DynamicOpt,
-    ForceOpt,
-    FormatsOpt,
-    InputsOpt,
-    JobFlags,
-    LocaliseOpt,
-    LossyPrecisionOpt,
-    OpsetOpt,
-    OptimizeOpt,
-    OutputTolOpt,
-    QuantileOpt,
-    RtolOpt,
-    RunsOpt,
-    SeedOpt,
-    TargetOpt,
-    TimeoutOpt,
-    ToleranceModeOpt,
-    TolerancePrecisionOpt,
-    TrustPickleOpt,
-    WaitOpt,
-    WarmupOpt,
-)
+from portq.client.console import err, error, out, warning
+from portq.client.options import BrokerOpt, StoreOpt, takes
 from portq.client.render import ProgressView, summary_table
-from portq.tasks.core.contract import BatchReport, Target
+from portq.tasks.core.contract import BatchReport
 from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.requests import ConvertRequest, OptimizeRequest
 from portq.tasks.core.settings import Settings
 from portq.tasks.state.store import Store
 
 
-@app.command()
+@takes(ConvertRequest, step="submit")
 def submit(
     models: Annotated[list[str] | None, typer.Argument(help="Model files: TorchScript archives, .pt2 "
                                                             "ExportedPrograms, state dicts or safetensors (with "
@@ -58,70 +31,48 @@ def submit(
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="Submit a nightly manifest (YAML: model "
                                                                          "globs and their options) as one batch of "
                                                                          "its series, instead of MODELS.")] = None,
-    target: TargetOpt = Target.cpu,
-    formats: FormatsOpt = None,
-    batch: BatchOpt = None,
-    wait: WaitOpt = False,
-    timeout: TimeoutOpt = 0,
-    inputs: InputsOpt = None,
-    dynamic: DynamicOpt = None,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    tolerance_mode: ToleranceModeOpt = None,
-    quantile: QuantileOpt = None,
-    tolerance_precision: TolerancePrecisionOpt = None,
-    optimize: OptimizeOpt = None,
-    precision: LossyPrecisionOpt = None,
-    calibration: CalibrationOpt = None,
-    output_tol: OutputTolOpt = None,
-    localise: LocaliseOpt = True,
-    opset: OpsetOpt = None,
-    seed: SeedOpt = 0,
-    runs: RunsOpt = None,
-    warmup: WarmupOpt = None,
-    batch_sizes: BatchSizesOpt = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    force: ForceOpt = False,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    *,
+    request: ConvertRequest,
 ) -> None:
     """Enqueue one conversion job per model file (or run them here when no broker is configured)."""
-    flags = JobFlags(target=target, formats=formats, inputs=inputs, dynamic=dynamic, atol=atol, rtol=rtol,
-                     tolerance_mode=tolerance_mode, quantile=quantile, tolerance_precision=tolerance_precision,
-                     optimize=optimize, precision=precision, calibration=calibration, output_tol=output_tol,
-                     localise=localise, opset=opset, seed=seed, runs=runs, warmup=warmup, batch_sizes=batch_sizes,
-                     arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
     if manifest is not None:
-        given = (["MODELS"] if models else []) + flags.given()
+        given = (["MODELS"] if models else []) + request.given(skip=("batch", "wait", "timeout", "force"))
         if given:
             raise ConfigError(f"{', '.join(given)} cannot be combined with --manifest: the manifest gives every "
                               "job its models and options", step="submit",
                               hint="set them in the manifest's `defaults` or in a group")
-        _submit_manifest(manifest, resolve(broker, store), batch=batch, force=force, wait=wait, timeout=timeout)
+        night, settings, st = api.night(manifest, batch=request.batch, force=request.force, broker=broker,
+                                        store=store)
+        err.print(f"series {night.series}: {len(night.specs)} job(s) from {manifest} (`portq history "
+                  f"{night.series}`)")
+        for text in night.warnings:
+            warning(text)
+        send(night, st, settings, wait=request.wait, timeout=request.timeout)
         return
     if not models:
         raise ConfigError("nothing to submit: give model files, or --manifest FILE", step="submit")
     with ProgressView(err) as view:
-        report = api.submit(models, **flags.api_kwargs(), calibration=flags.calibration or [], batch=batch,
-                            wait=wait, timeout=timeout, force=force, broker=broker, store=store, progress=view,
-                            on_submitted=submitted, on_started=started)
+        report = api.submit(models, request, broker=broker, store=store, progress=view, on_submitted=submitted,
+                            on_started=started)
     conclude(report)
 
 
-def _submit_manifest(manifest: Path, settings: Settings, *, batch: str | None, force: bool, wait: bool,
-                     timeout: float) -> None:
-    """One night of a manifest: its jobs as one new batch of its series (portq.tasks.execution.night)."""
-    from portq.tasks.execution.night import submit_night
-
-    st = Store(settings.store)
-    night = submit_night(manifest, st, max_bytes=settings.max_model_bytes,
-                         max_sample_bytes=settings.max_sample_bytes, force=force, batch=batch)
-    err.print(f"series {night.series}: {len(night.specs)} job(s) from {manifest} (`portq history {night.series}`)")
-    for text in night.warnings:
-        warning(text)
-    send(night, st, settings, wait=wait, timeout=timeout)
+@takes(OptimizeRequest, step="optimize")
+def optimize(
+    models: Annotated[list[Path], typer.Argument(help="ONNX files (a portq artifact's model.onnx included).")],
+    broker: BrokerOpt = None,
+    store: StoreOpt = None,
+    *,
+    request: OptimizeRequest,
+) -> None:
+    """Optimize existing ONNX files: each variant is measured against the file itself, and the fastest that passes
+    parity is picked. Anything that is not ONNX is refused before work starts."""
+    with ProgressView(err) as view:
+        report = api.optimize(models, request, broker=broker, store=store, progress=view, on_submitted=submitted,
+                              on_started=started)
+    conclude(report)
 
 
 def send(sub: api.Jobs, st: Store, settings: Settings, *, wait: bool, timeout: float) -> None:

@@ -6,8 +6,10 @@ evidence, on a job queue or right here.
     report = portq.submit(["models/bert.pt2"], formats=["onnx"], wait=True)
     print(report.counts, [(job.model, job.best) for job in report.jobs])
 
-`submit`, `status`, `report` and `wait` are `portq.client.api`'s (the `portq` command uses the same functions);
-their results are the job contract's typed objects, and their errors the `PortqError` hierarchy. Importing
+`submit`, `optimize`, `fuse`, `compare`, `status`, `report` and `wait` are `portq.client.api`'s (the `portq`
+command uses the same functions); their options are the request models' fields (`ConvertRequest`,
+`OptimizeRequest`, `FuseRequest`: the flags of the commands of the same names), their results the job contract's
+typed objects, and their errors the `PortqError` hierarchy. Importing
 portq imports neither torch nor Celery, nor anything else until a name is used: every process that imports any
 part of portq (the command, a worker, a step's forkserver) starts without loading the API it may not need.
 """
@@ -18,7 +20,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from portq.client.api import ModelSource, report, settings, status, submit, summary_pages, wait
+    from portq.client.api import (
+        ModelSource,
+        compare,
+        fuse,
+        optimize,
+        report,
+        settings,
+        status,
+        submit,
+        summary_pages,
+        wait,
+    )
     from portq.client.progress import BatchProgress
     from portq.tasks.core.contract import (
         ArtifactReport,
@@ -42,14 +55,16 @@ if TYPE_CHECKING:
         TransientError,
         WaitTimeout,
     )
+    from portq.tasks.core.requests import ConvertRequest, FuseRequest, OptimizeRequest
     from portq.tasks.core.settings import Settings
 
 __version__ = "0.1.0"
 
 #: where each public name lives, imported on first use (PEP 562)
 _HOMES = {
-    **dict.fromkeys(["ModelSource", "report", "settings", "status", "submit", "summary_pages", "wait"],
-                    "portq.client.api"),
+    **dict.fromkeys(["ModelSource", "compare", "fuse", "optimize", "report", "settings", "status", "submit",
+                     "summary_pages", "wait"], "portq.client.api"),
+    **dict.fromkeys(["ConvertRequest", "FuseRequest", "OptimizeRequest"], "portq.tasks.core.requests"),
     "BatchProgress": "portq.client.progress",
     **dict.fromkeys(["ArtifactReport", "BatchJob", "BatchReport", "Format", "JobRecord", "JobReport", "JobStatus",
                      "Precision", "Target", "ToleranceMode"], "portq.tasks.core.contract"),
@@ -59,10 +74,11 @@ _HOMES = {
 }
 
 __all__ = [
-    "ArtifactReport", "BatchJob", "BatchProgress", "BatchReport", "ConfigError", "ConversionError", "Format",
-    "InputError", "JobRecord", "JobReport", "JobStatus", "ModelLoadError", "ModelSource", "PortqError", "Precision",
-    "Settings", "StoreError", "Target", "ToleranceMode", "TransientError", "WaitTimeout", "report", "settings",
-    "status", "submit", "summary_pages", "wait",
+    "ArtifactReport", "BatchJob", "BatchProgress", "BatchReport", "ConfigError", "ConversionError", "ConvertRequest",
+    "Format", "FuseRequest", "InputError", "JobRecord", "JobReport", "JobStatus", "ModelLoadError", "ModelSource",
+    "OptimizeRequest", "PortqError", "Precision", "Settings", "StoreError", "Target", "ToleranceMode",
+    "TransientError", "WaitTimeout", "compare", "fuse", "optimize", "report", "settings", "status", "submit",
+    "summary_pages", "wait",
 ]
 assert sorted(__all__) == sorted(_HOMES)
 

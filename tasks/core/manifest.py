@@ -52,6 +52,7 @@ from portq.tasks.core.contract import (
     safe_name,
 )
 from portq.tasks.core.errors import ConfigError
+from portq.tasks.core.requests import JobRequest, description
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST_STEP = "manifest"
@@ -66,25 +67,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GroupOptions(_Strict):
-    """The job options a manifest can set, for all groups (`defaults`) or for one group."""
+def _described(name: str, **constraints: Any) -> Any:
+    """A manifest key named after a request option: no value unless set, described as that option is (the
+    request models are the one definition of an option's meaning and default)."""
+    return Field(None, description=description(JobRequest, name), **constraints)
 
-    targets: list[Target] | None = Field(None, min_length=1, description="one job per model and target")
-    formats: list[str] | None = Field(None, min_length=1, description="artifact ids: onnx, onnx.opset17, pt2...")
+
+class GroupOptions(_Strict):
+    """The job options a manifest can set, for all groups (`defaults`) or for one group: the request options
+    (`portq.tasks.core.requests.JobRequest`) under the same names, with `targets` for `target` and `tolerance`,
+    `parity` and `latency` as the job contract's nested options. Unset, each takes the request's default."""
+
+    targets: list[Target] | None = Field(None, min_length=1, description="one job per model and target; each: "
+                                         + description(JobRequest, "target"))
+    formats: list[str] | None = _described("formats", min_length=1)
     format_options: dict[Format, dict[str, Any]] | None = Field(
         None, description="each format's options, e.g. {onnx: {opset: 17}}, for variants that do not fix them")
-    inputs: list[str] | None = Field(None, description="input specs in forward-argument order")
-    dynamic: list[str] | None = None
+    inputs: list[str] | None = _described("inputs")
+    dynamic: list[str] | None = _described("dynamic")
     tolerance: Tolerance | None = None
-    optimize: list[str] | None = Field(None, min_length=1, description="optimization variants to try: [auto] or "
-                                       "variant names (as --optimize)")
-    precision: list[Precision] | None = Field(None, description="lossy precisions --optimize may use (as "
-                                              "--precision); the tolerance precision is tolerance.precision")
+    optimize: list[str] | None = _described("optimize", min_length=1)
+    precision: list[Precision] | None = _described("precision")
     parity: ParityOptions | None = None
     latency: LatencyOptions | None = None
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] | None = None
-    trust_pickle: bool | None = None
+    arch: str | None = _described("arch")
+    arch_kwargs: dict[str, Any] | None = _described("arch_kwargs")
+    trust_pickle: bool | None = _described("trust_pickle")
 
     @field_validator("formats")
     @classmethod
@@ -310,6 +318,8 @@ class ManifestPlan:
 
 
 _MERGED = ("tolerance", "parity", "latency")
+#: a group's options where neither it nor `defaults` sets them: the request's own defaults
+_DEFAULT = JobRequest()
 
 
 def _merge(defaults: GroupOptions, group: Group) -> dict[str, Any]:
@@ -337,7 +347,7 @@ def _options(merged: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if tolerance:
         options["tolerance"] = tolerance
     if "optimize" in merged or "precision" in merged:
-        options["optimize"] = {"candidates": merged.get("optimize") or ["auto"],
+        options["optimize"] = {"candidates": merged.get("optimize") or ["auto"],  # as `--precision` alone
                                "precisions": merged.get("precision") or []}
     load: dict[str, Any] = {k: merged[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in merged}
     return options, load
@@ -406,8 +416,8 @@ def _plan(manifest: Manifest, path: Path, sha256: str, doc: _Document) -> Manife
         merged = _merge(manifest.defaults, group)
         options, load = _options(merged)
         groups.append(PlannedGroup(
-            label=label, index=i, paths=paths, targets=merged.get("targets", [Target.cpu]),
-            formats=merged.get("formats", ["onnx"]),
+            label=label, index=i, paths=paths, targets=merged.get("targets", [_DEFAULT.target]),
+            formats=merged.get("formats", list(_DEFAULT.formats)),
             format_options={Format(k).value: v for k, v in merged.get("format_options", {}).items()},
             options=options, load=load))
     if not seen:

@@ -75,6 +75,22 @@ def test_errors_are_portqs(here: Path, example_models: dict[str, Path]) -> None:
     assert not (here / "batches" / "../x").exists()
 
 
+def test_optimize_fuse_and_compare_check_their_requests_as_the_commands_do(here: Path,
+                                                                          example_models: dict[str, Path]) -> None:
+    mlp = str(example_models["mlp"])
+    with pytest.raises(portq.ConfigError, match=r"\[step optimize\] .*mlp.* is not an ONNX file"):
+        portq.optimize([mlp], store=str(here))
+    with pytest.raises(portq.ConfigError, match=r"\[step fuse\] unknown fusion method 'blend'; known: chain"):
+        portq.fuse([mlp, mlp], method="blend", store=str(here))
+    with pytest.raises(portq.ConfigError, match=r"\[step fuse\] method: Field required"):
+        portq.fuse([mlp, mlp], store=str(here))
+    with pytest.raises(portq.PortqError, match=r"\[step compare\] no batch 'a'"):
+        portq.compare("a", "b", store=str(here))
+    with pytest.raises(portq.ConfigError, match=r"timeout: Input should be greater than or equal to 0"):
+        portq.submit([mlp], timeout=-1, store=str(here))
+    assert not (here / "batches").exists()
+
+
 @pytest.mark.queue
 def test_through_redis_and_a_worker(example_models: dict[str, Path], start_worker, queue_db: str,
                                     store_dir: Path) -> None:

@@ -41,6 +41,10 @@ def test_submit_runs_here_and_reports(example_models, env):
 
     st = run_cli("status", "demo", env=env)
     assert st.returncode == 0 and "succeeded 3" in st.stdout
+    st = run_cli("status", "demo", "--json", env=env)
+    doc = json.loads(st.stdout)
+    assert st.returncode == 0 and doc["counts"]["succeeded"] == 3 and doc["batch"] == "demo"
+    assert sorted(j["model"] for j in doc["jobs"]) == sorted(example_models)
 
 
 def test_failed_job_gives_exit_1_and_others_complete(example_models, tmp_path, env):
