@@ -55,6 +55,12 @@ def run() -> None:
     except KeyboardInterrupt:
         err.print("interrupted; queued jobs keep running on the workers (`portq status BATCH`)")
         sys.exit(130)
+    except OSError as e:  # a path the command was given or must write that the system refuses: one line, no trace
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "portq")
+        where = f"{e.filename}: " if e.filename else ""
+        error(ConfigError(f"{where}{e.strerror or e}", step=command,
+                          hint="check the path and its permissions").message)
+        sys.exit(2)
     except Exception as e:
         # click's usage errors (Typer vendors its own click, so match on behaviour, not on the class)
         show, code = getattr(e, "show", None), getattr(e, "exit_code", None)
