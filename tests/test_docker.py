@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from functools import cache
 from pathlib import Path
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DEPLOY = Path(__file__).resolve().parent / "deploy"
 K8S = DOCKER / "k8s"
+# The deployment walkthrough.
+OPERATIONS = ROOT / "docs" / "operations.md"
 QUEUES = ("cpu", "gpu")
 # What interpolating compose.yaml needs (both are required there).
 COMPOSE_ENV = {"REDIS_PASSWORD": "0123456789abcdef", "FLOWER_BASIC_AUTH": "admin:0123456789abcdef"}
@@ -293,8 +296,21 @@ def test_compose_workers_pools_limits_and_flower():
         assert urlsplit(env["PORTQ_BROKER_URL"]).hostname == "redis"
         assert int(env["PORTQ_TASK_TIME_LIMIT"]) < int(env["PORTQ_VISIBILITY_TIMEOUT"])
         # a warm shutdown may take as long as a job
-        assert duration_s(service["stop_grace_period"]) > int(env["PORTQ_TASK_TIME_LIMIT"])
-        assert service["volumes"] == [f"store:{env['PORTQ_STORE']}"]
+        grace = duration_s(service["stop_grace_period"])
+        assert int(env["PORTQ_TASK_TIME_LIMIT"]) < grace <= int(env["PORTQ_TASK_TIME_LIMIT"]) + 300
+        # the store is a host folder a client on the host can use too, never one Docker creates (as root)
+        (volume,) = service["volumes"]
+        assert volume == {"type": "bind", "source": "../portq-store", "target": env["PORTQ_STORE"],
+                          "bind": {"create_host_path": False}}
+        assert (DOCKER / volume["source"]).resolve() == ROOT / "portq-store"  # where `portq` looks by default
+        assert service["user"] == "10001:10001" == instructions(dockerfile(queue), "USER")[0]
+        assert compose(PORTQ_UID="1000", PORTQ_GID="100")["services"][f"{queue}-worker"]["user"] == "1000:100"
+        # a uid without a passwd entry still gets a writable home and a user name (torch's getpass.getuser())
+        assert env["HOME"] == "/tmp" and env["USER"]
+    # The published Redis port does not clash with a Redis already on the host's 6379.
+    (published,) = services["redis"]["ports"]
+    assert published.rsplit(":", 1)[1] == "6379" and published.startswith("127.0.0.1:")
+    assert published.split(":")[1] != "6379"
     assert int(services["cpu-worker"]["deploy"]["replicas"]) >= 1
     (device,) = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -310,11 +326,26 @@ def test_compose_workers_pools_limits_and_flower():
 # --------------------------------------------------------------------------------------------- Kubernetes
 
 
+S3_STORE = "s3://portq-test-bucket/portq"
+
+
+def kustomize(overlay: str, store_env: str | None) -> subprocess.CompletedProcess[str]:
+    """`kubectl kustomize` of a copy of docker/k8s, with the s3 overlay's store.env as a deployer writes it."""
+    copy = Path(tempfile.mkdtemp(prefix="portq-k8s-")) / "k8s"
+    try:
+        shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("store.env"))
+        if store_env is not None:
+            (copy / "s3" / "store.env").write_text(store_env)
+        return subprocess.run([tool("kubectl"), "kustomize", str(copy / overlay)], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        shutil.rmtree(copy.parent)
+
+
 @cache
 def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     """What `kubectl apply -k docker/k8s/OVERLAY` would send."""
-    res = subprocess.run([tool("kubectl"), "kustomize", str(K8S / overlay)], capture_output=True, text=True,
-                         timeout=60)
+    res = kustomize(overlay, f"PORTQ_STORE={S3_STORE}\n")
     assert res.returncode == 0, res.stderr
     return tuple(doc for doc in yaml.safe_load_all(res.stdout) if doc)
 
@@ -480,11 +511,20 @@ def test_redis_statefulset_uses_the_same_secret_and_acl_as_compose():
 def test_s3_overlay_drops_the_volume_and_points_the_store_at_s3():
     docs = rendered("s3")
     assert not find(docs, "PersistentVolumeClaim")
-    assert settings(docs)["PORTQ_STORE"].startswith("s3://")
+    # the deployer's bucket, laid over the base's settings (which stay)
+    assert settings(docs) == {**settings(rendered("base")), "PORTQ_STORE": S3_STORE}
     for queue in QUEUES:
         pod, container = worker_container(docs, queue)
         assert not pod.get("volumes") and not container.get("volumeMounts")
         assert {"secretRef": {"name": "portq-s3", "optional": True}} in container["envFrom"]
+
+
+def test_s3_overlay_refuses_to_render_without_the_deployers_bucket():
+    res = kustomize("s3", None)
+    assert res.returncode != 0 and "store.env" in res.stderr
+    # and the way to write it is where a deployer looks
+    assert "store.env" in (K8S / "s3" / "kustomization.yaml").read_text()
+    assert "docker/k8s/s3/store.env" in OPERATIONS.read_text()
 
 
 # ------------------------------------------------------------------------- the commands the images run
@@ -620,11 +660,11 @@ def test_worker_as_the_image_starts_it_answers_the_health_checks_and_keda_sees_i
 
 
 def test_deploy_walkthrough_names_files_that_exist():
-    text = (DOCKER / "DEPLOY.md").read_text()
+    text = OPERATIONS.read_text()
     for path in set(re.findall(r"\b(docker/[\w./-]+|tests/[\w./-]+)", text)):
         path = path.rstrip(".")
-        if path.endswith("/.env"):
-            continue  # the copy a deployer makes of docker/.env.example
-        assert (ROOT / path).exists(), f"docker/DEPLOY.md names {path}, which does not exist"
+        if path.endswith(("/.env", "/store.env")):
+            continue  # the files a deployer writes (from docker/.env.example; the s3 overlay's bucket)
+        assert (ROOT / path).exists(), f"docs/operations.md names {path}, which does not exist"
     address = only(rendered("base"), "ScaledObject", "portq-cpu")["spec"]["triggers"][0]["metadata"]["address"]
     assert f"redis://portq:${{REDIS_PASSWORD}}@{address}/0" in text  # the Secret's url, as keda.yaml reaches Redis

@@ -1,4 +1,4 @@
-"""Tolerance resolution: override > job > precision default, field by field; the README carries the table."""
+"""Tolerance resolution: override > job > precision default, field by field; docs/usage.md carries the table."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 from portq.tasks.checks.tolerances import PRECISION_DEFAULTS, defaults_table_markdown, infer_precision, resolve
 from portq.tasks.core.contract import OutputTolerance, Precision, Tolerance, ToleranceMode
 
-README = Path(__file__).resolve().parents[3] / "README.md"
+README = Path(__file__).resolve().parents[3] / "docs" / "usage.md"
 
 
 def test_defaults_per_precision():
