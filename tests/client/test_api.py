@@ -80,7 +80,8 @@ def test_optimize_fuse_and_compare_check_their_requests_as_the_commands_do(here:
     mlp = str(example_models["mlp"])
     with pytest.raises(portq.ConfigError, match=r"\[step optimize\] .*mlp.* is not an ONNX file"):
         portq.optimize([mlp], store=str(here))
-    with pytest.raises(portq.ConfigError, match=r"\[step fuse\] unknown fusion method 'blend'; known: chain"):
+    with pytest.raises(portq.ConfigError,
+                       match=r"\[step fuse\] unknown fusion method 'blend'; known: breadcrumbs, chain"):
         portq.fuse([mlp, mlp], method="blend", store=str(here))
     with pytest.raises(portq.ConfigError, match=r"\[step fuse\] method: Field required"):
         portq.fuse([mlp, mlp], store=str(here))
