@@ -247,8 +247,8 @@ class FuseRequest(JobRequest):
     """`portq fuse` / `portq.fuse`: one job that fuses several models into one, then converts it like any model.
     The method and its parameters are checked against `portq.tasks.fusion.methods.FUSION_METHODS`."""
 
-    method: Annotated[str, Field(description="How to fuse: chain, concat, ensemble, greedy-soup, slerp, soup, "
-                                             "stack, task-arithmetic, ties, vote."), flag("--method")]
+    method: Annotated[str, Field(description="How to fuse: breadcrumbs, chain, concat, ensemble, greedy-soup, "
+                                             "slerp, soup, stack, task-arithmetic, ties, vote."), flag("--method")]
     weights: Annotated[list[float] | None, Field(
         description="One weight per model, comma-separated, e.g. 0.7,0.3 (ensemble, vote, soup: normalised; "
                     "task-arithmetic, ties: as given)."), flag(text=str | None, parse=weights_list,
