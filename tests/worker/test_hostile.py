@@ -16,8 +16,9 @@ from tests.hostile import ARCH, write_malicious_pickle, write_state_dict
 pytestmark = pytest.mark.queue
 
 ROOT = Path(__file__).resolve().parents[2]
-# the step limit leaves room for a good model's export on a busy machine; the job limit for its few steps
-LIMITS = {"PORTQ_TASK_TIME_LIMIT": "25", "PORTQ_VISIBILITY_TIMEOUT": "35", "PORTQ_STEP_TIME_LIMIT": "10",
+# the step limit leaves room for a good model's export on a busy machine; the job limit for its few steps and for
+# the wait on a fresh pool's warm-up (two pool processes warming their step forkservers at once on 2 cores: 25 s)
+LIMITS = {"PORTQ_TASK_TIME_LIMIT": "60", "PORTQ_VISIBILITY_TIMEOUT": "75", "PORTQ_STEP_TIME_LIMIT": "10",
           "PYTHONPATH": str(ROOT)}
 
 
