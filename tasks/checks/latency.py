@@ -318,10 +318,11 @@ def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, 
 
 
 def paired_options(opts: LatencyOptions) -> PairedOptions:
-    """A job's latency options as the paired comparison reads them: a block is half a window, and the interval
-    must come within half the windows' stability of the estimate (±5% for the default 10%)."""
+    """A job's latency options as the paired comparison reads them: a block is half a window, the interval must
+    come within half the windows' stability of the estimate (±5% for the default 10%), and a third of the
+    measurement budget bounds it (10 s by default: it may run twice, at the job's threads and at one)."""
     return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 2, 1.0),
-                         max_seconds=opts.max_seconds, precision=opts.stability / 2)
+                         max_seconds=opts.max_seconds / 3, precision=opts.stability / 2)
 
 
 def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,

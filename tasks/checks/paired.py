@@ -51,7 +51,7 @@ class PairedOptions:
     warmup: int = 3
     block_ms: float = 10.0
     min_pairs: int = 6
-    max_pairs: int = 40
+    max_pairs: int = 24
     max_seconds: float = 20.0
     precision: float = 0.05  # stop once the interval lies within ±5% of the estimate
     wide: float = 0.25  # an interval reaching beyond ±25% of the estimate is inconclusive
