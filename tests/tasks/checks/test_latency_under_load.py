@@ -50,10 +50,13 @@ def test_speedups_under_load_are_close_or_inconclusive(example_models, tmp_path)
     loaded = speedups(env, "busy")
 
     assert quiet.keys() == loaded.keys() and len(quiet) == len(paths)
-    for key, q in quiet.items():
-        assert not q.get("inconclusive"), f"{key} on a quiet machine: {q.get('inconclusive_reason')}"
-    off = {key: (quiet[key]["speedup"], b["speedup"]) for key, b in loaded.items()
-           if not b.get("inconclusive") and not 0.5 <= b["speedup"] / quiet[key]["speedup"] <= 2.0}
+    # a quiet reading that is itself inconclusive (a shared CI host is rarely silent) is no reference to hold the
+    # busy one to; at least one must be conclusive, or the test would hold nothing
+    reference = {key: q for key, q in quiet.items() if not q.get("inconclusive")}
+    assert reference, f"every quiet comparison was inconclusive: {[q['inconclusive_reason'] for q in quiet.values()]}"
+    off = {key: (reference[key]["speedup"], b["speedup"]) for key, b in loaded.items()
+           if key in reference and not b.get("inconclusive")
+           and not 0.5 <= b["speedup"] / reference[key]["speedup"] <= 2.0}
     assert off == {}, f"speedups off by more than 2x while busy, not marked inconclusive (quiet, busy): {off}"
     for b in loaded.values():
         if b.get("inconclusive"):
