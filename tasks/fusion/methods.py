@@ -329,24 +329,21 @@ def _apply_breadcrumbs(method: FusionMethod, inputs: FusionInputs,
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795) as mergekit's `breadcrumbs`, per floating
     tensor: base + scale * sum_i weights[i] * breadcrumbs_mask(member_i - base); weights default to 1 and are
     not normalised, no sign election (mergekit's `breadcrumbs_ties` adds TIES's)."""
-    import torch
-    from portq.tasks.fusion.weight_space import _finish, _non_float_note, _task_setup, _template, load_merged
+    from portq.tasks.fusion.weight_space import (
+        _finish,
+        _non_float_note,
+        _task_setup,
+        _template,
+        add_task_vectors,
+        load_merged,
+    )
 
     names, items, base_sd, sds, w = _task_setup(method.name, inputs.modules, inputs.base_module, config.weights,
                                                 inputs.names, inputs.base_name, False)
     template = _template(method.name, inputs.base_module, items, inputs.calibration is not None,
                          "to recompute BatchNorm stats")
-    merged, non_float = {}, []
-    for k, b in base_sd.items():
-        if not b.is_floating_point():
-            merged[k] = b.clone()
-            non_float.append(k)
-            continue
-        b64 = b.to(torch.float64)
-        delta = torch.zeros_like(b64)
-        for wi, sd in zip(w, sds):
-            delta = delta + breadcrumbs_mask(sd[k].to(torch.float64) - b64, config.density, config.gamma) * wi
-        merged[k] = (b64 + delta * config.scale).to(b.dtype)
+    merged, non_float = add_task_vectors(base_sd, sds, w, config.scale,
+                                         lambda vector: breadcrumbs_mask(vector, config.density, config.gamma))
     facts: dict[str, Any] = {"method": method.name, "names": names, "base": inputs.base_name, "weights": w,
                              "density": config.density, "gamma": config.gamma, "scale": config.scale, "notes": []}
     _non_float_note(facts, non_float, "the base")

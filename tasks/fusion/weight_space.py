@@ -331,6 +331,26 @@ def _task_setup(method: str, members: Any, base: Any, weights: Any, names: list[
     return names, items, base_sd, sds, w
 
 
+def add_task_vectors(base_sd: StateDict, sds: list[StateDict], weights: list[float], scale: float,
+                     transform: Any = None) -> tuple[StateDict, list[str]]:
+    """base + scale * sum_i weights[i] * transform(member_i - base), per floating tensor, in float64 (`transform`:
+    what a method does to each task vector first, e.g. breadcrumbs' mask; None keeps it whole). Non-float
+    tensors are the base's; their keys are returned beside the merged state."""
+    merged, non_float = {}, []
+    for k, b in base_sd.items():
+        if not b.is_floating_point():
+            merged[k] = b.clone()
+            non_float.append(k)
+            continue
+        b64 = b.to(torch.float64)
+        delta = torch.zeros_like(b64)
+        for wi, sd in zip(weights, sds):
+            vector = sd[k].to(torch.float64) - b64
+            delta = delta + (transform(vector) if transform is not None else vector) * wi
+        merged[k] = (b64 + delta * scale).to(b.dtype)
+    return merged, non_float
+
+
 def task_arithmetic(members: Any, *, base: Any = None, weights: Any = None, scale: float = 1.0,
                     calibration_inputs: Any = None, template: Any = None, names: list[str] | None = None,
                     base_name: str = "base") -> tuple[StateDict, dict[str, Any]]:
@@ -342,17 +362,7 @@ def task_arithmetic(members: Any, *, base: Any = None, weights: Any = None, scal
     template = _template("task-arithmetic", template if template is not None else
                          (base if isinstance(base, nn.Module) else None), items, calibration_inputs is not None,
                          "to recompute BatchNorm stats")
-    merged, non_float = {}, []
-    for k, b in base_sd.items():
-        if not b.is_floating_point():
-            merged[k] = b.clone()
-            non_float.append(k)
-            continue
-        b64 = b.to(torch.float64)
-        delta = torch.zeros_like(b64)
-        for wi, sd in zip(w, sds):
-            delta = delta + (sd[k].to(torch.float64) - b64) * wi
-        merged[k] = (b64 + delta * scale).to(b.dtype)
+    merged, non_float = add_task_vectors(base_sd, sds, w, scale)
     facts: dict[str, Any] = {"method": "task-arithmetic", "names": names, "base": base_name, "weights": w,
                              "scale": scale, "notes": []}
     _non_float_note(facts, non_float, "the base")
