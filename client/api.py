@@ -43,7 +43,7 @@ from portq.tasks.core.settings import Settings
 from portq.tasks.formats import artifact_requests
 from portq.tasks.state import records as batches
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import Submission, prepare
+from portq.tasks.state.submission import Submission, claim_batch, prepare, select_models
 
 if TYPE_CHECKING:
     import torch
@@ -103,9 +103,12 @@ def submit(
     job, load = job_options(req)
     with tempfile.TemporaryDirectory(prefix="portq-modules-") as tmp:
         paths, displays = _files(sources, example_inputs, Path(tmp), list(req.dynamic))
+        paths, notes = select_models(paths, resolved.max_model_bytes, displays)
+        notes += claim_batch(st, req.batch)
         sub = prepare(paths, st, batch=req.batch, options=job, load=load, force=req.force,
                       calibration=calibration_files(req.calibration), max_bytes=resolved.max_model_bytes,
                       max_sample_bytes=resolved.max_sample_bytes, displays=displays)
+        sub.notes = notes
     return dispatch(sub, resolved, st, wait=req.wait, timeout=req.timeout, progress=progress,
                     on_submitted=on_submitted, on_started=on_started)
 
@@ -216,7 +219,7 @@ def status(batch: str, *, store: str | None = None) -> list[JobRecord]:
     refusals = _refusals(resolved, st, batch)
     if refusals is not None:  # what workers that could not reach this store said about its jobs
         refusals()
-    return batches.require_batch(st, batch)
+    return batches.require_batch(st, batch, "status")
 
 
 def report(batch: str, *, store: str | None = None) -> BatchReport:
@@ -244,7 +247,7 @@ def wait(batch: str, *, timeout: float = 0, store: str | None = None,
     """
     resolved = settings(store=store)
     st = Store(resolved.store)
-    batches.require_batch(st, batch)
+    batches.require_batch(st, batch, "wait")
     return _follow(BatchWatcher(st, batch), timeout, progress, refusals=_refusals(resolved, st, batch))
 
 

@@ -30,11 +30,11 @@ def main() -> None:
 
 
 def run() -> None:
-    from portq.client.commands import app
+    from portq.client.commands import command
     from pydantic import ValidationError
 
     try:
-        rc = app(standalone_mode=False)
+        rc = command()(standalone_mode=False)
     except ConfigError as e:
         error(e.message)
         sys.exit(2)

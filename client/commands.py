@@ -28,6 +28,17 @@ for command in (submit.submit, fuse.fuse, submit.optimize, results.status, resul
     app.command()(command)
 
 
+def command() -> typer.core.TyperGroup:
+    """The app as the click command the CLI runs: a switch shows no `<bool>` in help (it takes no value)."""
+    group = typer.main.get_command(app)
+    for sub in [group, *getattr(group, "commands", {}).values()]:
+        help_option = sub.get_help_option(typer.Context(sub, **group.context_settings))  # made on demand, then kept by the command
+        for param in [*sub.params, *([help_option] if help_option is not None else [])]:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+    return group
+
+
 def _version(value: bool) -> None:
     if value:
         from portq import __version__

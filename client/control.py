@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from portq.client.console import err, out
-from portq.client.options import BrokerOpt, StoreOpt, resolve
+from portq.client.options import JsonOpt, QueueBrokerOpt, StoreOpt, resolve
 from portq.tasks.core.contract import JobRecord, JobSpec, JobStatus
 from portq.tasks.core.errors import InputError
 from portq.tasks.state import delivery, lifecycle
@@ -29,13 +29,13 @@ def cancel(
     terminate: Annotated[bool, typer.Option("--terminate", help="Also kill the worker processes running this "
                                                                 "batch's jobs (they are recorded cancelled).")]
     = False,
-    broker: BrokerOpt = None,
+    broker: QueueBrokerOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Stop a batch's queued jobs: workers skip them. Running jobs finish unless --terminate."""
     settings = resolve(broker, store)
     st = Store(settings.store)
-    records = batches.require_batch(st, batch)
+    records = batches.require_batch(st, batch, "cancel")
     queued = [r for r in records if r.status is JobStatus.queued]
     running = [r for r in records if r.status is JobStatus.running]
     for r in queued:
@@ -70,13 +70,13 @@ def retry(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the batch until it finishes; exit 1 if a job "
                                                       "failed.")] = False,
     timeout: Annotated[float, typer.Option(help="With --wait: give up after this many seconds (exit 3).")] = 0,
-    broker: BrokerOpt = None,
+    broker: QueueBrokerOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Resubmit a batch's dead letters (jobs whose worker died, that ran out of time or could not be queued)."""
     settings = resolve(broker, store)
     st = Store(settings.store)
-    records = batches.require_batch(st, batch)
+    records = batches.require_batch(st, batch, "retry")
     wanted = set(jobs or [])
     unknown = wanted - {r.job_id for r in records}
     if unknown:
@@ -117,8 +117,9 @@ def retry(
 
 def wait(
     batch: Annotated[str, typer.Argument(help="Batch id, as printed by `portq submit`.")],
-    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 3).")] = 0,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds (exit 3).", min=0)] = 0,
     store: StoreOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Follow a batch until every job finished, then print its summary; exit 1 if a job failed.
 
@@ -126,13 +127,13 @@ def wait(
     """
     from portq.client.submit import see_through
 
-    raise typer.Exit(see_through(batch, timeout, store=store))
+    raise typer.Exit(see_through(batch, timeout, store=store, as_json=as_json))
 
 
 def workers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the replies as one JSON document.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the workers' replies.")] = 2.0,
-    broker: BrokerOpt = None,
+    broker: QueueBrokerOpt = None,
 ) -> None:
     """Who is consuming which queue, and what each worker is running (asked over the broker). Exit 1 if none."""
     settings = resolve(broker)

@@ -11,9 +11,9 @@ import typer
 from portq.client import api
 from portq.client.console import err
 from portq.client.fusion import exact_output_tolerance  # noqa: F401  (tests.tasks.fusion.helpers)
-from portq.client.options import BrokerOpt, StoreOpt, takes
+from portq.client.options import BrokerOpt, JsonOpt, StoreOpt, takes
 from portq.client.render import ProgressView
-from portq.client.submit import conclude, started, submitted
+from portq.client.submit import Say, started
 from portq.tasks.core.requests import FuseRequest
 
 
@@ -23,13 +23,15 @@ def fuse(
                                                      "ties, the fine-tuned models, with --base).")],
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    as_json: JsonOpt = False,
     *,
     request: FuseRequest,
 ) -> None:
     """Fuse models into one (an ensemble, a chain, a merge of their weights), optionally fine-tune it, then
     convert and check it like any model: one job, on the queue or here."""
+    say = Say(as_json)
     with ProgressView(err) as view:
-        report = api.fuse(models, request, broker=broker, store=store, progress=view, on_submitted=submitted,
+        report = api.fuse(models, request, broker=broker, store=store, progress=view, on_submitted=say.submitted,
                           on_started=started)
-    conclude(report)
+    say.conclude(report)
 

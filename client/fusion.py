@@ -17,7 +17,7 @@ from portq.tasks.core.settings import Settings
 from portq.tasks.fusion.data import read_data
 from portq.tasks.fusion.methods import FusionMethod, validate_request
 from portq.tasks.state.store import Store
-from portq.tasks.state.submission import FusionRequest, Submission, prepare_fusion
+from portq.tasks.state.submission import FusionRequest, Submission, claim_batch, prepare_fusion
 from pydantic import ValidationError
 
 STEP = "fuse"
@@ -48,7 +48,10 @@ def prepare_fusion_jobs(models: list[str], req: FuseRequest, settings: Settings,
     request = FusionRequest(members=models, method=fusion.name, params=applied, base=req.base,
                             eval_data=req.eval_data, calibration=req.calibration, finetune=tune, name=req.name)
     try:
-        return prepare_fusion(request, st, batch=req.batch, options=options, load=load, force=req.force,
-                              max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
+        notes = claim_batch(st, req.batch)
+        sub = prepare_fusion(request, st, batch=req.batch, options=options, load=load, force=req.force,
+                             max_bytes=settings.max_model_bytes, max_sample_bytes=settings.max_sample_bytes)
+        sub.notes = notes
+        return sub
     except ValidationError as e:  # pydantic validation of the options
         raise ConfigError(validation_problems(e), step=STEP) from None

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from portq.client.comparison import compared
 from portq.client.console import err, out
-from portq.client.options import StoreOpt, resolve
+from portq.client.options import JsonOpt, StoreOpt, resolve
 from portq.client.render import comparison_table, history_table
 from portq.client.results import ReportFormat
 from portq.tasks.core.contract import BatchReport, Comparison, Verdict
@@ -63,6 +63,7 @@ def compare(
     error_factor: Annotated[float, typer.Option(help="Parity: max abs error grown beyond this factor is a "
                                                      "regression.")] = 10.0,
     fmt: FormatOpt = ReportFormat.table,
+    as_json: JsonOpt = False,
     output: OutputOpt = None,
     history: Annotated[int, typer.Option(help="HTML: plot the series' last this many nights.")] = 30,
     store: StoreOpt = None,
@@ -72,7 +73,7 @@ def compare(
     result, base_report, new_report, st = compared(baseline, new, series=series,
                                                    latency_threshold=latency_threshold, error_factor=error_factor,
                                                    store=store)
-    _render(result, fmt, output, st, base_report, new_report, history)
+    _render(result, ReportFormat.json if as_json else fmt, output, st, base_report, new_report, history)
     _say(result)
     raise typer.Exit(1 if result.regressed else 0)
 
@@ -110,6 +111,7 @@ def _say(c: Comparison) -> None:
 def history(
     series: Annotated[str, typer.Argument(help="Series name (the manifest's `series`, or its file name).")],
     fmt: FormatOpt = ReportFormat.table,
+    as_json: JsonOpt = False,
     output: OutputOpt = None,
     last: Annotated[int, typer.Option(help="Only the last this many nights (0: all).")] = 0,
     store: StoreOpt = None,
@@ -117,6 +119,8 @@ def history(
     """A series' nights: batch, date, jobs, failures, cache hits; html plots each model across the nights."""
     st = Store(resolve(store=store).store)
     h = series_index.history(st, series, last=last or None)
+    if as_json:
+        fmt = ReportFormat.json
     if fmt is ReportFormat.table and output is None:
         out.print(history_table(h))
         return

@@ -23,6 +23,14 @@ BrokerOpt = Annotated[
     typer.Option("--broker", envvar="PORTQ_BROKER_URL", show_envvar=True,
                  help="Redis URL of the queue (redis://host:6379/0, rediss:// for TLS). Unset: run jobs locally."),
 ]
+#: `--broker` on the commands that act on a queue (there is no "run locally" for them)
+QueueBrokerOpt = Annotated[
+    str | None,
+    typer.Option("--broker", envvar="PORTQ_BROKER_URL", show_envvar=True,
+                 help="Redis URL of the queue to act on (redis://host:6379/0, rediss:// for TLS)."),
+]
+#: `--json` on every command that reports: one JSON document on stdout, nothing else there
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", envvar="PORTQ_STORE", show_envvar=True, show_default="./portq-store",

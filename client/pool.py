@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 from portq.client.console import err, out
-from portq.client.options import BrokerOpt, StoreOpt, resolve
+from portq.client.options import QueueBrokerOpt, StoreOpt, resolve
 
 
 class QueueName(str, Enum):
@@ -23,7 +23,7 @@ def worker(
                                                             "count]")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     name: Annotated[str | None, typer.Option(help="Worker node name (default portq-QUEUE-PID@host).")] = None,
-    broker: BrokerOpt = None,
+    broker: QueueBrokerOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Start a Celery worker consuming one routing queue."""

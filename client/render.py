@@ -36,8 +36,8 @@ def status_table(batch: str, records: list[JobRecord]) -> Table:
     return table
 
 
-def summary_table(report: BatchReport) -> Table:
-    table = Table(title=f"batch {report.batch}", title_justify="left")
+def summary_table(report: BatchReport, *, title: bool = True) -> Table:
+    table = Table(title=f"batch {report.batch}" if title else None, title_justify="left")
     for col in SUMMARY_COLUMNS:
         table.add_column(col, overflow="fold", no_wrap=col in ("p50 ms", "speedup"))
     for row in summary_rows(report):

@@ -11,10 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import json
+from dataclasses import dataclass
+
 import typer
 from portq.client import api
 from portq.client.console import err, error, out, warning
-from portq.client.options import BrokerOpt, StoreOpt, takes
+from portq.client.options import BrokerOpt, JsonOpt, StoreOpt, takes
 from portq.client.render import ProgressView, summary_table
 from portq.tasks.core.contract import BatchReport
 from portq.tasks.core.errors import ConfigError
@@ -33,6 +36,7 @@ def submit(
                                                                          "its series, instead of MODELS.")] = None,
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    as_json: JsonOpt = False,
     *,
     request: ConvertRequest,
 ) -> None:
@@ -49,14 +53,15 @@ def submit(
                   f"{night.series}`)")
         for text in night.warnings:
             warning(text)
-        send(night, st, settings, wait=request.wait, timeout=request.timeout)
+        send(night, st, settings, wait=request.wait, timeout=request.timeout, as_json=as_json)
         return
     if not models:
         raise ConfigError("nothing to submit: give model files, or --manifest FILE", step="submit")
+    say = Say(as_json)
     with ProgressView(err) as view:
-        report = api.submit(models, request, broker=broker, store=store, progress=view, on_submitted=submitted,
+        report = api.submit(models, request, broker=broker, store=store, progress=view, on_submitted=say.submitted,
                             on_started=started)
-    conclude(report)
+    say.conclude(report)
 
 
 @takes(OptimizeRequest, step="optimize")
@@ -64,36 +69,55 @@ def optimize(
     models: Annotated[list[Path], typer.Argument(help="ONNX files (a portq artifact's model.onnx included).")],
     broker: BrokerOpt = None,
     store: StoreOpt = None,
+    as_json: JsonOpt = False,
     *,
     request: OptimizeRequest,
 ) -> None:
     """Optimize existing ONNX files: each variant is measured against the file itself, and the fastest that passes
     parity is picked. Anything that is not ONNX is refused before work starts."""
+    say = Say(as_json)
     with ProgressView(err) as view:
-        report = api.optimize(models, request, broker=broker, store=store, progress=view, on_submitted=submitted,
+        report = api.optimize(models, request, broker=broker, store=store, progress=view, on_submitted=say.submitted,
                               on_started=started)
-    conclude(report)
+    say.conclude(report)
 
 
-def send(sub: api.Jobs, st: Store, settings: Settings, *, wait: bool, timeout: float) -> None:
+def send(sub: api.Jobs, st: Store, settings: Settings, *, wait: bool, timeout: float, as_json: bool = False) -> None:
     """Prepared jobs (a manifest's night, a fusion) through `api.dispatch`, printed as `portq submit` prints."""
+    say = Say(as_json)
     with ProgressView(err) as view:
-        report = api.dispatch(sub, settings, st, wait=wait, timeout=timeout, progress=view, on_submitted=submitted,
-                              on_started=started)
-    conclude(report)
+        report = api.dispatch(sub, settings, st, wait=wait, timeout=timeout, progress=view,
+                              on_submitted=say.submitted, on_started=started)
+    say.conclude(report)
 
 
-def conclude(report: BatchReport) -> None:
-    """Exit with the batch's verdict when it was followed to its end; nothing more for a queued one."""
-    if not all(job.status.finished for job in report.jobs):
-        return  # queued, and not followed (no --wait)
-    raise typer.Exit(finish(report))
+@dataclass
+class Say:
+    """How a command that makes jobs prints: `batch ID` then the summary table on stdout (the batch named once),
+    or with `--json` the batch report as one JSON document and nothing else on stdout. Notes and errors go to
+    stderr either way."""
 
+    as_json: bool = False
 
-def submitted(sub: api.Jobs, settings: Settings, st: Store) -> None:
-    out.print(f"batch {sub.batch}")
-    for rec in sub.rejected:
-        error(rec.error or "")
+    def submitted(self, sub: api.Jobs, settings: Settings, st: Store) -> None:
+        if not self.as_json:
+            out.print(f"batch {sub.batch}")
+        for note in getattr(sub, "notes", []):
+            warning(note)
+        for rec in sub.rejected:
+            error(rec.error or "")
+
+    def conclude(self, report: BatchReport) -> None:
+        """Exit with the batch's verdict when it was followed to its end; nothing more for a queued one (but its
+        JSON with --json)."""
+        done = all(job.status.finished for job in report.jobs)
+        if self.as_json:
+            typer.echo(json.dumps(report.model_dump(mode="json"), indent=2))
+            if done:
+                raise typer.Exit(finish(report, table=False))
+            return
+        if done:
+            raise typer.Exit(finish(report, title=False))
 
 
 def started(sub: api.Jobs, settings: Settings, st: Store) -> None:
@@ -103,9 +127,10 @@ def started(sub: api.Jobs, settings: Settings, st: Store) -> None:
         err.print(f"queued {len(sub.specs)} job(s) on {settings.broker_display}; store: {st.root}")
 
 
-def finish(report: BatchReport) -> int:
+def finish(report: BatchReport, *, table: bool = True, title: bool = True) -> int:
     """Print the batch's summary and where its reports are; 1 if any job failed."""
-    out.print(summary_table(report))
+    if table:
+        out.print(summary_table(report, title=title))
     hits = sum(j.cached for j in report.jobs)
     if hits:
         err.print(f"{hits} of {report.counts['total']} job(s) were cache hits (unchanged model and options: served "
@@ -122,8 +147,11 @@ def finish(report: BatchReport) -> int:
     return 0
 
 
-def see_through(batch: str, timeout: float = 0, store: str | None = None) -> int:
-    """Follow the batch to its end (at once when it has already finished), print its summary; 1 if a job failed."""
+def see_through(batch: str, timeout: float = 0, store: str | None = None, as_json: bool = False) -> int:
+    """Follow the batch to its end (at once when it has already finished), print its summary (or its report as
+    JSON); 1 if a job failed."""
     with ProgressView(err) as view:
         report = api.wait(batch, timeout=timeout, store=store, progress=view)
-    return finish(report)
+    if as_json:
+        typer.echo(json.dumps(report.model_dump(mode="json"), indent=2))
+    return finish(report, table=not as_json)

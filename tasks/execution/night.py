@@ -87,6 +87,10 @@ def submit_night(manifest: str | Path | ManifestPlan, store: Store, *, max_bytes
     checked = _group_options(plan)
     if batch is not None and not SAFE_ID.match(batch):
         raise ConfigError(f"{batch!r} is not a valid batch name (letters, digits, '.', '_', '-')", step="manifest")
+    if batch is not None and store.exists(keys.batch_key(batch)):
+        raise ConfigError(f"batch {batch!r} exists: a night is a new batch of its series, and the series keeps its "
+                          "nights", step="manifest", hint="leave out --batch (nights are named by date) or choose "
+                                                          "another name")
     night = Night(series=plan.series, batch=batch or unused_batch_name(store, plan.batch_name(now)),
                   warnings=list(plan.warnings))
     for group, per_target in zip(plan.groups, checked):

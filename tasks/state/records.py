@@ -19,7 +19,7 @@ from portq.tasks.core.contract import (
     read_versioned,
     utcnow,
 )
-from portq.tasks.core.errors import InputError
+from portq.tasks.core.errors import UsageError
 from portq.tasks.state import keys
 from portq.tasks.state.store import Store
 from pydantic import ValidationError
@@ -82,11 +82,12 @@ def list_batches(store: Store) -> list[str]:
     return store.list(keys.BATCHES)
 
 
-def require_batch(store: Store, batch: str) -> list[JobRecord]:
+def require_batch(store: Store, batch: str, step: str = "report") -> list[JobRecord]:
+    """The batch's records; an unknown batch is a usage mistake (UsageError: exit 2, as for `compare`)."""
     records = list_records(store, batch)
     if not records:
         known = list_batches(store)
-        raise InputError(f"no batch {batch!r} in store {store.display}", step="report",
+        raise UsageError(f"no batch {batch!r} in store {store.display}", step=step,
                          hint=f"known batches: {', '.join(known[-10:]) or '(none)'}")
     return records
 

@@ -50,6 +50,7 @@ class Submission:
     batch: str
     specs: list[JobSpec] = field(default_factory=list)
     rejected: list[JobRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the client skipped or replaced, to tell the user
 
 
 def _upload(store: Store, path: Path, name: str | None = None) -> SourceRef:
@@ -66,16 +67,72 @@ def check_sample_path(path: Path, max_bytes: int) -> None:
                          hint="raise PORTQ_MAX_SAMPLE_BYTES if this is intended")
 
 
-def check_model_path(path: Path, max_bytes: int) -> None:
+def check_model_path(path: Path, max_bytes: int, display: str | None = None) -> None:
+    display = display or str(path)
     if not path.exists():
-        raise InputError("file does not exist", step="submit", file=str(path))
+        raise InputError("file does not exist", step="submit", file=display)
     if path.is_dir():
-        raise InputError("is a directory, not a model file", step="submit", file=str(path),
-                         hint=f"pass the files inside it, e.g. {path}/*.pt")
+        raise InputError("is a directory, not a model file", step="submit", file=display,
+                         hint=f"pass the model files inside it, e.g. {path}/*; a sample .npz beside its model "
+                              "goes with it")
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError(f"file is {size} bytes, over the limit of {max_bytes}", step="submit", file=str(path),
+        raise InputError(f"file is {size} bytes, over the limit of {max_bytes}", step="submit", file=display,
                          hint="raise PORTQ_MAX_MODEL_BYTES if this is intended")
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def select_models(paths: list[str], max_bytes: int, displays: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """The model files among `paths`, checked before anything is written: a path that cannot be a model (missing,
+    a pattern the shell left unexpanded, a directory, over the size limit) raises ConfigError naming it, so a
+    mistake queues nothing. A sample file (`<stem>.npz`) given beside its model (`models/*`) is skipped by rule:
+    it goes with its model, as its sample. Returns (models, notes on what was skipped)."""
+    given = {Path(p) for p in paths}
+    models, notes = [], []
+    for raw in paths:
+        path = Path(raw)
+        display = (displays or {}).get(raw, raw)
+        if path.suffix == SIDECAR_SUFFIX and path.is_file():
+            owners = [p for p in given if p != path and p.with_suffix(SIDECAR_SUFFIX) == path]
+            if owners:
+                notes.append(f"{display}: skipped, the sample inputs of {sorted(owners)[0]}")
+                continue
+            raise ConfigError(f"is a sample file ({SIDECAR_SUFFIX}), not a model", step="submit", file=display,
+                              hint=f"it is read as the sample of the model file beside it with the same stem; pass "
+                                   f"that model (or --calibration {display} for static int8)")
+        if not path.exists() and GLOB_CHARS & set(raw):
+            raise ConfigError("matches no file (the shell passed the pattern on as it was)", step="submit",
+                              file=display, hint="check the pattern and the directory")
+        try:
+            check_model_path(path, max_bytes, display)
+        except InputError as e:
+            raise ConfigError(e.cause, step="submit", file=display, hint=e.hint) from None
+        models.append(raw)
+    return models, notes
+
+
+def claim_batch(store: Store, batch: str | None) -> list[str]:
+    """Make `batch` free for a new submission: a batch of that name whose jobs have all finished is replaced
+    (its records, specs and pages removed; its results stay in the store and serve as the cache); one with jobs
+    still queued or running is refused (ConfigError). Returns what to tell the user."""
+    from portq.tasks.state.keys import batch_key
+    from portq.tasks.state.records import list_records
+
+    if batch is None:
+        return []
+    records = list_records(store, batch)
+    if not records:
+        return []
+    unfinished = [r for r in records if not r.status.finished]
+    if unfinished:
+        raise ConfigError(f"batch {batch!r} has {len(unfinished)} of {len(records)} job(s) still queued or running",
+                          step="submit", hint=f"follow it (`portq wait {batch}`), cancel it (`portq cancel {batch}`), "
+                                              "or choose another --batch")
+    store.delete(batch_key(batch))
+    return [f"batch {batch}: replaced its {len(records)} finished job(s) (their results stay in the store and serve "
+            "as the cache)"]
 
 
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
