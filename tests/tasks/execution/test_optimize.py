@@ -73,6 +73,7 @@ def test_lossy_variants_run_only_with_their_precision_and_are_judged_by_it(tmp_p
         assert not a.optimization.lossless and a.parity.max_abs_err > 0
     static = arts["onnx.int8-static"]
     assert any("calibrated on the job's own" in n for n in static.optimization.facts["notes"])
+    assert static.optimization.facts["calibration_samples"] == static.parity.samples  # every parity sample, used
     assert (Path(report.url(static.path)).parent / "calibration.npz").is_file()
 
 
