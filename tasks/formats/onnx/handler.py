@@ -9,7 +9,8 @@ Routes, in the order tried (recipes in `portq.tasks.formats.onnx.export`):
                      family and unfold), an nn.Module or the program's module (without dynamic sizes)
   ts2ep              a TorchScript archive (prepared) converted to an ExportedProgram (TS2EPConverter), then dynamo
   ts2ep_decomposed   the same, decomposed first
-For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
+For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first. Every route's
+file is opened in onnxruntime before it counts (`_loads`): one that does not load is left, and the next route tried.
 
 Options (`OnnxOptions`): the opset, where the weights go (`external_data`), and onnxruntime's session settings for
 running the artifact. The recipes are in `export`; the variants, each with its config, in `variants`.
