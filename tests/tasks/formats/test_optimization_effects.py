@@ -125,7 +125,7 @@ def test_fp16_repair_keeps_exactly_the_overflowing_nodes_in_float32(tmp_path: Pa
     for name, node in nodes.items():
         if name not in kept and node.op_type == "Gemm":
             assert set(node.input[1:]) <= fp16_weights, (name, list(node.input))
-    assert _max_err(str(out), model, xs) < 1e-2 * 10
+    assert _max_err(str(out), model, xs) < 1e-2  # the tolerance the repair was held to (measured 2e-4)
 
 
 # ================================================================================================ ORT levels
