@@ -222,6 +222,9 @@ class FormatHandler:
     host_copies: bool = False
     # once per process before the format's first export (the dynamo exporter's translation table, for ONNX)
     setup: Callable[[], None] = lambda: None
+    # proves the runtime loads what a route wrote (raises ArtifactUnloadable): a route whose artifact does not load
+    # is left like one that failed, and the next route is tried; None: the format's export is its own check
+    verify: Callable[[ExportRequest, ExportResult], None] | None = None
     variants: Registry[Variant] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -275,14 +278,16 @@ class FormatHandler:
             try:
                 with native_output_to_log(f"{self.format.value} route {route.name}"):
                     notes = route.recipe(req.model, req.args, str(path), req.opts())
-                result = self.finish(req, path, route.name)
-                result.notes = list(notes or [])
+                    result = self.finish(req, path, route.name)
+                    result.notes = list(notes or [])
+                    if self.verify is not None:
+                        self.verify(req, result)
             except NotApplicable as e:
                 attempts.append(RouteAttempt(route.name, f"not applicable: {e}", time.perf_counter() - start,
                                              applicable=False))
                 continue
             except Exception as e:  # exporters raise anything; each failure is a data point, not a crash
-                found = Blocker(e.cause) if isinstance(e, PortqError) else blocker(e)
+                found = Blocker(e.cause, hint=e.hint) if isinstance(e, PortqError) else blocker(e)
                 blockers.append(found)
                 attempts.append(RouteAttempt(route.name, found.reason, time.perf_counter() - start,
                                              operator=found.operator))
@@ -293,6 +298,11 @@ class FormatHandler:
             attempts.append(RouteAttempt(route.name, None, time.perf_counter() - start))
             return result
         raise RoutesExhausted(self.format, req.display, attempts, blockers)
+
+
+class ArtifactUnloadable(ConversionError):
+    """A route wrote an artifact that its runtime refuses to load (an invalid graph): the route is left, and the
+    next one tried."""
 
 
 class RoutesExhausted(ConversionError):

@@ -225,7 +225,7 @@ def optimization_summary(facts: dict[str, object]) -> str:
     parts = []
     if "nodes_before" in facts and "nodes_after" in facts:
         parts.append(f"nodes {facts['nodes_before']} -> {facts['nodes_after']}")
-    fused = facts.get("fused")
+    fused = facts.get("fused") or facts.get("fused_ops")  # ORT transformer fusion's statistics, else the op counts
     if isinstance(fused, dict) and fused:
         parts.append("fused " + ", ".join(f"{k} {v}" for k, v in fused.items() if v))
     if facts.get("hardware_specific"):

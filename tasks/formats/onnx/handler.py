@@ -9,7 +9,8 @@ Routes, in the order tried (recipes in `portq.tasks.formats.onnx.export`):
                      family and unfold), an nn.Module or the program's module (without dynamic sizes)
   ts2ep              a TorchScript archive (prepared) converted to an ExportedProgram (TS2EPConverter), then dynamo
   ts2ep_decomposed   the same, decomposed first
-For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first.
+For TorchScript sources the dynamo routes do not apply, so the TorchScript-based exporter goes first. Every route's
+file is opened in onnxruntime before it counts (`_loads`): one that does not load is left, and the next route tried.
 
 Options (`OnnxOptions`): the opset, where the weights go (`external_data`), and onnxruntime's session settings for
 running the artifact. The recipes are in `export`; the variants, each with its config, in `variants`.
@@ -30,7 +31,14 @@ from portq.tasks.checks.runtimes import META_INPUTS, OrtRuntime
 from portq.tasks.core.contract import Format
 from portq.tasks.core.errors import DeviceUnavailableError
 from portq.tasks.formats import exporter_cache
-from portq.tasks.formats.base import FORMATS, ExportRequest, ExportResult, FormatHandler, Route
+from portq.tasks.formats.base import (
+    FORMATS,
+    ArtifactUnloadable,
+    ExportRequest,
+    ExportResult,
+    FormatHandler,
+    Route,
+)
 from portq.tasks.formats.onnx import export, symbolics
 from portq.tasks.formats.onnx.export import DEFAULT_OPSET, onnx_opset
 from portq.tasks.formats.rewrites import SCRIPT_REWRITES
@@ -86,6 +94,29 @@ def _name_dynamic_dims(model: Any, req: ExportRequest) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
+
+
+def _loads(req: ExportRequest, result: ExportResult) -> None:
+    """onnxruntime opens what the route wrote, as the session step will (the artifact's optimization level; the
+    target's provider where this worker has it, else the CPU's): an exporter can write a graph that passes its own
+    checks and still fails onnxruntime's shape inference or optimizers (a Tile whose repeats are not a 1-D int64
+    tensor), and that must cost the route, not the job."""
+    import re
+
+    import onnxruntime as ort
+
+    cuda = req.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    try:
+        runtimes.open_onnx(str(result.path), req.device if cuda else "cpu", req.options)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        text = " ".join(str(e).split())
+        node = re.search(r"Node \(([^)]*)\) Op \(([^)]*)\)", text)
+        where, what = (f" at its {node[2]} node {node[1]}", f"{node[2]} node") if node else ("", "graph")
+        raise ArtifactUnloadable(
+            f"onnxruntime {ort.__version__} cannot load the graph route {result.route} wrote{where}: {text[:300]}",
+            step="export:onnx", file=req.display,
+            hint=f"the exporter wrote an invalid {what}; a later route may write it differently, else convert to "
+                 "torchscript or pt2, or compute that part of the model with other ops") from None
 
 
 #: onnxruntime's graph optimization levels (runtimes.ORT_LEVELS)
@@ -189,5 +220,6 @@ ONNX = FormatHandler(
     opset_of=lambda path: onnx_opset(str(path)) if path.suffix == ".onnx" else None,
     host_copies=True,
     setup=exporter_cache.install,
+    verify=_loads,
 )
 FORMATS.add(Format.onnx.value, ONNX)

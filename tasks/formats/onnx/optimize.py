@@ -86,11 +86,20 @@ def _op_counts(model) -> dict:
     return out
 
 
+def fused_ops(before, after) -> dict:
+    """{op_type: count} of the ops in `after` that `before` lacks: the fused operators an optimizer made
+    (FusedConv, LayerNormalization, com.microsoft:Attention, ...), by the domain-prefixed names of `_op_counts`."""
+    a, b = _op_counts(before), _op_counts(after)
+    return {k: n for k, n in sorted(b.items()) if k not in a}
+
+
 def _graph_facts(before, after) -> dict:
-    """Node counts and the op types whose counts changed (the interesting part of a rewrite)."""
+    """Node counts, the op types whose counts changed (the interesting part of a rewrite) and the fused operators
+    (`fused_ops`)."""
     a, b = _op_counts(before), _op_counts(after)
     changed = {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
-    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed}
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed,
+            "fused_ops": fused_ops(before, after)}
 
 
 def _ensure_node_names(model) -> int:

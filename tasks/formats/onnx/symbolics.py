@@ -9,6 +9,12 @@
   aten::unfold               Gather with a (windows, size) index grid: works for dynamic lengths (the built-in
                              symbolic needs the input's size at export time, which archives loaded from disk lack)
   aten::cumsum               torch's type promotion first (a cumsum of bools is int64), which the built-in skips
+  aten::repeat               Tile with its repeats made a 1-D int64 tensor (the built-in passes on a count computed
+                             in floats, `math.ceil(length / chunk)` in a scripted module: a Concat of mixed types, or
+                             a Tile onnxruntime refuses, "'Repeats' input must be 1D tensor of type int64")
+  aten::histc                one-hot bin membership summed (MoE routers count tokens per expert with it): bin =
+                             floor((x - min) * bins / (max - min)), the top edge in the last bin, outside values and
+                             NaN not counted; min == max takes the data's range, as torch does
 
 The FFT symbolics follow the convention that a complex tensor is represented as a real tensor with a trailing dim
 of 2 (ONNX DFT's own layout). That holds for graphs that went through `script_complex.lower_complex`, which rewrites
@@ -232,8 +238,55 @@ def cumsum(g: Any, self: Any, dim: Any, dtype: Any) -> Any:
     return g.op("CumSum", x, axis)
 
 
+def repeat(g: Any, self: Any, repeats: Any) -> Any:
+    """aten::repeat: Expand to the repeats' rank (repeats may be longer than the input's rank), then Tile, with the
+    repeats as one 1-D int64 tensor whatever the list holds (ints, int64 scalars, counts computed in floats)."""
+    import torch
+
+    h = _helper()
+    const = h._maybe_get_const(repeats, "is")
+    if not h._is_value(const):
+        reps = _c(g, [int(r) for r in const])
+    elif h._is_packed_list(repeats):
+        reps = g.op("Concat", *[_as_1d(g, v) for v in h._unpack_list(repeats)], axis_i=0)
+    else:
+        reps = g.op("Reshape", g.op("Cast", repeats, to_i=7), _c(g, [-1]))  # 7 = INT64
+    ones = g.op("ConstantOfShape", g.op("Shape", reps), value_t=torch.tensor([1], dtype=torch.int64))
+    return g.op("Tile", g.op("Expand", self, ones), reps)
+
+
+def histc(g: Any, self: Any, bins: Any, min: Any, max: Any) -> Any:  # noqa: A002 - aten's argument names
+    """aten::histc as torch computes it on the CPU: each value's bin is floor((x - lo) * bins / (hi - lo)) in the
+    input's type, a value equal to hi goes in the last bin, values outside [lo, hi] (and NaN) are not counted; when
+    lo == hi the data's min and max are used, widened by 1 each way if they are equal too."""
+    import torch
+
+    count = _const_arg(bins, "i")
+    lo, hi = float(_const_arg(min, "f")), float(_const_arg(max, "f"))
+    x = g.op("Reshape", self, _c(g, [-1]))
+
+    def scalar(v: float) -> Any:
+        return g.op("CastLike", g.op("Constant", value_t=torch.tensor(v, dtype=torch.float64)), x)
+
+    if lo != hi:
+        low, high = scalar(lo), scalar(hi)
+    else:
+        low, high = g.op("ReduceMin", x, keepdims_i=0), g.op("ReduceMax", x, keepdims_i=0)
+        same = g.op("Equal", low, high)
+        low = g.op("Where", same, g.op("Sub", low, scalar(1.0)), low)
+        high = g.op("Where", same, g.op("Add", high, scalar(1.0)), high)
+    scaled = g.op("Div", g.op("Mul", g.op("Sub", x, low), scalar(float(count))), g.op("Sub", high, low))
+    index = g.op("Min", g.op("Cast", g.op("Floor", scaled), to_i=7), _c(g, count - 1))  # 7 = INT64
+    inside = g.op("And", g.op("GreaterOrEqual", x, low), g.op("LessOrEqual", x, high))
+    member = g.op("Equal", g.op("Unsqueeze", index, _c(g, [1])), _c(g, [list(range(count))]))  # (n, bins)
+    member = g.op("And", member, g.op("Unsqueeze", inside, _c(g, [1])))
+    return g.op("ReduceSum", g.op("CastLike", member, x), _c(g, [0]), keepdims_i=0)
+
+
 SYMBOLICS = {
     "aten::cumsum": cumsum,
+    "aten::histc": histc,
+    "aten::repeat": repeat,
     "aten::fft_rfft": fft_rfft,
     "aten::fft_fft": fft_fft,
     "aten::fft_ifft": fft_ifft,

@@ -44,6 +44,9 @@ def test_auto_tries_the_targets_candidates_and_picks_the_fastest_that_passes(tmp
         assert a.optimization.base == "onnx" and a.optimization.lossless and a.route == arts["onnx"].route
         assert a.optimization.facts["nodes_before"] >= a.optimization.facts["nodes_after"]
         assert a.path == f"{name}/model.onnx" and Path(report.url(a.reproduce)).is_file()
+    # the levels did their work: Conv+ReLU fused at extended, fused operators at all (NCHWc convolutions on x86)
+    assert arts["onnx.ort-extended"].optimization.facts["fused_ops"].get("com.microsoft:FusedConv", 0) > 0
+    assert arts["onnx.ort-all"].optimization.facts["fused_ops"], arts["onnx.ort-all"].optimization.facts
     # a CNN is not transformer-like: that candidate says so instead of failing
     assert arts["onnx.ort-transformer"].status is StepStatus.skipped
     assert "not transformer-like" in arts["onnx.ort-transformer"].error
@@ -73,6 +76,7 @@ def test_lossy_variants_run_only_with_their_precision_and_are_judged_by_it(tmp_p
         assert not a.optimization.lossless and a.parity.max_abs_err > 0
     static = arts["onnx.int8-static"]
     assert any("calibrated on the job's own" in n for n in static.optimization.facts["notes"])
+    assert static.optimization.facts["calibration_samples"] == static.parity.samples  # every parity sample, used
     assert (Path(report.url(static.path)).parent / "calibration.npz").is_file()
 
 
