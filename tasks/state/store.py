@@ -228,6 +228,28 @@ class Store:
             out[name] = str(tag)
         return out
 
+    def find(self, key: str = "") -> list[str]:
+        """Every file under `key`, at any depth, as keys (empty if there is none)."""
+        try:
+            found = self._io("list", key, self.fs.find, self._path(key))
+        except StoreError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return []
+            raise
+        prefix = self.base.rstrip("/") + "/"
+        return sorted(str(p)[len(prefix):] for p in found if str(p).startswith(prefix))
+
+    def sha256(self, key: str, chunk: int = 1 << 20) -> str:
+        """The SHA-256 of the file at `key`, read as a stream (an artifact may be larger than memory)."""
+        def digest() -> str:
+            h = hashlib.sha256()
+            with self.fs.open(self._path(key), "rb") as f:
+                while block := f.read(chunk):
+                    h.update(block)
+            return h.hexdigest()
+
+        return str(self._io("read", key, digest))
+
     @contextmanager
     def local_file(self, key: str) -> Iterator[Path]:
         """A local path to read `key` from: the file itself for a local store, a downloaded copy otherwise."""
