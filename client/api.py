@@ -47,9 +47,9 @@ from portq.tasks.state.submission import Submission, prepare
 
 if TYPE_CHECKING:
     import torch
+    from portq.tasks.execution.night import Night
     from portq.tasks.reports.provenance import Verification
     from portq.tasks.reports.triton import Packaged
-    from portq.tasks.execution.night import Night
 
 #: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
 ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
