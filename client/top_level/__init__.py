@@ -8,8 +8,8 @@ evidence, on a job queue or right here.
 
 `submit`, `optimize`, `fuse`, `compare`, `status`, `report`, `wait`, `package` and `verify` are
 `portq.client.api`'s (the `portq` command uses the same functions); their options are the request models' fields
-(`ConvertRequest`, `OptimizeRequest`, `FuseRequest`, `PackageRequest`: the flags of the commands of the same names), their results the job contract's
-typed objects, and their errors the `PortqError` hierarchy. Importing
+(`ConvertRequest`, `OptimizeRequest`, `FuseRequest`, `PackageRequest`: the flags of the commands of the same
+names), their results the job contract's typed objects, and their errors the `PortqError` hierarchy. Importing
 portq imports neither torch nor Celery, nor anything else until a name is used: every process that imports any
 part of portq (the command, a worker, a step's forkserver) starts without loading the API it may not need.
 """
