@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 from portq.client import api
-from portq.client.console import err, out
+from portq.client.console import err
 from portq.client.options import StoreOpt, takes
 from portq.tasks.core.requests import PackageRequest
 from rich.markup import escape
@@ -29,8 +29,8 @@ def package(
         err.print(escape(f"[error] nothing packaged from batch {batch}: no job has a servable artifact; "
                          f"{request.triton} was not written"))
         raise typer.Exit(1)
-    for model in done.models:
-        out.print(escape(f"{model.name}: {model.model} {model.artifact} ({model.platform}) -> {model.folder}"))
+    for model in done.models:  # plain lines (Rich would wrap a long path): one per model, for scripts
+        typer.echo(f"{model.name}: {model.model} {model.artifact} ({model.platform}) -> {model.folder}")
     err.print(escape(f"packaged {len(done.models)} model(s) into {done.directory}; check them with "
                      f"`portq verify {done.directory}`"))
 
@@ -43,8 +43,8 @@ def verify(
     """Recompute the sha256 of every file the provenance records in scope name. Exit 0 only when every file
     matches; each changed or missing file is named on its own line, and the exit code is 1."""
     result = api.verify(target, store=store)
-    for problem in result.problems:
-        out.print(escape(problem.line()))
+    for problem in result.problems:  # plain lines (Rich would wrap a long URL): one per file, for scripts
+        typer.echo(problem.line())
     if not result.ok:
         err.print(escape(f"[error] {len(result.problems)} problem(s) in {len(result.records)} provenance "
                          f"record(s) checked"))

@@ -135,9 +135,9 @@ def torchscript_signature(report: JobReport, artifact: ArtifactReport) -> Signat
     for i, spec in enumerate(report.inputs):
         dynamic = {int(k) for k in (spec.get("dynamic") or {})}
         varying |= bool(dynamic - {0})
-        dims = tuple(-1 if axis in dynamic else int(d) for axis, d in enumerate(spec.get("shape") or []))
-        inputs.append(Tensor(f"INPUT__{i}", _numpy_type(str(spec.get("dtype")), str(spec.get("name")), report), dims,
-                             original=str(spec.get("name"))))
+        shape = tuple(-1 if axis in dynamic else int(d) for axis, d in enumerate(spec.get("shape") or []))
+        inputs.append(Tensor(f"INPUT__{i}", _numpy_type(str(spec.get("dtype")), str(spec.get("name")), report),
+                             shape, original=str(spec.get("name"))))
     batch = bool(inputs) and all(t.dims and t.dims[0] == -1 for t in inputs)
     outputs = []
     for i, out in enumerate(artifact.parity.outputs):
