@@ -203,9 +203,13 @@ def test_verify_names_a_changed_or_missing_file(batch, tmp_path):
 
 
 def test_package_of_only_failed_jobs_exits_1_and_writes_nothing(batch, tmp_path):
+    from portq.tasks.state import records
+    from portq.tasks.state.store import Store
+
     root, env = batch
-    res = run_cli("submit", str(root / "broken.pt"), "--batch", "bad", env=env)
-    assert res.returncode == 1
+    store = Store(env["PORTQ_STORE"])
+    (failed,) = [r for r in records.list_records(store, "srv") if r.status.value == "failed"]
+    records.write_record(store, failed.model_copy(update={"batch": "bad"}))  # a batch of only that failed job
     repo = tmp_path / "out" / "repo"
     (tmp_path / "out").mkdir()
     res = run_cli("package", "bad", "--triton", str(repo), env=env)
