@@ -38,7 +38,7 @@ from portq.tasks.core.contract import (
     Target,
 )
 from portq.tasks.core.errors import ConfigError, InputError, WaitTimeout
-from portq.tasks.core.requests import ConvertRequest, FuseRequest, JobRequest, OptimizeRequest
+from portq.tasks.core.requests import ConvertRequest, FuseRequest, JobRequest, OptimizeRequest, PackageRequest
 from portq.tasks.core.settings import Settings
 from portq.tasks.formats import artifact_requests
 from portq.tasks.state import records as batches
@@ -48,6 +48,8 @@ from portq.tasks.state.submission import Submission, claim_batch, prepare, selec
 if TYPE_CHECKING:
     import torch
     from portq.tasks.execution.night import Night
+    from portq.tasks.reports.provenance import Verification
+    from portq.tasks.reports.triton import Packaged
 
 #: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
 ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
@@ -173,6 +175,42 @@ def compare(baseline: str | None = None, new: str | None = None, *, series: str 
 
     return compared(baseline, new, series=series, latency_threshold=latency_threshold, error_factor=error_factor,
                     store=store)[0]
+
+
+def package(batch: str, request: PackageRequest | None = None, *, store: str | None = None,
+            **options: Any) -> Packaged:
+    """Write a batch's servable artifacts as a Triton model repository: one model per succeeded job, from its best
+    artifact (or `artifact`), with config.pbtxt, a README of its parity and latency, and its provenance record.
+    Options: `PackageRequest`'s fields (`triton`, the repository folder, is required). Jobs that failed or have no
+    servable artifact are skipped (`Packaged.skipped` says why); when none is packaged, nothing is written."""
+    from portq.tasks.reports.triton import package as package_batch
+
+    req = PackageRequest.build(request, step="package", **options)
+    st = Store(settings(store=store).store)
+    return package_batch(st, batch, Path(req.triton), artifact_id=req.artifact, max_batch_size=req.max_batch_size)
+
+
+def verify(target: str | os.PathLike[str], *, store: str | None = None) -> Verification:
+    """Recompute the sha256 of every file that the provenance records in scope name, against the records.
+
+    `target`: a batch id (in the store), a folder (a result folder, a packaged Triton repository, a whole store:
+    every provenance record under it), an fsspec URL of such a folder, or a file (a provenance record, or an
+    artifact file with its record beside it). `Verification.ok` only when every file matched; `problems` names
+    each changed or missing file."""
+    from portq.tasks.reports import provenance
+
+    text = os.fspath(target)
+    if "://" in text:
+        return provenance.verify_tree(Store(text))
+    path = Path(text)
+    if path.is_file():
+        return provenance.verify_file(path)
+    if path.is_dir():
+        return provenance.verify_tree(Store(str(path.resolve())))
+    if os.sep in text or "/" in text:
+        raise InputError(f"{text}: no such file or folder", step="verify",
+                         hint="give a batch id, a result folder, a Triton repository or a provenance file")
+    return provenance.verify_batch(Store(settings(store=store).store), text)
 
 
 def _waiting(request: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -415,5 +453,5 @@ def _follow(watcher: BatchWatcher, timeout: float, progress: OnProgress | None,
 
 
 __all__ = ["BatchProgress", "ConvertRequest", "FuseRequest", "ModelSource", "OptimizeRequest", "artifact_requests",
-           "compare", "dispatch", "fuse", "job_options", "night", "optimize", "report", "settings", "status", "submit",
-           "summary_pages", "wait"]
+           "compare", "dispatch", "fuse", "job_options", "night", "optimize", "package", "report", "settings", "status",
+           "submit", "summary_pages", "verify", "wait"]

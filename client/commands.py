@@ -5,7 +5,7 @@ and calls `portq.client.api`; none registers itself, so no command module import
 from __future__ import annotations
 
 import typer
-from portq.client import control, fuse, nightly, pool, results, submit
+from portq.client import control, fuse, nightly, pool, results, serving, submit
 
 #: exit codes scripts can rely on
 EXIT_CODES = {0: "success", 1: "a job failed, or the operation failed", 2: "bad usage, options or settings",
@@ -24,7 +24,7 @@ app = typer.Typer(
 
 for command in (submit.submit, fuse.fuse, submit.optimize, results.status, results.report, control.wait,
                 control.cancel, control.retry, control.workers, pool.worker, pool.examples, nightly.compare,
-                nightly.history):
+                nightly.history, serving.package, serving.verify):
     app.command()(command)
 
 

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Annotated, Any
 
 import typer
-from portq.tasks.core.requests import Request, flag_of
+from portq.tasks.core.requests import Options, flag_of
 from portq.tasks.core.settings import Settings
 
 BrokerOpt = Annotated[
@@ -51,7 +51,7 @@ def _shown(value: Any) -> bool | str:
     return True
 
 
-def parameters(model: type[Request], skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def parameters(model: type[Options], skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One keyword parameter per field of `model`: `Annotated[type, typer.Option(...)]` with the field's default
     (None for a list or a dict, which the request fills in)."""
     params = []
@@ -81,7 +81,7 @@ def _literal_in(annotation: Any) -> bool:
                                                            for a in typing.get_args(annotation))
 
 
-def takes(model: type[Request], step: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def takes(model: type[Options], step: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the options of `model`: the command declares its own parameters (arguments, --broker,
     --store...) and one named `request`, which receives the validated request (its `model_fields_set` being the
     options the user gave)."""

@@ -6,10 +6,10 @@ evidence, on a job queue or right here.
     report = portq.submit(["models/bert.pt2"], formats=["onnx"], wait=True)
     print(report.counts, [(job.model, job.best) for job in report.jobs])
 
-`submit`, `optimize`, `fuse`, `compare`, `status`, `report` and `wait` are `portq.client.api`'s (the `portq`
-command uses the same functions); their options are the request models' fields (`ConvertRequest`,
-`OptimizeRequest`, `FuseRequest`: the flags of the commands of the same names), their results the job contract's
-typed objects, and their errors the `PortqError` hierarchy. Importing
+`submit`, `optimize`, `fuse`, `compare`, `status`, `report`, `wait`, `package` and `verify` are
+`portq.client.api`'s (the `portq` command uses the same functions); their options are the request models' fields
+(`ConvertRequest`, `OptimizeRequest`, `FuseRequest`, `PackageRequest`: the flags of the commands of the same
+names), their results the job contract's typed objects, and their errors the `PortqError` hierarchy. Importing
 portq imports neither torch nor Celery, nor anything else until a name is used: every process that imports any
 part of portq (the command, a worker, a step's forkserver) starts without loading the API it may not need.
 """
@@ -25,11 +25,13 @@ if TYPE_CHECKING:
         compare,
         fuse,
         optimize,
+        package,
         report,
         settings,
         status,
         submit,
         summary_pages,
+        verify,
         wait,
     )
     from portq.client.progress import BatchProgress
@@ -55,16 +57,17 @@ if TYPE_CHECKING:
         TransientError,
         WaitTimeout,
     )
-    from portq.tasks.core.requests import ConvertRequest, FuseRequest, OptimizeRequest
+    from portq.tasks.core.requests import ConvertRequest, FuseRequest, OptimizeRequest, PackageRequest
     from portq.tasks.core.settings import Settings
 
 __version__ = "0.1.0"
 
 #: where each public name lives, imported on first use (PEP 562)
 _HOMES = {
-    **dict.fromkeys(["ModelSource", "compare", "fuse", "optimize", "report", "settings", "status", "submit",
-                     "summary_pages", "wait"], "portq.client.api"),
-    **dict.fromkeys(["ConvertRequest", "FuseRequest", "OptimizeRequest"], "portq.tasks.core.requests"),
+    **dict.fromkeys(["ModelSource", "compare", "fuse", "optimize", "package", "report", "settings", "status",
+                     "submit", "summary_pages", "verify", "wait"], "portq.client.api"),
+    **dict.fromkeys(["ConvertRequest", "FuseRequest", "OptimizeRequest", "PackageRequest"],
+                    "portq.tasks.core.requests"),
     "BatchProgress": "portq.client.progress",
     **dict.fromkeys(["ArtifactReport", "BatchJob", "BatchReport", "Format", "JobRecord", "JobReport", "JobStatus",
                      "Precision", "Target", "ToleranceMode"], "portq.tasks.core.contract"),
@@ -76,9 +79,9 @@ _HOMES = {
 __all__ = [
     "ArtifactReport", "BatchJob", "BatchProgress", "BatchReport", "ConfigError", "ConversionError", "ConvertRequest",
     "Format", "FuseRequest", "InputError", "JobRecord", "JobReport", "JobStatus", "ModelLoadError", "ModelSource",
-    "OptimizeRequest", "PortqError", "Precision", "Settings", "StoreError", "Target", "ToleranceMode",
-    "TransientError", "WaitTimeout", "compare", "fuse", "optimize", "report", "settings", "status", "submit",
-    "summary_pages", "wait",
+    "OptimizeRequest", "PackageRequest", "PortqError", "Precision", "Settings", "StoreError", "Target",
+    "ToleranceMode", "TransientError", "WaitTimeout", "compare", "fuse", "optimize", "package", "report", "settings",
+    "status", "submit", "summary_pages", "verify", "wait",
 ]
 assert sorted(__all__) == sorted(_HOMES)
 

@@ -22,7 +22,7 @@ from portq.tasks.core.contract import InputSpec, Precision, Target, ToleranceMod
 from portq.tasks.core.errors import ConfigError, validation_problems
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-R = TypeVar("R", bound="Request")
+R = TypeVar("R", bound="Options")
 
 #: what `--target` also accepts, for the word users reach for first
 TARGET_ALIASES = {"gpu": Target.cuda.value}
@@ -141,25 +141,10 @@ CalibrationField = Annotated[list[Path], Field(description="Static int8 calibrat
                              flag(text=list[Path] | None, shown_default="the job's own samples")]
 
 
-class Request(BaseModel):
-    """What every request shares: where its jobs go and how the caller follows them."""
+class Options(BaseModel):
+    """A command's options as one validated model: `build` from keyword arguments, `given` as typed."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    target: TargetField = Target.cpu
-    batch: Annotated[str | None, Field(description="Batch name (a fresh id otherwise).")] = None
-    wait: Annotated[bool, Field(description="Follow the batch with a progress bar; exit 1 if a job failed (the "
-                                            "Python API waits by default)."), flag("--wait")] = False
-    timeout: Annotated[float, Field(ge=0, description="With --wait: give up after this many seconds (exit 3); 0: "
-                                                      "no limit.")] = 0
-    force: Annotated[bool, Field(description="Convert again even if an identical job is cached."),
-                     flag("--force")] = False
-
-    @field_validator("target", mode="before")
-    @classmethod
-    def _target_alias(cls, v: Any) -> Any:
-        v = getattr(v, "value", v)
-        return TARGET_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @classmethod
     def build(cls: type[R], request: R | None = None, step: str = "submit", **options: Any) -> R:
@@ -177,6 +162,24 @@ class Request(BaseModel):
         return [flag_of(type(self), name).spelled(name, getattr(self, name)) for name in type(self).model_fields
                 if name in self.model_fields_set and name not in skip]
 
+
+class Request(Options):
+    """What every request shares: where its jobs go and how the caller follows them."""
+
+    target: TargetField = Target.cpu
+    batch: Annotated[str | None, Field(description="Batch name (a fresh id otherwise).")] = None
+    wait: Annotated[bool, Field(description="Follow the batch with a progress bar; exit 1 if a job failed (the "
+                                            "Python API waits by default)."), flag("--wait")] = False
+    timeout: Annotated[float, Field(ge=0, description="With --wait: give up after this many seconds (exit 3); 0: "
+                                                      "no limit.")] = 0
+    force: Annotated[bool, Field(description="Convert again even if an identical job is cached."),
+                     flag("--force")] = False
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_alias(cls, v: Any) -> Any:
+        v = getattr(v, "value", v)
+        return TARGET_ALIASES.get(v, v) if isinstance(v, str) else v
 
 class OptimizeRequest(Request):
     """`portq optimize` / `portq.optimize`: optimization variants of existing ONNX files."""
@@ -303,6 +306,20 @@ class FuseRequest(JobRequest):
             return None
         values = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.finetune_batch}
         return {"data": self.finetune, "seed": self.seed, **{k: v for k, v in values.items() if v is not None}}
+
+
+class PackageRequest(Options):
+    """`portq package` / `portq.package`: a batch's servable artifacts as a Triton model repository."""
+
+    triton: Annotated[Path, Field(description="The Triton model repository to write: created, or an existing one "
+                                              "the models are added to (a model folder of the same name is "
+                                              "refused)."), flag("--triton")]
+    artifact: Annotated[str | None, Field(description="Package this artifact of every job (an id such as onnx or "
+                                                      "onnx.ort-all) instead of its best pick."),
+                        flag("--artifact", shown_default="each job's best")] = None
+    max_batch_size: Annotated[int | None, Field(ge=1, description="max_batch_size of models whose batch dim is "
+                                                                  "dynamic."),
+                              flag(shown_default="the largest batch the job checked the artifact at")] = None
 
 
 def flag_of(model: type[BaseModel], name: str) -> Flag:

@@ -121,7 +121,7 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
         report.result = store.url(publication.folder)
         report.finished_at = utcnow()
         report.duration_s = round(time.perf_counter() - start, 3)
-        _write_reports(workdir, report, store)
+        _write_reports(workdir, report, store, spec)
         try:
             published = store.publish_dir(workdir, publication, commit_file=REPORT_FILE)
         except StoreError as e:
@@ -166,12 +166,18 @@ def _fail(report: JobReport, e: PortqError) -> None:
     report.failure = Failure(**e.to_dict())  # type: ignore[arg-type]
 
 
-def _write_reports(workdir: Path, report: JobReport, store: Store) -> None:
+def _write_reports(workdir: Path, report: JobReport, store: Store, spec: JobSpec) -> None:
+    """report.md, report.html, report.json, then each artifact's provenance record (which holds report.json's
+    digest)."""
     from portq.tasks.reports.batch_pages import summary_link
     from portq.tasks.reports.content import job_markdown
     from portq.tasks.reports.html import JOB_FILES, job_html
+    from portq.tasks.reports.provenance import record_path, write_records
 
     start = time.perf_counter()
+    for artifact in report.artifacts:
+        if artifact.path and (workdir / artifact.path).exists():
+            artifact.provenance = record_path(artifact)
     summary = summary_link(store, report.batch, report.result) if report.result else None
     present = {n for n in JOB_FILES if (workdir / n).exists()} | {"report.json", "report.md"}
     markdown, html = job_markdown(report), job_html(report, summary, present)
@@ -179,6 +185,7 @@ def _write_reports(workdir: Path, report: JobReport, store: Store) -> None:
     (workdir / "report.md").write_text(markdown)
     (workdir / "report.html").write_text(html)
     (workdir / REPORT_FILE).write_text(report.model_dump_json(indent=2) + "\n")
+    write_records(spec, report, workdir, store)
 
 
 def _seconds_between(earlier: str, later: str | None) -> float | None:

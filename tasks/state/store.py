@@ -205,6 +205,17 @@ class Store:
 
         return list(sync(self.fs.loop, fetch_all))
 
+    def find(self, key: str = "") -> list[str]:
+        """Every file under `key`, at any depth, as keys (empty if there is none)."""
+        try:
+            found = self._io("list", key, self.fs.find, self._path(key))
+        except StoreError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return []
+            raise
+        prefix = self.base.rstrip("/") + "/"
+        return sorted(str(p)[len(prefix):] for p in found if str(p).startswith(prefix))
+
     def list(self, key: str) -> list[str]:
         """Names directly under `key` (empty if it does not exist)."""
         return sorted(self.versions(key))
@@ -227,6 +238,17 @@ class Store:
                 tag = f"{entry.get('ino', '')}:{stamp}:{entry.get('size')}"
             out[name] = str(tag)
         return out
+
+    def sha256(self, key: str, chunk: int = 1 << 20) -> str:
+        """The SHA-256 of the file at `key`, read as a stream (an artifact may be larger than memory)."""
+        def digest() -> str:
+            h = hashlib.sha256()
+            with self.fs.open(self._path(key), "rb") as f:
+                while block := f.read(chunk):
+                    h.update(block)
+            return h.hexdigest()
+
+        return str(self._io("read", key, digest))
 
     @contextmanager
     def local_file(self, key: str) -> Iterator[Path]:

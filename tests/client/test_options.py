@@ -13,7 +13,7 @@ from portq.client.commands import app
 from portq.client.options import parameters, takes
 from portq.tasks.core.contract import Target
 from portq.tasks.core.errors import ConfigError
-from portq.tasks.core.requests import ConvertRequest, FuseRequest, OptimizeRequest, Request
+from portq.tasks.core.requests import ConvertRequest, FuseRequest, OptimizeRequest, PackageRequest, Request
 from portq.tasks.fusion.methods import FUSION_METHODS
 from typer.testing import CliRunner
 
@@ -29,7 +29,7 @@ def _help(*args: str) -> str:
 
 
 @pytest.mark.parametrize("command, model", [("submit", ConvertRequest), ("optimize", OptimizeRequest),
-                                            ("fuse", FuseRequest)])
+                                            ("fuse", FuseRequest), ("package", PackageRequest)])
 def test_every_request_option_is_a_flag_of_its_command(command, model):
     click_command = typer.main.get_command(app).commands[command]
     names = {p.name for p in click_command.params}
@@ -98,7 +98,7 @@ def test_the_python_api_takes_the_same_options():
     import portq
 
     for function, model in ((portq.submit, ConvertRequest), (portq.optimize, OptimizeRequest),
-                            (portq.fuse, FuseRequest)):
+                            (portq.fuse, FuseRequest), (portq.package, PackageRequest)):
         params = inspect.signature(function).parameters
         assert params["request"].annotation in (model.__name__, f"{model.__name__} | None")
         assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -269,6 +269,9 @@ class ArtifactReport(ReportModel):
     data: list[str] = Field(default_factory=list, description="files that belong to the artifact and sit beside "
                                                               "it (ONNX external data: model.onnx.data), relative "
                                                               "to the job's result folder")
+    provenance: str | None = Field(None, description="the artifact's provenance record (an in-toto Statement "
+                                   "with SLSA provenance: its files' sha256, the job, the toolchain, the verdicts), "
+                                   "relative to the job's result folder; `portq verify` checks it")
     optimization: OptimizationReport | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage of this artifact's "
                                       "step: export (or optimize), script, session, parity, latency, localise; "
