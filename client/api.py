@@ -38,7 +38,7 @@ from portq.tasks.core.contract import (
     Target,
 )
 from portq.tasks.core.errors import ConfigError, InputError, WaitTimeout
-from portq.tasks.core.requests import ConvertRequest, FuseRequest, JobRequest, OptimizeRequest
+from portq.tasks.core.requests import HF_LOAD_FIELDS, ConvertRequest, FuseRequest, JobRequest, OptimizeRequest
 from portq.tasks.core.settings import Settings
 from portq.tasks.formats import artifact_requests
 from portq.tasks.state import records as batches
@@ -73,13 +73,14 @@ def submit(
     on_started: Callable[[Submission, Settings, Store], None] | None = None,
     **options: Any,
 ) -> BatchReport:
-    """Convert models: one job per model file (or in-memory `nn.Module`), each to every format in `formats`.
+    """Convert models: one job per model file, Hugging Face model folder (or in-memory `nn.Module`), each to every
+    format in `formats`.
 
     The options are `ConvertRequest`'s fields (the `portq submit` flags of the same names), given as keyword
     arguments or as a request: `target`, `formats`, `batch`, `wait` (default True here), `timeout`, `inputs`, `dynamic`,
     `atol`, `rtol`, `tolerance_mode`, `quantile`, `tolerance_precision`, `optimize`, `precision`, `calibration`,
     `output_tol`, `localise`, `opset`, `seed`, `runs`, `warmup`, `batch_sizes`, `arch`, `arch_kwargs`,
-    `trust_pickle`, `force`.
+    `trust_pickle`, `force`; for Hugging Face folders `task`, `trust_remote_code`, `sequence_length`, `batch_size`.
 
     Returns the batch report: every job with its status, artifacts, parity and latency, once they have finished;
     with `wait=False` on a queue, the batch as queued. A job that fails is in the report (`status` failed, `error`
@@ -275,6 +276,7 @@ def job_options(request: JobRequest, step: str = "submit") -> tuple[dict[str, An
     if r.optimize or r.precision:
         options["optimize"] = optimize_options(r.optimize, r.precision, options["artifacts"], r.target, step)
     load = {"arch": r.arch, "arch_kwargs": dict(r.arch_kwargs), "trust_pickle": r.trust_pickle}
+    load.update({name: getattr(r, name) for name in HF_LOAD_FIELDS if name in type(r).model_fields})
     return options, load
 
 
