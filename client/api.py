@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import torch
     from portq.tasks.execution.night import Night
 
-#: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
+#: what `submit` takes: model files or Hugging Face model folders (paths), or nn.Module objects with `example_inputs`
 ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
 
 #: polling interval while following a batch, seconds

@@ -138,7 +138,7 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
         path = Path(raw)
         display = (displays or {}).get(raw, str(path))
         folder = is_model_folder(path)
-        model = safe_name(path.resolve().name) if folder else model_name(raw)
+        model = model_name(str(path.resolve()) if folder else raw)
         job_id = new_id("j")
         try:
             sample = None
