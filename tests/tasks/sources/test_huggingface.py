@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,6 +95,22 @@ def test_a_folder_converts_offline_with_passing_parity(folders: dict[str, Path],
         assert dims == [["batch", 3, 32, 32]]
     assert any("attention implementation: eager" in note for note in report.notes), report.notes
     assert not no_network
+
+
+@pytest.mark.slow  # a second process imports torch and transformers and converts again: 20-60 s on 2 busy cores
+def test_the_reproduce_script_loads_the_folder_without_portq(folders: dict[str, Path], tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    (spec,) = prepare([folders["vit"]], store, batch="r", options={**QUICK, "formats": ["torchscript"]}).specs
+    report = run_job(spec, store)
+    (art,) = report.artifacts
+    assert art.parity.passed, report.error or art.error
+    script = report.url(art.reproduce)
+    text = Path(script).read_text()
+    assert "def unpack_folder(" in text and not re.search(r"^\s*(from|import) portq", text, re.M)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PORTQ_", "HF_", "TRANSFORMERS_"))}
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=300, cwd="/")
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
+    assert "logits [" in res.stdout  # the outputs carry the model's names there too
 
 
 def test_the_archive_is_the_cache_key(folders: dict[str, Path], tmp_path: Path, no_network: list[str]) -> None:
