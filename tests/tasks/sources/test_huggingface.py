@@ -5,6 +5,7 @@ the folder's archive as the cache key; and the folders portq refuses, each with 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import onnx
@@ -235,3 +237,31 @@ def test_without_transformers_the_error_says_what_to_install(monkeypatch: pytest
     with pytest.raises(ModelLoadError) as e:
         _require_transformers("my-bert")
     assert "transformers is not installed" in e.value.message and "pip install 'portq[hf]'" in e.value.message
+
+
+def test_a_folder_loads_with_the_offline_variables_set_and_the_environment_is_left_as_it_was(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from portq.tasks.sources import hf_recipe
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    with hf_recipe.offline():
+        assert os.environ["HF_HUB_OFFLINE"] == os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+@pytest.mark.parametrize("name, kind", [("../escaped", tarfile.REGTYPE), ("/etc/escaped", tarfile.REGTYPE),
+                                        ("link", tarfile.SYMTYPE)])
+def test_an_archive_member_outside_the_folder_is_refused(tmp_path: Path, name: str, kind: bytes) -> None:
+    """The worker unpacks what the store holds: a member that is not a plain file inside the folder stops it."""
+    from portq.tasks.sources.hf_recipe import UnsafeArchive, unpack_folder
+
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w:") as tar:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+        tar.addfile(info, io.BytesIO(b""))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UnsafeArchive, match=f"archive member '{name}' is not a plain file inside the folder"):
+        unpack_folder(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir()) and not (tmp_path / "escaped").exists()
