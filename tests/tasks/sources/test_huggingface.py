@@ -265,3 +265,49 @@ def test_an_archive_member_outside_the_folder_is_refused(tmp_path: Path, name: s
     with pytest.raises(UnsafeArchive, match=f"archive member '{name}' is not a plain file inside the folder"):
         unpack_folder(archive, tmp_path / "out")
     assert not list((tmp_path / "out").iterdir()) and not (tmp_path / "escaped").exists()
+
+
+#: one tiny model per registered task: its class and the outputs its wrapper names
+TASK_MODELS = {
+    "feature-extraction": ("BertModel", ["last_hidden_state", "pooler_output"]),
+    "text-classification": ("BertForSequenceClassification", ["logits"]),
+    "token-classification": ("BertForTokenClassification", ["logits"]),
+    "fill-mask": ("BertForMaskedLM", ["logits"]),
+    "question-answering": ("BertForQuestionAnswering", ["start_logits", "end_logits"]),
+    "image-classification": ("ViTForImageClassification", ["logits"]),
+}
+
+
+def test_every_registered_task_has_a_small_model_case() -> None:
+    from portq.tasks.state.model_folders import HF_TASKS
+
+    assert sorted(TASK_MODELS) == sorted(HF_TASKS.names())
+
+
+@pytest.mark.parametrize("task", sorted(TASK_MODELS))
+def test_each_task_builds_its_model_with_named_outputs(task: str, folders: dict[str, Path], tmp_path: Path,
+                                                       no_network: list[str]) -> None:
+    import numpy as np
+    import torch
+    import transformers
+    from portq.tasks.sources.builders import build_source
+    from portq.tasks.sources.inputs import InputSignature, random_sample
+
+    cls_name, outputs = TASK_MODELS[task]
+    if cls_name.startswith("ViT"):
+        folder = folders["vit"]
+    else:
+        cls = getattr(transformers, cls_name)
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64)
+        folder = tmp_path / "model"
+        cls(config).save_pretrained(folder)
+    store = Store(str(tmp_path / "store"))
+    (spec,) = prepare([folder], store, batch="t", options={"sequence_length": 4}).specs
+    assert spec.source.task == task  # read from config.json's architectures
+    model = build_source(spec, store)
+    assert model.module.portq_output_names == outputs
+    sample = random_sample(InputSignature(model.input_specs), np.random.default_rng(0))
+    with torch.no_grad():
+        got = model.module(*(torch.from_numpy(a) for a in sample))
+    assert len(got) == len(outputs) and all(isinstance(t, torch.Tensor) for t in got)
