@@ -38,8 +38,8 @@ from portq.tasks.core.contract import (
     safe_name,
 )
 from portq.tasks.core.errors import ConfigError, InputError, PortqError, validation_problems
-from portq.tasks.state import delivery, lifecycle
 from portq.tasks.core.requests import HF_LOAD_FIELDS
+from portq.tasks.state import delivery, lifecycle
 from portq.tasks.state.keys import input_key
 from portq.tasks.state.model_folders import (
     ARCHIVE_SUFFIX,
