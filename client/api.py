@@ -38,7 +38,14 @@ from portq.tasks.core.contract import (
     Target,
 )
 from portq.tasks.core.errors import ConfigError, InputError, WaitTimeout
-from portq.tasks.core.requests import ConvertRequest, FuseRequest, JobRequest, OptimizeRequest, PackageRequest
+from portq.tasks.core.requests import (
+    HF_LOAD_FIELDS,
+    ConvertRequest,
+    FuseRequest,
+    JobRequest,
+    OptimizeRequest,
+    PackageRequest,
+)
 from portq.tasks.core.settings import Settings
 from portq.tasks.formats import artifact_requests
 from portq.tasks.state import records as batches
@@ -51,7 +58,7 @@ if TYPE_CHECKING:
     from portq.tasks.reports.provenance import Verification
     from portq.tasks.reports.triton import Packaged
 
-#: what `submit` takes: model files (paths), or nn.Module objects with `example_inputs`
+#: what `submit` takes: model files or Hugging Face model folders (paths), or nn.Module objects with `example_inputs`
 ModelSource = Union[str, "os.PathLike[str]", "torch.nn.Module"]
 
 #: polling interval while following a batch, seconds
@@ -75,13 +82,14 @@ def submit(
     on_started: Callable[[Submission, Settings, Store], None] | None = None,
     **options: Any,
 ) -> BatchReport:
-    """Convert models: one job per model file (or in-memory `nn.Module`), each to every format in `formats`.
+    """Convert models: one job per model file, Hugging Face model folder (or in-memory `nn.Module`), each to every
+    format in `formats`.
 
     The options are `ConvertRequest`'s fields (the `portq submit` flags of the same names), given as keyword
     arguments or as a request: `target`, `formats`, `batch`, `wait` (default True here), `timeout`, `inputs`, `dynamic`,
     `atol`, `rtol`, `tolerance_mode`, `quantile`, `tolerance_precision`, `optimize`, `precision`, `calibration`,
     `output_tol`, `localise`, `opset`, `seed`, `runs`, `warmup`, `batch_sizes`, `arch`, `arch_kwargs`,
-    `trust_pickle`, `force`.
+    `trust_pickle`, `force`; for Hugging Face folders `task`, `trust_remote_code`, `sequence_length`, `batch_size`.
 
     Returns the batch report: every job with its status, artifacts, parity and latency, once they have finished;
     with `wait=False` on a queue, the batch as queued. A job that fails is in the report (`status` failed, `error`
@@ -105,7 +113,7 @@ def submit(
     job, load = job_options(req)
     with tempfile.TemporaryDirectory(prefix="portq-modules-") as tmp:
         paths, displays = _files(sources, example_inputs, Path(tmp), list(req.dynamic))
-        paths, notes = select_models(paths, resolved.max_model_bytes, displays)
+        paths, notes = select_models(paths, resolved.max_model_bytes, displays, load)
         notes += claim_batch(st, req.batch)
         sub = prepare(paths, st, batch=req.batch, options=job, load=load, force=req.force,
                       calibration=calibration_files(req.calibration), max_bytes=resolved.max_model_bytes,
@@ -316,6 +324,7 @@ def job_options(request: JobRequest, step: str = "submit") -> tuple[dict[str, An
     if r.optimize or r.precision:
         options["optimize"] = optimize_options(r.optimize, r.precision, options["artifacts"], r.target, step)
     load = {"arch": r.arch, "arch_kwargs": dict(r.arch_kwargs), "trust_pickle": r.trust_pickle}
+    load.update({name: getattr(r, name) for name in HF_LOAD_FIELDS if name in type(r).model_fields})
     return options, load
 
 

@@ -30,7 +30,8 @@ from portq.tasks.state.store import Store
 def submit(
     models: Annotated[list[str] | None, typer.Argument(help="Model files: TorchScript archives, .pt2 "
                                                             "ExportedPrograms, state dicts or safetensors (with "
-                                                            "--arch).", show_default=False)] = None,
+                                                            "--arch); or Hugging Face model folders (config.json "
+                                                            "and weights).", show_default=False)] = None,
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="Submit a nightly manifest (YAML: model "
                                                                          "globs and their options) as one batch of "
                                                                          "its series, instead of MODELS.")] = None,

@@ -1,7 +1,8 @@
 """Building jobs in tests: `prepare` with the options as one flat dict, the way the CLI's flags read.
 
 `formats` (formats or artifact ids) and `opset` become artifact requests, `arch`, `arch_kwargs` and
-`trust_pickle` the convert source's fields, `force` the spec's flag; the rest are JobOptions fields.
+`trust_pickle` the convert source's fields (`task`, `trust_remote_code`, `sequence_length`, `batch_size` a Hugging
+Face folder's), `force` the spec's flag; the rest are JobOptions fields.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from portq.tasks.core.contract import ArtifactRequest
+from portq.tasks.core.requests import HF_LOAD_FIELDS
 from portq.tasks.state.store import Store
 from portq.tasks.state.submission import Submission
 from portq.tasks.state.submission import prepare as prepare_v2
 
-LOAD_KEYS = ("arch", "arch_kwargs", "trust_pickle")
+LOAD_KEYS = ("arch", "arch_kwargs", "trust_pickle", *HF_LOAD_FIELDS)
 
 
 def artifacts(formats: list[Any], opset: int | None = None) -> list[dict[str, Any]]:

@@ -88,7 +88,12 @@ class TorchRuntime:
         return out
 
     def outputs(self, raw: Any) -> list[tuple[str, np.ndarray]]:
-        return flatten(raw)
+        flat = flatten(raw)
+        # a module may name its outputs (a Hugging Face model's wrapper: logits, last_hidden_state, ...)
+        names = getattr(self.module, "portq_output_names", None)
+        if names and len(names) == len(flat):
+            return [(name, array) for name, (_, array) in zip(names, flat)]
+        return flat
 
 
 #: The job's CPU threads, set in a job's process by `portq.tasks.checks.threads.apply` (None, as in a reproduce

@@ -17,6 +17,8 @@ the key (`[step manifest, file nightly.yaml] line 7, groups[0].formats[1]: ...`)
         arch: mypkg.models:Bert
         inputs: ["ids:int64[batch=2,16]{0,30000}"]
         dynamic: [batch]
+      - models: [hf/*]            # Hugging Face model folders (a folder with config.json) match as models too
+        sequence_length: 32
 
 A group's options are the defaults with the group's keys laid over them: `tolerance`, `parity`, `latency` and
 `format_options` merge key by key, lists replace. Each target in `targets` gives every model of the group a job.
@@ -52,7 +54,7 @@ from portq.tasks.core.contract import (
     safe_name,
 )
 from portq.tasks.core.errors import ConfigError
-from portq.tasks.core.requests import JobRequest, description
+from portq.tasks.core.requests import HF_LOAD_FIELDS, ConvertRequest, JobRequest, description
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MANIFEST_STEP = "manifest"
@@ -67,10 +69,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _described(name: str, **constraints: Any) -> Any:
+def _described(name: str, request: type[JobRequest] = JobRequest, **constraints: Any) -> Any:
     """A manifest key named after a request option: no value unless set, described as that option is (the
     request models are the one definition of an option's meaning and default)."""
-    return Field(None, description=description(JobRequest, name), **constraints)
+    return Field(None, description=description(request, name), **constraints)
 
 
 class GroupOptions(_Strict):
@@ -93,6 +95,10 @@ class GroupOptions(_Strict):
     arch: str | None = _described("arch")
     arch_kwargs: dict[str, Any] | None = _described("arch_kwargs")
     trust_pickle: bool | None = _described("trust_pickle")
+    task: str | None = _described("task", ConvertRequest)
+    trust_remote_code: bool | None = _described("trust_remote_code", ConvertRequest)
+    sequence_length: int | None = _described("sequence_length", ConvertRequest, ge=1)
+    batch_size: int | None = _described("batch_size", ConvertRequest, ge=1)
 
     @field_validator("formats")
     @classmethod
@@ -290,7 +296,7 @@ class PlannedGroup:
     formats: list[str]
     format_options: dict[str, dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)  # JobOptions fields but target and artifacts
-    load: dict[str, Any] = field(default_factory=dict)  # ConvertSource fields: arch, arch_kwargs, trust_pickle
+    load: dict[str, Any] = field(default_factory=dict)  # ConvertSource and HuggingFaceSource fields
 
 
 @dataclass
@@ -349,7 +355,8 @@ def _options(merged: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     if "optimize" in merged or "precision" in merged:
         options["optimize"] = {"candidates": merged.get("optimize") or ["auto"],  # as `--precision` alone
                                "precisions": merged.get("precision") or []}
-    load: dict[str, Any] = {k: merged[k] for k in ("arch", "arch_kwargs", "trust_pickle") if k in merged}
+    load: dict[str, Any] = {k: merged[k] for k in ("arch", "arch_kwargs", "trust_pickle", *HF_LOAD_FIELDS)
+                            if k in merged}
     return options, load
 
 
@@ -391,7 +398,8 @@ def _plan(manifest: Manifest, path: Path, sha256: str, doc: _Document) -> Manife
         for j, pattern in enumerate(group.models):
             matches = sorted({os.path.normpath(m) for m in glob.glob(os.path.join(glob.escape(str(base)), pattern),
                                                                      recursive=True)
-                              if os.path.isfile(m) and not m.endswith(SIDECAR_SUFFIX)})
+                              if (os.path.isfile(m) and not m.endswith(SIDECAR_SUFFIX))
+                              or os.path.isfile(os.path.join(m, "config.json"))})  # a Hugging Face model folder
             if not matches:
                 warnings.append(f"{path}, line {doc.line(('groups', i, 'models', j))}: glob {pattern!r} of group "
                                 f"{group.name or f'groups[{i}]'} matches no model file (in {base})")

@@ -241,9 +241,24 @@ class JobRequest(Request):
 
 
 class ConvertRequest(JobRequest):
-    """`portq submit` / `portq.submit`: one job per model file."""
+    """`portq submit` / `portq.submit`: one job per model file or Hugging Face model folder."""
 
     calibration: CalibrationField = []
+    task: Annotated[str | None, Field(
+        description="Hugging Face folders: what to load the model for (feature-extraction, text-classification, "
+                    "token-classification, fill-mask, question-answering, image-classification)."),
+        flag(shown_default="the task of config.json's architectures")] = None
+    trust_remote_code: Annotated[bool, Field(description="Hugging Face folders: allow model code shipped with the "
+                                                         "folder (config.json auto_map; runs it)."),
+                                 flag("--trust-remote-code")] = False
+    sequence_length: Annotated[int, Field(ge=1, le=1_000_000, description="Hugging Face folders: the example "
+                                          "inputs' sequence length (a dynamic dim).")] = 16
+    batch_size: Annotated[int, Field(ge=1, le=4096, description="Hugging Face folders: the example inputs' batch "
+                                     "size (a dynamic dim).")] = 2
+
+
+#: ConvertRequest's fields that only a Hugging Face folder's source description takes
+HF_LOAD_FIELDS = ("task", "trust_remote_code", "sequence_length", "batch_size")
 
 
 class FuseRequest(JobRequest):

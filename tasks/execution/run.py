@@ -90,7 +90,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
     isolation.prepare()  # not for a cached job: nothing of it runs
     report = JobReport(job_id=spec.job_id, job_key=key, kind=spec.kind, batch=spec.batch_id, model=spec.model,
                        source=spec.display, target=spec.target, status=JobStatus.running, toolchain=tools,
-                       worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle)
+                       worker=worker, started_at=utcnow(), trust_pickle=spec.source.trust_pickle,
+                       trust_remote_code=getattr(spec.source, "trust_remote_code", False))
     report.queued_s = _seconds_between(spec.submitted_at, report.started_at)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=workdir_prefix(spec.job_id)) as tmp:

@@ -67,7 +67,8 @@ def resolve_inputs(spec: JobSpec, store: Store, model: LoadedModel) -> InputSign
     if options.sample is not None:
         with store.local_file(options.sample.key) as sample_path:
             npz = load_npz(sample_path, options.sample.name)
-    sig = resolve_signature(options.inputs, npz, model.example_inputs, model.input_names, spec.display)
+    sig = resolve_signature(options.inputs, npz, model.example_inputs, model.input_names, spec.display,
+                            model_specs=model.input_specs)
     apply_dynamic(sig, options.dynamic)
     check_dynamic_support(model.program, sig, spec.display)
     if options.optimize is not None and options.optimize.calibration:

@@ -162,6 +162,9 @@ def job_facts(r: JobReport) -> list[Fact]:
     if r.trust_pickle:
         facts.append(Fact("trust pickle", "yes (--trust-pickle: the model was loaded by full unpickling, which "
                                           "can run code from the file)", bad=True))
+    if r.trust_remote_code:
+        facts.append(Fact("trust remote code", "yes (--trust-remote-code: code shipped with the model folder ran)",
+                          bad=True))
     if r.duration_s is not None:
         facts.append(Fact("duration", f"{r.duration_s:.1f} s on {r.worker or '?'}"))
     return facts

@@ -7,8 +7,9 @@ build it again with the plain-torch code in `script_modules` (the last such modu
 `build_source(settings, path)` function). A kind may add its own sections to the job report (`annotate`,
 called once the source's evidence is in, where the source was built: it returns the report's fields by name).
 
-`convert` is registered here; a kind whose builder lives in its own folder (`fuse`: `portq.tasks.fusion`)
-registers when `builder_for` first looks it up, so loading this module imports neither torch nor that folder.
+`convert` is registered here; a kind whose builder lives in its own module (`fuse`: `portq.tasks.fusion`;
+`huggingface`: `portq.tasks.sources.huggingface`) registers when `builder_for` first looks it up, so loading this
+module imports neither torch nor that module.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SourceBuilder:
 SOURCE_BUILDERS: Registry[SourceBuilder] = Registry("job kind")
 
 #: kinds whose builders register themselves in their own module, imported on first use
-_KIND_MODULES = {"fuse": "portq.tasks.fusion.builder"}
+_KIND_MODULES = {"fuse": "portq.tasks.fusion.builder", "huggingface": "portq.tasks.sources.huggingface"}
 
 
 def builder_for(kind: str) -> SourceBuilder:

@@ -24,7 +24,7 @@ class InputSignature:
     """What each positional input looks like: enough to draw random inputs of the same kind."""
 
     specs: list[InputSpec]
-    source: str = "spec"  # spec | npz | program
+    source: str = "spec"  # spec | npz | config | program
     samples: list[Sample] = field(default_factory=list)  # the user's own samples, if any
 
     @property
@@ -108,8 +108,10 @@ def resolve_signature(
     example_inputs: tuple[object, ...] | None,
     model_names: list[str],
     display: str,
+    model_specs: list[InputSpec] | None = None,
 ) -> InputSignature:
-    """Decide the inputs: a sidecar .npz, else --input specs, else the example inputs a .pt2 carries.
+    """Decide the inputs: a sidecar .npz, else --input specs, else the specs the source builds from its own
+    description (a Hugging Face folder's config.json), else the example inputs a .pt2 carries.
 
     With both an .npz and --input specs, the arrays are the sample and the specs say how to draw more.
     Names come from --input, else the model's forward signature, else the .npz.
@@ -126,6 +128,8 @@ def resolve_signature(
         return signature_from_arrays(names, arrays, "npz")
     if specs:
         return InputSignature(list(specs), source="spec")
+    if model_specs:
+        return InputSignature([s.model_copy(deep=True) for s in model_specs], source="config")
     if example_inputs:
         arrays = []
         for i, t in enumerate(example_inputs):  # torch tensors, duck-typed: this module does not import torch

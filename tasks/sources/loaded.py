@@ -25,6 +25,7 @@ class LoadedModel:
     program: Any = None  # torch.export.ExportedProgram, for .pt2
     script: Any = None  # torch.jit.ScriptModule, for TorchScript
     onnx: str | None = None  # the file, for an ONNX source (`portq optimize`)
+    input_specs: list[Any] | None = None  # InputSpecs the source builds its own inputs from (a Hugging Face config)
     notes: list[str] = field(default_factory=list)  # what loading changed (e.g. the float equivalent), for the report
 
 

@@ -1,9 +1,10 @@
 """Turning files on the client's disk into jobs: checks, upload into the store, queued records.
 
 Model files (and their sidecar `<stem>.npz`) are copied into the store under their content hash, so a
-worker on another machine reads exactly what was submitted, and the hash feeds the job key. A path
-that cannot become a job (missing, a directory, too large) becomes a failed record in the batch with
-its reason, so `status`, `report` and `--wait` show it beside the jobs that ran.
+worker on another machine reads exactly what was submitted, and the hash feeds the job key; a Hugging Face
+model folder is checked and packed into one archive first (`model_folders`), which travels the same way. A path
+that cannot become a job (missing, too large, a folder that is no model folder) becomes a failed record in the
+batch with its reason, so `status`, `report` and `--wait` show it beside the jobs that ran.
 
 `prepare` makes one `convert` job per file; `prepare_fusion` one `fuse` job of several files, which is
 refused as a whole (nothing uploaded) when one of its files cannot be used.
@@ -11,6 +12,7 @@ refused as a whole (nothing uploaded) when one of its files cannot be used.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +25,7 @@ from portq.tasks.core.contract import (
     FinetuneOptions,
     FuseMember,
     FuseSource,
+    HuggingFaceSource,
     JobKind,
     JobOptions,
     JobRecord,
@@ -35,8 +38,17 @@ from portq.tasks.core.contract import (
     safe_name,
 )
 from portq.tasks.core.errors import ConfigError, InputError, PortqError, validation_problems
+from portq.tasks.core.requests import HF_LOAD_FIELDS
 from portq.tasks.state import delivery, lifecycle
 from portq.tasks.state.keys import input_key
+from portq.tasks.state.model_folders import (
+    ARCHIVE_SUFFIX,
+    CONFIG,
+    check_folder,
+    folder_size,
+    is_model_folder,
+    pack_folder,
+)
 from portq.tasks.state.store import Store, sha256_file
 from pydantic import ValidationError
 
@@ -73,8 +85,9 @@ def check_model_path(path: Path, max_bytes: int, display: str | None = None) -> 
         raise InputError("file does not exist", step="submit", file=display)
     if path.is_dir():
         raise InputError("is a directory, not a model file", step="submit", file=display,
-                         hint=f"pass the model files inside it, e.g. {path}/*; a sample .npz beside its model "
-                              "goes with it")
+                         hint=f"pass the model files inside it, e.g. {path}/*; a sample .npz beside its model goes "
+                              "with it" if not (path / CONFIG).is_file() else
+                         "a Hugging Face model folder is converted by `portq submit FOLDER`, not fused")
     size = path.stat().st_size
     if size > max_bytes:
         raise InputError(f"file is {size} bytes, over the limit of {max_bytes}", step="submit", file=display,
@@ -84,10 +97,12 @@ def check_model_path(path: Path, max_bytes: int, display: str | None = None) -> 
 GLOB_CHARS = frozenset("*?[")
 
 
-def select_models(paths: list[str], max_bytes: int, displays: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """The model files among `paths`, checked before anything is written: a path that cannot be a model (missing,
-    a pattern the shell left unexpanded, a directory, over the size limit) raises ConfigError naming it, so a
-    mistake queues nothing. A sample file (`<stem>.npz`) given beside its model (`models/*`) is skipped by rule:
+def select_models(paths: list[str], max_bytes: int, displays: dict[str, str] | None = None,
+                  load: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
+    """The models among `paths`, checked before anything is written: a path that cannot be a model (missing,
+    a pattern the shell left unexpanded, a directory that is not a Hugging Face model folder or one that cannot
+    be converted with the request's `load` options, a file over the size limit) raises ConfigError naming it, so
+    a mistake queues nothing. A sample file (`<stem>.npz`) given beside its model (`models/*`) is skipped by rule:
     it goes with its model, as its sample. Returns (models, notes on what was skipped)."""
     given = {Path(p) for p in paths}
     models, notes = [], []
@@ -106,7 +121,10 @@ def select_models(paths: list[str], max_bytes: int, displays: dict[str, str] | N
             raise ConfigError("matches no file (the shell passed the pattern on as it was)", step="submit",
                               file=display, hint="check the pattern and the directory")
         try:
-            check_model_path(path, max_bytes, display)
+            if is_model_folder(path):
+                check_folder(path, display, (load or {}).get("task"), bool((load or {}).get("trust_remote_code")))
+            else:
+                check_model_path(path, max_bytes, display)
         except InputError as e:
             raise ConfigError(e.cause, step="submit", file=display, hint=e.hint) from None
         models.append(raw)
@@ -135,21 +153,41 @@ def claim_batch(store: Store, batch: str | None) -> list[str]:
             "as the cache)"]
 
 
+def _folder_source(store: Store, path: Path, display: str, hf: dict[str, Any], max_bytes: int) -> HuggingFaceSource:
+    """A Hugging Face model folder checked (nothing is uploaded when it cannot be used), packed into one archive and
+    uploaded like a model file."""
+    facts = check_folder(path, display, hf.get("task"), bool(hf.get("trust_remote_code")))
+    size = folder_size(path, facts.files)
+    if size > max_bytes:
+        raise InputError(f"the folder's files are {size} bytes, over the limit of {max_bytes}", step="submit",
+                         file=display, hint="raise PORTQ_MAX_MODEL_BYTES if this is intended")
+    with tempfile.TemporaryDirectory(prefix="portq-folder-") as tmp:
+        archive = pack_folder(path, facts.files, Path(tmp) / f"folder{ARCHIVE_SUFFIX}")
+        ref = _upload(store, archive, display)
+    return HuggingFaceSource.model_validate({**hf, "model": ref, "task": facts.task})
+
+
 def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[str, Any],
             load: dict[str, Any] | None = None, force: bool = False, calibration: list[Path] | None = None,
             max_bytes: int, max_sample_bytes: int | None = None, displays: dict[str, str] | None = None) -> Submission:
     """Build one `convert` JobSpec per model path and write its spec and `queued` record; bad paths become
     failed records. `options` are the JobOptions fields (the sample is added per file); `load` the
-    ConvertSource fields (arch, arch_kwargs, trust_pickle); `calibration` files go to the optimize options;
+    ConvertSource fields (arch, arch_kwargs, trust_pickle) and HuggingFaceSource fields (task, trust_remote_code,
+    sequence_length, batch_size): a model file takes the first, a Hugging Face model folder (a directory) the
+    second; `calibration` files go to the optimize options;
     `displays` what to call a path in records and errors when it is not the user's own (an in-memory module
     saved to a temporary file)."""
     if batch is not None and not SAFE_ID.match(batch):  # before anything is written under its name
         raise ConfigError(f"batch name {batch!r} is not a valid id: letters, digits, '.', '_' and '-', starting with "
                           "a letter or digit, at most 128 characters", step="submit", hint="e.g. nightly-2024-06-01")
     sub = Submission(batch=batch or new_batch_id())
+    hf = {k: v for k, v in (load or {}).items() if k in HF_LOAD_FIELDS}
+    load = {k: v for k, v in (load or {}).items() if k not in HF_LOAD_FIELDS}
+    ref = {"key": "-", "name": "-", "sha256": "-", "size": 0}
     try:  # a bad option fails the whole submission before anything is uploaded
         JobOptions.model_validate(options)
-        ConvertSource.model_validate({"model": {"key": "-", "name": "-", "sha256": "-", "size": 0}, **(load or {})})
+        ConvertSource.model_validate({"model": ref, **load})
+        HuggingFaceSource.model_validate({"model": ref, "task": "-", **{k: v for k, v in hf.items() if v is not None}})
     except ValidationError as e:
         raise ConfigError(validation_problems(e), step="submit") from None
     if calibration:
@@ -161,19 +199,25 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
     for raw in paths:
         path = Path(raw)
         display = (displays or {}).get(raw, str(path))
-        model = model_name(raw)
+        folder = is_model_folder(path)
+        model = model_name(str(path.resolve()) if folder else raw)
         job_id = new_id("j")
         try:
-            check_model_path(path, max_bytes)
-            source = _upload(store, path, display)
-            sidecar = path.with_suffix(SIDECAR_SUFFIX)
             sample = None
-            if sidecar.is_file() and sidecar != path:
-                check_sample_path(sidecar, max_sample_bytes or max_bytes)
-                sample = _upload(store, sidecar)
-            spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, kind=JobKind.convert, force=force,
-                           source=ConvertSource(model=source, **(load or {})),
-                           options=JobOptions.model_validate({**options, "sample": sample}))
+            if folder:
+                spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, kind=JobKind.huggingface, force=force,
+                               source=_folder_source(store, path, display, hf, max_bytes),
+                               options=JobOptions.model_validate(options))
+            else:
+                check_model_path(path, max_bytes)
+                source = _upload(store, path, display)
+                sidecar = path.with_suffix(SIDECAR_SUFFIX)
+                if sidecar.is_file() and sidecar != path:
+                    check_sample_path(sidecar, max_sample_bytes or max_bytes)
+                    sample = _upload(store, sidecar)
+                spec = JobSpec(job_id=job_id, batch_id=sub.batch, model=model, kind=JobKind.convert, force=force,
+                               source=ConvertSource(model=source, **load),
+                               options=JobOptions.model_validate({**options, "sample": sample}))
         except PortqError as e:
             rec = JobRecord(job_id=job_id, batch=sub.batch, model=model, source=display,
                             target=Target(options.get("target", "cpu")), status=JobStatus.failed)

@@ -146,3 +146,22 @@ def test_import_portq_loads_nothing_until_a_name_is_used():
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_a_hugging_face_folder_takes_its_options_as_keyword_arguments(here: Path, tmp_path: Path) -> None:
+    """The folder's options reach its source description; a task the model has no head for is refused, one line."""
+    from portq.client.api import job_options
+    from portq.tasks.core.requests import ConvertRequest
+
+    _, load = job_options(ConvertRequest(task="fill-mask", sequence_length=64, batch_size=4, trust_remote_code=True))
+    assert {k: load[k] for k in ("task", "sequence_length", "batch_size", "trust_remote_code")} == {
+        "task": "fill-mask", "sequence_length": 64, "batch_size": 4, "trust_remote_code": True}
+    folder = tmp_path / "my-bert"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    (folder / "model.safetensors").write_bytes(b"never read: the task is refused first")
+    report = portq.submit(folder, task="image-classification", batch="hf", store=str(here))
+    (job,) = report.jobs
+    assert job.status.value == "failed" and job.model == "my-bert"
+    assert job.error == (f"[step submit, file {folder}] BertForSequenceClassification does not support --task "
+                         "image-classification; it supports: text-classification, feature-extraction")

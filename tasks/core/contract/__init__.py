@@ -2,7 +2,8 @@
 
 A `JobSpec` is the only thing a worker accepts. It is JSON, validated against this module on arrival, and
 never unpickled. Version 2 splits a job into its identity (job id, batch, model name, submitted at), its
-kind and source description (what model to build: `convert` one file, `fuse` several into one; each kind
+kind and source description (what model to build: `convert` one file, `fuse` several into one,
+`huggingface` a Hugging Face model folder; each kind
 has a source builder in `portq.tasks.sources.builders`), and one versioned `JobOptions` object (target,
 requested artifacts, inputs, tolerances, parity and latency options). Each requested artifact is a format plus a
 variant with that format's options, named by an artifact id (`onnx`, `onnx.opset17`).
@@ -91,6 +92,7 @@ from portq.tasks.core.contract.spec import (
     FinetuneOptions,
     FuseMember,
     FuseSource,
+    HuggingFaceSource,
     InputSpec,
     JobOptions,
     JobSpec,
@@ -110,7 +112,8 @@ __all__ = [
     "AppliedTolerance", "ArtifactComparison", "ArtifactReport", "ArtifactRequest", "BUSY_NOTE", "BatchJob",
     "BatchReport", "CONVERT_TASK", "CombineCheck", "CompareRules", "Comparison", "ConvertSource", "DEFAULT_VARIANT",
     "DISTURBED_NOTE", "Divergence", "Failure", "FinetuneOptions", "FinetuneReport", "Format", "FuseMember",
-    "FuseSource", "FusionMemberReport", "FusionReport", "GreedyStep", "Histogram", "INPUT_DTYPES", "InputSpec",
+    "FuseSource", "FusionMemberReport", "FusionReport", "GreedyStep", "Histogram", "HuggingFaceSource", "INPUT_DTYPES",
+    "InputSpec",
     "JOB_SPEC_VERSION", "JobKind", "JobOptions", "JobRecord", "JobReport", "JobSpec", "JobStatus", "LatencyComparison",
     "LatencyOptions", "LatencyReport", "Memory", "NIGHTLY_SCHEMA_VERSION", "NightSummary", "OptimizationReport",
     "OptimizeOptions", "OutputParity", "OutputTolerance", "PAIRED_METHOD", "PairedComparison",

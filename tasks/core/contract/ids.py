@@ -49,6 +49,7 @@ class JobKind(str, Enum):
 
     convert = "convert"
     fuse = "fuse"
+    huggingface = "huggingface"
 
 
 def utcnow() -> str:

@@ -393,6 +393,8 @@ class JobReport(ReportModel):
                                       "(its parity runs and latency), artifacts (every artifact's step), reports, "
                                       "publish; each artifact has its own breakdown")
     trust_pickle: bool = Field(False, description="the model was loaded with --trust-pickle (full unpickling)")
+    trust_remote_code: bool = Field(False, description="a Hugging Face folder was loaded with --trust-remote-code "
+                                                       "(code shipped with it ran)")
     fusion: FusionReport | None = Field(None, description="fuse jobs: how the source model was fused")
     notes: list[str] = Field(default_factory=list, description="what loading changed about the source, e.g. the "
                                                                 "float equivalent of a dynamically quantized model")

@@ -207,6 +207,41 @@ class ConvertSource(StrictModel):
         return _key_material(self.model_dump(mode="json"))
 
 
+class HuggingFaceSource(StrictModel):
+    """Source description of a `huggingface` job: a Hugging Face model folder, packed by the client into one tar of
+    its files (`portq.tasks.state.model_folders`), loaded on the worker by the task's Auto class from those files
+    only, with example inputs built from its config.json."""
+
+    kind: Literal["huggingface"] = "huggingface"
+    model: SourceRef = Field(description="the folder's files in one tar; `name` is the folder the user gave")
+    task: str = Field(description="what the model is loaded for (its Auto class): from config.json's architectures "
+                                  "or --task, e.g. text-classification")
+    trust_remote_code: bool = Field(False, description="allow code shipped with the folder (config.json auto_map)")
+    sequence_length: int = Field(16, ge=1, le=1_000_000, description="the example inputs' sequence length (text)")
+    batch_size: int = Field(2, ge=1, le=4096, description="the example inputs' batch size")
+
+    @property
+    def display(self) -> str:
+        """The name errors and reports use for this source: the folder the user gave."""
+        return self.model.name
+
+    @property
+    def trust_pickle(self) -> bool:
+        return False  # transformers reads a pytorch_model.bin with weights_only
+
+    def files(self) -> list[SourceRef]:
+        return [self.model]
+
+    def model_files(self) -> list[SourceRef]:
+        return [self.model]
+
+    def data_files(self) -> list[SourceRef]:
+        return []
+
+    def key_material(self) -> Any:
+        return _key_material(self.model_dump(mode="json"))
+
+
 class FuseMember(StrictModel):
     """One model of a fusion: its uploaded file, the label messages and reports use, and how to load it."""
 
@@ -280,7 +315,7 @@ class FuseSource(StrictModel):
 
 #: Every source description a job can carry, told apart by `kind`; a kind is added here, to `JobKind` and
 #: to `portq.tasks.sources.builders`.
-SourceDescription = Annotated[ConvertSource | FuseSource, Field(discriminator="kind")]
+SourceDescription = Annotated[ConvertSource | FuseSource | HuggingFaceSource, Field(discriminator="kind")]
 
 
 class ArtifactRequest(StrictModel):

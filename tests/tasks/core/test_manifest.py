@@ -167,3 +167,18 @@ def test_series_defaults_to_the_manifest_name(models):
 
 def test_a_missing_manifest(tmp_path):
     assert "cannot read the manifest" in problem(tmp_path / "nope.yaml")
+
+
+def test_a_hugging_face_folder_is_a_model_and_takes_its_options(models):
+    (models / "hf" / "tiny-bert").mkdir(parents=True)
+    (models / "hf" / "tiny-bert" / "config.json").write_text("{}")
+    (models / "hf" / "notes").mkdir()  # a folder without config.json is no model
+    plan = load_manifest(write(models, """\
+groups:
+  - models: ["hf/*"]
+    task: feature-extraction
+    sequence_length: 32
+"""))
+    (group,) = plan.groups
+    assert group.paths == [models / "hf" / "tiny-bert"]
+    assert group.load == {"task": "feature-extraction", "sequence_length": 32}
