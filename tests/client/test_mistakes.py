@@ -41,7 +41,7 @@ def test_path_mistakes_queue_nothing(tmp_path, example_models):
     good = str(example_models["mlp"])
     models = example_models["mlp"].parent
     cases = [
-        ([str(models)], [f"[step submit, file {models}] is a directory", f"{models}/*"]),
+        ([str(models)], [f"[step submit, file {models}] the folder has no config.json", f"{models}/*"]),
         ([str(models / "*.pth")], ["matches no file"]),
         ([str(tmp_path / "nope.pt")], [f"file {tmp_path / 'nope.pt'}] file does not exist"]),
         ([str(models / "textcls.npz")], ["is a sample file (.npz), not a model"]),

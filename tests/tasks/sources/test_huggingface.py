@@ -214,8 +214,10 @@ def test_the_cli_refuses_a_bad_folder_in_one_line(folders: dict[str, Path], tmp_
     _no_weights(folder)
     res = run_cli("submit", str(folder), "--task", "text-classification",
                   env={"PORTQ_STORE": str(tmp_path / "store")})
-    assert res.returncode == 1, res.stderr
-    assert f"[error] [step submit, file {folder}] the folder has config.json but no weights" in res.stderr
+    assert res.returncode == 2, res.stderr  # a path mistake: refused before anything is queued
+    (line,) = [x for x in res.stderr.splitlines() if x.strip()]
+    assert line.startswith(f"[error] [step submit, file {folder}] the folder has config.json but no weights")
+    assert not (tmp_path / "store" / "batches").exists()
 
 
 def test_code_shipped_with_the_folder_is_refused_on_the_worker_too(folders: dict[str, Path], tmp_path: Path) -> None:
