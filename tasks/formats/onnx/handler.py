@@ -189,5 +189,7 @@ ONNX = FormatHandler(
     opset_of=lambda path: onnx_opset(str(path)) if path.suffix == ".onnx" else None,
     host_copies=True,
     setup=exporter_cache.install,
+    auto_for=frozenset({"cpu", "cuda"}),
+    takes=lambda kind: True,
 )
 FORMATS.add(Format.onnx.value, ONNX)
