@@ -217,7 +217,10 @@ def search_facts(r: JobReport) -> list[Fact]:
     tried = [a.id for a in candidates if a.status is not StepStatus.skipped]
     pruned = [a.id for a in candidates if a.pruned]
     skipped = [a.id for a in candidates if a.status is StepStatus.skipped and not a.pruned]
+    failed = [a.id for a in candidates if a.status is StepStatus.failed or (a.parity and not a.parity.passed)]
     parts = [f"tried {len(tried)}" + (f" ({', '.join(tried)})" if tried else "")]
+    if failed:
+        parts.append(f"of which {len(failed)} failed, each with its error below ({', '.join(failed)})")
     if pruned:
         parts.append(f"pruned {len(pruned)}, their family could not win ({', '.join(pruned)})")
     if skipped:

@@ -158,3 +158,22 @@ def test_auto_on_a_torchscript_source_runs_its_candidates_and_reports_what_it_pr
     saved = json.loads((Path(report.result) / "report.json").read_text())
     assert {a["id"] for a in saved["artifacts"] if a["pruned"]} == {a.id for a in report.artifacts if a.pruned}
     assert (report.best is None) == bool(report.best_note)  # a pick, or the word that nothing beat the source
+
+
+def test_a_candidate_auto_added_that_fails_does_not_fail_the_job(tmp_path):
+    """auto's own candidates are data points of its search; a requested artifact, or a named candidate, that fails
+    still fails the job."""
+    from portq.tasks.execution.run import _searched
+
+    from tests.jobs import prepare
+    from portq.tasks.state.store import Store
+
+    path = tmp_path / "m.pt"
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(Mlp().eval(), (torch.randn(2, 16),)), path)
+    store = Store(str(tmp_path / "store"))
+    (auto,) = prepare([str(path)], store, batch="a", options={"optimize": AUTO}).specs
+    (named,) = prepare([str(path)], store, batch="n", options={"optimize": {"candidates": ["ort-all"]}}).specs
+    candidate, requested = _art("onnx.ts2ep-ort-all", None), _art("onnx", None)
+    candidate.requested_by = "optimize"
+    assert _searched(auto, candidate) and not _searched(auto, requested) and not _searched(named, candidate)
