@@ -37,6 +37,7 @@ class SourceEvidence:
     environment: dict[str, Any] = field(default_factory=dict)
     export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)
     input_specs: list[InputSpec] = field(default_factory=list)  # each input's dtype, shape and dynamic dims
+    source_kind: str = ""  # the loaded source's kind (torchscript, exported_program, onnx, ...): what auto searches
 
     @property
     def export_sample(self) -> Sample:

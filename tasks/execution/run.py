@@ -109,7 +109,8 @@ def run_job(spec: JobSpec, store: Store, *, worker: str | None = None, isolation
                                      file=spec.display, hint="please report this with the job's report.json"))
             report.inputs.append({"traceback": traceback.format_exc(limit=8)})
         if report.status is JobStatus.running:
-            bad = [a for a in report.artifacts if a.status is StepStatus.failed or (a.parity and not a.parity.passed)]
+            bad = [a for a in report.artifacts if (a.status is StepStatus.failed or (a.parity and not a.parity.passed))
+                   and not _searched(spec, a)]
             report.status = JobStatus.failed if bad else JobStatus.succeeded
             if bad:
                 report.error = "; ".join(_artifact_problem(a) for a in bad)
@@ -159,6 +160,13 @@ def _artifact_problem(a: ArtifactReport) -> str:
     from portq.tasks.checks.parity import failure_summary
 
     return f"{a.id}: {failure_summary(a.parity)}"
+
+
+def _searched(spec: JobSpec, a: ArtifactReport) -> bool:
+    """An artifact `--optimize auto` added in its search: one that fails is a data point of the search (its report
+    says why), not a failure of the job, which asked for the fastest artifact, not for that one."""
+    optimize = spec.options.optimize
+    return optimize is not None and "auto" in optimize.candidates and a.requested_by != "request"
 
 
 def _fail(report: JobReport, e: PortqError) -> None:
@@ -269,7 +277,8 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     from portq.tasks.execution.timings import Stopwatch
     from portq.tasks.formats.reproduce import write_inputs
     from portq.tasks.formats.selection import plan
-    from portq.tasks.reports.content import mark_best
+    from portq.tasks.formats.search import prune_reason
+    from portq.tasks.reports.content import mark_best, no_pick_note
 
     clock = Stopwatch()
     report.timings = clock.stages  # filled in as the job goes: a failure still shows where the time went
@@ -284,11 +293,20 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
     # once per job, into the result folder: every artifact's reproduce script reads these samples
     write_inputs(workdir, evidence.samples)
     made: dict[str, ArtifactReport] = {}  # artifacts made so far, by id (an optimization's base)
-    queue = plan(spec.options, spec.target.value)
+    queue = plan(spec.options, spec.target.value, evidence.source_kind or None)
+    auto = spec.options.optimize is not None and "auto" in spec.options.optimize.candidates
     while queue:
         item = queue.pop(0)
         step_start = time.perf_counter()
-        artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation, on_step)
+        pruned = prune_reason(item.request, {a.id: a for a in report.artifacts}) \
+            if auto and item.requested_by == "optimize" and item.skip is None else None
+        if pruned is not None:  # its family cannot win: recorded, not made
+            from portq.tasks.execution.steps import new_report
+
+            artifact = _labelled(new_report(item.request, StepStatus.skipped, pruned), item)
+            artifact.pruned = True
+        else:
+            artifact = _run_planned(item, spec, store, workdir, evidence, model, made, isolation, on_step)
         _step_time(artifact, time.perf_counter() - step_start)
         clock.add("artifacts", time.perf_counter() - step_start)
         report.artifacts.append(artifact)
@@ -298,3 +316,4 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
         if repair is not None and all(p.id != repair.id for p in queue) and not report.artifact(repair.id):
             queue.insert(0, repair)
     report.best = mark_best(report.artifacts)
+    report.best_note = no_pick_note(report.artifacts)

@@ -114,4 +114,4 @@ def gather_evidence(spec: JobSpec, model: LoadedModel, sig: InputSignature, devi
                           input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
                           precision=infer_precision(model.module).value, user_samples=len(sig.samples),
                           batch_size=batch, sweep=sweep, memory=memory, environment=env,
-                          export_index=export_index, input_specs=list(sig.specs))
+                          export_index=export_index, input_specs=list(sig.specs), source_kind=model.kind)

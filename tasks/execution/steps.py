@@ -113,7 +113,7 @@ def run_artifact(ctx: StepContext) -> ArtifactReport:
         if variant.transform is None:
             try:
                 with clock.stage("export"):
-                    result = handler.export(req)
+                    result = handler.export(req, only=list(variant.routes) or None)  # a route variant: its routes
             finally:
                 artifact.attempts = attempt_reports(req)
         else:
@@ -207,8 +207,9 @@ def optimize(ctx: StepContext, handler: Any, variant: Any, req: Any, precision: 
         for f in ctx.base_file.parent.glob(ctx.base_file.name + "*"):  # the file and its external data
             shutil.copyfile(f, base_dir / f.name)
         route, opset = ctx.base_route or "", None
-    else:
-        exported = handler.export(replace_out_dir(req, base_dir))
+    else:  # exported again the way its base variant is (a route variant's routes)
+        routes = handler.variants.get(variant.base).routes if variant.base else ()
+        exported = handler.export(replace_out_dir(req, base_dir), only=list(routes) or None)
         base, route, opset = exported.path, exported.route, exported.opset
     report = OptimizationReport(transform=variant.transform.__name__, base=_base_id(ctx, variant),
                                 lossless=variant.lossless)

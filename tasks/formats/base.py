@@ -144,6 +144,12 @@ class Variant:
     not try it on this worker (asked for by name, it runs anyway); `repair` names the variant to try when
     this one fails parity. `config` holds the variant's settings: an optimization's recipe reads them; for an
     export setting (no `transform`), they are the format options it fixes (`fixed`).
+
+    `routes` restricts the export to those routes of the format's ladder (a route variant: the export route as a
+    dimension of the search), and `source_kinds` says which sources (`LoadedModel.kind`) auto tries it for (empty:
+    any). `headroom` is how many times faster than its base the variant can plausibly run (measured on 2 CPU cores;
+    docs/optimization.md): auto prunes the variant when its base's measured speedup times this cannot beat the source
+    or the best so far (None: never pruned).
     """
 
     name: str
@@ -158,6 +164,9 @@ class Variant:
     auto_skip: Callable[[str], str | None] = lambda target: None
     repair: str | None = None
     needs: frozenset[str] = frozenset()  # of NEEDS: what the step writes for the recipe besides its base file
+    routes: tuple[str, ...] = ()
+    source_kinds: frozenset[str] = frozenset()
+    headroom: float | None = None
 
     def __post_init__(self) -> None:
         if self.config is not None and not isinstance(getattr(type(self.config), "version", None), int):
@@ -165,7 +174,7 @@ class Variant:
         unknown = sorted(self.needs - NEEDS)
         if unknown:
             raise ValueError(f"variant {self.name}: unknown needs {unknown}; known: {', '.join(sorted(NEEDS))}")
-        if self.config is not None and self.transform is None and not self.fixed:
+        if self.config is not None and self.transform is None and not self.fixed and not self.routes:
             object.__setattr__(self, "fixed", config_options(self.config))
 
     @property
@@ -225,6 +234,13 @@ class FormatHandler:
     # proves the runtime loads what a route wrote (raises ArtifactUnloadable): a route whose artifact does not load
     # is left like one that failed, and the next route is tried; None: the format's export is its own check
     verify: Callable[[ExportRequest, ExportResult], None] | None = None
+    # targets where `--optimize auto` adds this format (its default artifact and its candidates) to a job that did
+    # not ask for it: the formats a user can serve in place of the source model
+    auto_for: frozenset[str] = frozenset()
+    # how costly one artifact is to make, relative to the others: auto tries the formats it adds cheapest first
+    search_cost: int = 1
+    # whether the format can be made from a source of this kind (`LoadedModel.kind`); an ONNX file only becomes ONNX
+    takes: Callable[[str], bool] = lambda kind: kind != "onnx"
     variants: Registry[Variant] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -38,16 +38,26 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+#: how `JobReport.best_note` begins when no artifact beats the source
+NO_FASTER = "no faster artifact than the source"
+
+
+def beats_source(a: ArtifactReport) -> bool:
+    """Whether the artifact is measured faster than the source: its speedup above 1x, and its interval not entirely at
+    or below 1x."""
+    return a.latency is not None and a.latency.speedup > 1.0 and speedup_interval(a)[1] > 1.0
+
+
 def mark_best(artifacts: list[ArtifactReport]) -> str | None:
-    """Mark the fastest artifact that converted and passed parity (the highest speedup over the source); return
-    its id. None when no artifact qualifies.
+    """Mark the fastest artifact that converted, passed parity and beats the source (the highest speedup over the
+    source); return its id. None when no artifact qualifies: `no_pick_note` says why.
 
     Artifacts whose speedup intervals overlap the fastest one's are tied with it: none is shown to be faster.
     The tie is broken by a stated rule: lossless before lossy (an optimization that changes the numbers), then
     the smaller file, then the job's order. The pick's `best_note` says when it was a tie, and when its speedup
     is inconclusive.
     """
-    eligible = [a for a in artifacts if a.good and a.latency is not None]
+    eligible = [a for a in artifacts if a.good and a.latency is not None and beats_source(a)]
     for a in artifacts:
         a.best, a.best_note = False, None
     if not eligible:
@@ -66,6 +76,17 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
         notes.append(f"its speedup is inconclusive: {best.latency.inconclusive_reason}")
     best.best, best.best_note = True, "; ".join(notes) or None
     return best.id
+
+
+def no_pick_note(artifacts: list[ArtifactReport]) -> str | None:
+    """The job's `best_note` when artifacts passed parity and were timed but none beats the source (None otherwise:
+    a pick, or nothing that passed to speak of)."""
+    timed = [a for a in artifacts if a.good and a.latency is not None]
+    if not timed or any(a.best for a in artifacts):
+        return None
+    fastest = max(timed, key=lambda a: a.latency.speedup if a.latency else 0.0)
+    return (f"{NO_FASTER}: the fastest that passed parity, {fastest.id}, runs at {speedup_text(fastest)} the "
+            "source's speed; serve the source model")
 
 
 def lossless(a: ArtifactReport) -> bool:
@@ -147,9 +168,12 @@ def job_facts(r: JobReport) -> list[Fact]:
         pick = next((a for a in r.artifacts if a.id == r.best), None)
         note = pick.best_note if pick is not None else None
         facts.append(Fact("best pick", r.best + (f" ({note})" if note else ""), strong=True))
+    elif r.best_note:
+        facts.append(Fact("best pick", f"none: {r.best_note}", strong=True, bad=True))
     verdict = speed_verdict(r)
-    if verdict:
+    if verdict and not r.best_note:
         facts.append(Fact("speed", verdict, bad=verdict.startswith("no artifact")))
+    facts += search_facts(r)
     f = r.failure
     if f is not None:
         where = ", ".join(x for x in (f"step {f.step}" if f.step else "", f"file {f.file}" if f.file else "") if x)
@@ -184,8 +208,27 @@ def speed_verdict(r: JobReport) -> str | None:
     if fastest.latency.speedup >= 1.0:
         return f"{fastest.id} is {speedup_text(fastest)} the source's speed" + (
             "" if passing else " (but it failed parity)")
-    return (f"no artifact is faster than the source model: the best, {fastest.id}, runs at "
+    return (f"no artifact is faster than the source model: the fastest, {fastest.id}, runs at "
             f"{fastest.latency.speedup:.2f}x its speed; serve the PyTorch model, or try --optimize")
+
+
+def search_facts(r: JobReport) -> list[Fact]:
+    """What --optimize tried, pruned and did not try (each one's reason is in its row's note)."""
+    candidates = [a for a in r.artifacts if a.requested_by == "optimize"]
+    if not candidates:
+        return []
+    tried = [a.id for a in candidates if a.status is not StepStatus.skipped]
+    pruned = [a.id for a in candidates if a.pruned]
+    skipped = [a.id for a in candidates if a.status is StepStatus.skipped and not a.pruned]
+    failed = [a.id for a in candidates if a.status is StepStatus.failed or (a.parity and not a.parity.passed)]
+    parts = [f"tried {len(tried)}" + (f" ({', '.join(tried)})" if tried else "")]
+    if failed:
+        parts.append(f"of which {len(failed)} failed, each with its error below ({', '.join(failed)})")
+    if pruned:
+        parts.append(f"pruned {len(pruned)}, their family could not win ({', '.join(pruned)})")
+    if skipped:
+        parts.append(f"not tried {len(skipped)} ({', '.join(skipped)})")
+    return [Fact("optimize", "; ".join(parts))]
 
 
 def artifact_facts(a: ArtifactReport) -> list[Fact]:
@@ -425,15 +468,23 @@ def environment_line(env: dict) -> str:  # type: ignore[type-arg]
 SUMMARY_COLUMNS = ["model", "source", "target", "job status", *ARTIFACT_COLUMNS]
 
 
+#: the `best` cell of a job's extra row when no artifact beats the source
+NO_PICK = "none"
+
+
 def summary_rows(b: BatchReport) -> list[list[str]]:
+    """One row per artifact; a job without artifacts gets one with its error, and a job where nothing beat the
+    source one more, `best` none, with the job's `best_note`."""
     rows = []
+    blank = ["-"] * (len(ARTIFACT_COLUMNS) - 2)
     for j in b.jobs:
         status = j.status.value + (" (cached)" if j.cached else "")
         if not j.artifacts:
-            rows.append([j.model, j.source, j.target.value, status, *["-"] * (len(ARTIFACT_COLUMNS) - 2), "",
-                         j.error or ""])
+            rows.append([j.model, j.source, j.target.value, status, *blank, "", j.error or ""])
         for a in j.artifacts:
             rows.append([j.model, j.source, j.target.value, status, *artifact_row(a)])
+        if j.best is None and j.best_note:
+            rows.append([j.model, j.source, j.target.value, status, "(pick)", *blank[1:], NO_PICK, j.best_note])
     return rows
 
 

@@ -122,5 +122,6 @@ def batch_report(store: Store, batch: str, records: list[JobRecord] | None = Non
             error=r.error, cached=r.cached, result=report.result if report else None,
             report=store.url(key) if report and key else None,
             artifacts=report.artifacts if report else [], best=report.best if report else None,
+            best_note=report.best_note if report else None,
         ))
     return BatchReport(batch=batch, store=store.display, counts=counts(records), jobs=jobs)

@@ -278,7 +278,9 @@ class ArtifactReport(ReportModel):
                                       "step: all of it as the job saw it; isolation: step minus the rest")
     parity: ParityReport | None = None
     latency: LatencyReport | None = None
-    best: bool = Field(False, description="the fastest artifact of its job that passed parity")
+    pruned: bool = Field(False, description="skipped by --optimize auto: its family could not win (the reason is in "
+                                            "`error`, beginning 'pruned')")
+    best: bool = Field(False, description="the fastest artifact of its job that passed parity and beats the source")
     best_note: str | None = Field(None, description="on the best pick: a tie it won by the stated rule, or an "
                                   "inconclusive speedup")
 
@@ -382,7 +384,11 @@ class JobReport(ReportModel):
     artifacts: list[ArtifactReport] = Field(default_factory=list)
     inputs: list[dict[str, Any]] = Field(default_factory=list)
     toolchain: dict[str, str] = Field(default_factory=dict)
-    best: str | None = Field(None, description="id of the fastest artifact that passed parity (p50 at the sample)")
+    best: str | None = Field(None, description="id of the fastest artifact that passed parity and beats the source "
+                                               "(absent when none does: `best_note` says so)")
+    best_note: str | None = Field(None, description="why there is no best pick: no artifact that passed parity is "
+                                                    "faster than the source (begins 'no faster artifact than the "
+                                                    "source')")
     environment: dict[str, Any] = Field(default_factory=dict, description="where latency was measured")
     worker: str | None = None
     started_at: str | None = None
@@ -422,7 +428,8 @@ class BatchJob(ReportModel):
                                                  "to it)")
     report: str | None = Field(None, description="URL of the job's report.json")
     artifacts: list[ArtifactReport] = Field(default_factory=list)
-    best: str | None = Field(None, description="id of the fastest artifact that passed parity")
+    best: str | None = Field(None, description="id of the fastest artifact that passed parity and beats the source")
+    best_note: str | None = Field(None, description="why there is no best pick (as the job report's)")
 
 
 class BatchReport(ReportModel):

@@ -51,6 +51,8 @@ AOTI = FormatHandler(
     opener=runtimes.open_aoti,
     options=AotiOptions,
     unsupported=_unsupported,
+    auto_for=frozenset({"cpu", "cuda"}),
+    search_cost=10,  # a compile: most of a minute for a small model on 2 CPU cores
 )
 FORMATS.add(Format.aoti.value, AOTI)
 # an export setting rather than a recipe on a file: tried by --optimize auto on cuda, by name anywhere

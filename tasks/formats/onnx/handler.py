@@ -221,5 +221,7 @@ ONNX = FormatHandler(
     host_copies=True,
     setup=exporter_cache.install,
     verify=_loads,
+    auto_for=frozenset({"cpu", "cuda"}),
+    takes=lambda kind: True,
 )
 FORMATS.add(Format.onnx.value, ONNX)

@@ -11,7 +11,7 @@ A new variant is one new entry: here, or in a module of its own in this package 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
@@ -117,7 +117,19 @@ def _no_native_fp16(target: str) -> str | None:
     return None
 
 
+#: How many times faster than its base each optimization can run, at most (`Variant.headroom`), from the README's
+#: measurements on 2 CPU cores: onnxruntime's session applies its graph optimizations when it loads any file, so
+#: saving them offline gains little over the base; the transformer fusions add kernels the session does not fuse
+#: (1.5x over the base on a 4-layer BERT); int8 at most 4x (a quarter of the bytes), fp16 at most 2x. `--optimize
+#: auto` prunes a variant whose base, measured, leaves it no room to beat the source or the best so far.
+HEADROOM: dict[str, float] = {"ort-basic": 1.15, "ort-extended": 1.15, "ort-all": 1.15, "slim": 1.15,
+                              "ort-transformer": 2.0, "fp16": 2.0, "fp16-mixed": 2.0, "int8-dynamic": 4.0,
+                              "int8-static": 4.0}
+
+
 def register(variant: Variant) -> Variant:
+    if variant.headroom is None and variant.name in HEADROOM:
+        variant = replace(variant, headroom=HEADROOM[variant.name])
     ONNX.variants.add(variant.name, variant)
     return variant
 
@@ -173,3 +185,34 @@ for _variant in (
             needs=frozenset({"calibration"})),
 ):
     register(_variant)
+
+
+@dataclass(frozen=True)
+class OnnxRouteConfig:
+    """An export route as a setting: the ladder restricted to `routes` (`Variant.routes`)."""
+
+    routes: tuple[str, ...] = ()
+    version: ClassVar[int] = 1
+
+
+#: Route variants: the same source exported by another route of the ladder, whose graph may optimize better (a
+#: TorchScript source's default is the TorchScript-based exporter; ts2ep gives the dynamo exporter's graph). Each is
+#: a family of its own: `derive_route_families` gives it a copy of every optimization made from the default artifact.
+ROUTE_FAMILIES: dict[str, Variant] = {
+    "ts2ep": Variant("ts2ep", "ONNX by the ts2ep route (TorchScript -> ExportedProgram -> the dynamo exporter) "
+                     "instead of the TorchScript-based exporter", OnnxRouteConfig(routes=("ts2ep", "ts2ep_decomposed")),
+                     fixed={}, routes=("ts2ep", "ts2ep_decomposed"), candidate_for=CPU | CUDA,
+                     source_kinds=frozenset({"torchscript"})),
+}
+
+
+def derive_route_families() -> None:
+    """Register each route variant and, for every optimization variant made from the default artifact, its copy made
+    from the route variant's artifact instead (`ts2ep-ort-transformer`). Run once every variant module registered."""
+    bases = [v for _, v in ONNX.variants if v.base == "default" and v.transform is not None]
+    for name, route in ROUTE_FAMILIES.items():
+        register(route)
+        for v in bases:
+            register(replace(v, name=f"{name}-{v.name}", base=name, source_kinds=route.source_kinds,
+                             description=f"{v.description}; made from the {name} route's export",
+                             repair=f"{name}-{v.repair}" if v.repair else None))

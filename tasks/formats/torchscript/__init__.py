@@ -42,9 +42,10 @@ TORCHSCRIPT = FormatHandler(
     ],
     opener=runtimes.open_torchscript,
     options=TorchScriptOptions,
+    auto_for=frozenset({"cpu", "cuda"}),
 )
 FORMATS.add(Format.torchscript.value, TORCHSCRIPT)
 TORCHSCRIPT.variants.add("frozen", Variant(
     "frozen", "torch.jit.freeze, opened with optimize_for_inference (Conv+BN folding, MKLDNN on CPU)", FreezeConfig(),
     fixed={"optimize_for_inference": True}, base="default", transform=export.torchscript_frozen,
-    candidate_for=frozenset({"cpu"})))
+    candidate_for=frozenset({"cpu"}), headroom=2.0))

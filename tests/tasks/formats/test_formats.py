@@ -346,7 +346,9 @@ def test_every_variant_declares_a_frozen_versioned_config() -> None:
             assert dataclasses.is_dataclass(config), f"{fmt}.{name} declares no config"
             assert type(config).__dataclass_params__.frozen, f"{fmt}.{name}: {type(config).__name__} is not frozen"
             assert isinstance(type(config).version, int), f"{fmt}.{name}: {type(config).__name__} has no version"
-            if variant.transform is None:
+            if variant.transform is None and not variant.routes:  # a route variant's config names its routes
                 assert variant.fixed == config_options(config), f"{fmt}.{name}"
+            if variant.routes:
+                assert config.routes == variant.routes and not variant.fixed, f"{fmt}.{name}"
     with pytest.raises(ValueError, match="unknown needs.*known: " + ", ".join(sorted(NEEDS))):
         Variant("x", "a variant that needs a GPU", needs=frozenset({"gpu"}))

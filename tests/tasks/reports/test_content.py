@@ -44,7 +44,7 @@ def test_best_is_the_fastest_that_passed():
     assert [a.best for a in arts] == [False, False, True]
     assert mark_best([art(Format.onnx, 1.0, passed=False)]) is None
     failed = art(Format.onnx, 0.5, status=StepStatus.failed)
-    assert mark_best([failed, art(Format.pt2, 3.0)]) == "pt2"
+    assert mark_best([failed, art(Format.pt2, 1.8)]) == "pt2"
     tie = [art(Format.onnx, 1.0), art(Format.pt2, 1.0)]
     assert mark_best(tie) == "onnx"  # ties go to the earlier artifact
     variants = [art(Format.onnx, 1.0), art(Format.onnx, 0.8, variant="opset17")]
@@ -181,3 +181,67 @@ def test_the_fusion_section_in_markdown_and_html():
     assert "- fused vs its members run separately: DIFFERENT within the job's tolerance on 3 samples" in \
         job_markdown(output)
     assert 'class="fail">fused vs its members run separately' in job_html(output)
+
+
+def _slower_job():
+    """A job whose every artifact passed parity and none beats the source (2.0 ms): onnx at 0.80x, pt2 at 0.95x with
+    an interval reaching past 1x (so its speedup point, not only its interval, decides)."""
+    onnx, pt2 = art(Format.onnx, 2.5), art(Format.pt2, 2.1)
+    pt2.latency.speedup_interval = [0.9, 1.04]
+    arts = [onnx, pt2, art(Format.torchscript, 1.0, status=StepStatus.skipped)]
+    arts[2].pruned, arts[2].error, arts[2].requested_by = True, "pruned: its family could not win", "optimize"
+    arts[2].latency = arts[2].parity = None
+    return arts
+
+
+def test_nothing_faster_than_the_source_is_no_pick_and_every_page_says_so():
+    """No artifact that beats the source: no `best` (job, batch, artifact), `best_note` says so, and report.json, the
+    CLI's table, summary.md, summary.html and the job's report.md agree."""
+    import io
+    import json
+
+    from portq.client.render import summary_table
+    from portq.tasks.reports.content import NO_FASTER, no_pick_note
+    from rich.console import Console
+
+    arts = _slower_job()
+    assert mark_best(arts) is None and not any(a.best for a in arts)
+    note = no_pick_note(arts)
+    assert note.startswith(f"{NO_FASTER}: the fastest that passed parity, pt2, runs at 0.95x (0.90-1.04)")
+    job = JobReport(job_id="j1", batch="b", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded,
+                    artifacts=arts, best=None, best_note=note)
+    md = job_markdown(job)
+    assert f"best pick: **none: {NO_FASTER}" in md and "| best |" not in md.replace("| best | note |", "")
+    assert "pruned 1, their family could not win (torchscript)" in md
+    batch = BatchReport(batch="b", store="/s", counts={"succeeded": 1, "total": 1}, jobs=[
+        BatchJob(job_id="j1", model="m", source="m.pt", target="cpu", status=JobStatus.succeeded, artifacts=arts,
+                 best=job.best, best_note=job.best_note)])
+    data = json.loads(batch.model_dump_json())
+    assert data["jobs"][0]["best"] is None and data["jobs"][0]["best_note"] == note
+    assert not any(a["best"] for a in data["jobs"][0]["artifacts"])
+    summary = batch_markdown(batch)
+    assert f"| (pick) | - | - | - | - | - | - | none | {NO_FASTER}" in summary
+    page = batch_html(batch, "/s/batches/b")
+    assert 'class="best"' not in page and NO_FASTER in page
+    buffer = io.StringIO()
+    Console(file=buffer, width=400, color_system=None).print(summary_table(batch))
+    rows = [line for line in buffer.getvalue().splitlines() if "│" in line]  # the body (the header has ┃)
+    assert not any("│ best" in line for line in rows)
+    pick = next(line for line in rows if "(pick)" in line)
+    assert "│ none │" in pick and NO_FASTER in pick
+
+
+def test_a_pick_must_beat_the_source():
+    """Faster than the source is the bar: above 1x by its speedup and by its interval's upper bound."""
+    barely = art(Format.onnx, 1.98)  # 1.01x
+    assert mark_best([barely]) == "onnx"
+    barely.latency.speedup_interval = [0.9, 1.0]  # all of its interval at or below 1x
+    assert mark_best([barely]) is None
+    even = art(Format.onnx, 2.0)  # exactly the source's speed
+    assert mark_best([even]) is None and no_pick_note_of([even]).startswith("no faster artifact than the source")
+
+
+def no_pick_note_of(arts):
+    from portq.tasks.reports.content import no_pick_note
+
+    return no_pick_note(arts)
