@@ -86,11 +86,22 @@ def _op_counts(model) -> dict:
     return out
 
 
+def _fused_ops(model) -> dict:
+    """{op_type: count} of onnxruntime's fused (com.microsoft) operators in the main graph."""
+    out: dict = {}
+    for n in model.graph.node:
+        if n.domain == "com.microsoft":
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def _graph_facts(before, after) -> dict:
-    """Node counts and the op types whose counts changed (the interesting part of a rewrite)."""
+    """Node counts, the op types whose counts changed (the interesting part of a rewrite) and the fused operators
+    the result holds (`fused_ops`)."""
     a, b = _op_counts(before), _op_counts(after)
     changed = {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
-    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed}
+    return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed,
+            "fused_ops": _fused_ops(after)}
 
 
 def _ensure_node_names(model) -> int:

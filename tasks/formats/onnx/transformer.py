@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from portq.tasks.formats.onnx.attention import fuse_attention  # portq-only
 from portq.tasks.formats.onnx.optimize import (  # portq-only
     _avoid,
     _dummy_feeds,
@@ -271,6 +272,9 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     if not prof["transformer_like"] and not opts.get("force", False):
         found = ", ".join(f"{k} {v}" for k, v in prof.items() if k in ("softmax", "activation_matmuls", "layernorm"))
         raise NotApplicable(f"not transformer-like (needs softmax attention and layer normalization; found {found})")
+    # before ORT's fusions, which match only older exports' attention (and, once they fused LayerNorms, hide the
+    # shapes this one reads)
+    rewritten = fuse_attention(model) if opts.get("attention_rewrite", True) else {}
     model_type = opts.get("model_type", "bert")
     fo = FusionOptions(model_type)
     fo.enable_embed_layer_norm = bool(opts.get("embed_layer_norm", False))
@@ -316,7 +320,8 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     facts = _graph_facts(onnx.load(in_path, load_external_data=False), after)
     heads = sorted({a.i for n in after.graph.node if n.op_type in ("Attention", "MultiHeadAttention")
                     for a in n.attribute if a.name == "num_heads"})
-    facts.update({"profile": prof, "canonicalize": canon, "fused": best[2], "opt_level": best[0],
+    facts.update({"profile": prof, "canonicalize": canon, "attention_rewrite": rewritten, "fused": best[2],
+                  "opt_level": best[0],
                   "candidates": tried, "model_type": model_type, "attention_num_heads": heads,
                   "lossy": fo.enable_gelu_approximation,
                   "load_with": _load_with(opts, disabled=() if keep_skip_ln else ("SkipLayerNormFusion",))})
