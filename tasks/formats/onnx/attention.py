@@ -106,10 +106,15 @@ def _heads_tensor(g: _Graph, name: str, layout: list[int]) -> tuple[dict, float]
         name, s = _strip_scale(g, name)
         scale *= s
         t = g.made_by(name, "Transpose")
-        if t is None:
+        if t is not None:
+            perms.append(list(g.attr(t, "perm", [])))
+            name = t.input[0]
+            continue
+        swapped = _swap_through_3d(g, name)
+        if swapped is None:
             break
-        perms.append(list(g.attr(t, "perm", [])))
-        name = t.input[0]
+        perms.append([0, 1, 3, 2])
+        name = swapped
     axes = [0, 1, 2, 3]  # what the Reshape makes: B, S, N, H
     for p in reversed(perms):
         if len(p) != 4:
@@ -130,6 +135,24 @@ def _heads_tensor(g: _Graph, name: str, layout: list[int]) -> tuple[dict, float]
     if heads <= 0 or width % heads or (h > 0 and heads * h != width):
         return None
     return {**proj, "heads": heads, "head_size": width // heads}, scale
+
+
+def _swap_through_3d(g: _Graph, name: str) -> str | None:
+    """Reshape([a,b,c,d] -> [a*b,c,d]) -> Transpose(0,2,1) -> Reshape(-> [a,b,d,c]), the dynamo exporter's spelling
+    of swapping the last two axes of a 4-D tensor (its torch.matmul on 4-D operands): the 4-D tensor, or None.
+    Needs every shape known."""
+    back = g.made_by(name, "Reshape")
+    t = g.made_by(back.input[0], "Transpose") if back is not None else None
+    there = g.made_by(t.input[0], "Reshape") if t is not None and list(g.attr(t, "perm", [])) == [0, 2, 1] else None
+    if there is None:
+        return None
+    x, flat, out = g.shapes.get(there.input[0]), g.shapes.get(there.output[0]), g.shapes.get(name)
+    if not (x and flat and out and len(x) == len(out) == 4 and len(flat) == 3
+            and all(isinstance(d, int) and d > 0 for d in (*x, *flat, *out))):
+        return None
+    if flat != [x[0] * x[1], x[2], x[3]] or out != [x[0], x[1], x[3], x[2]]:
+        return None
+    return there.input[0]
 
 
 def _projection(g: _Graph, name: str) -> dict | None:
