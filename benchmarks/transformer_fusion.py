@@ -1,7 +1,7 @@
 """Transformer fusions against eager PyTorch: a transformers BERT and an nn.TransformerEncoder, traced, exported by
 portq's TorchScript route, then each ONNX recipe, all timed in one process.
 
-    python benchmarks/transformer_fusion.py [--quick] [--only bert-sdpa,encoder] [--recipes default,fused]
+    python benchmarks/transformer_fusion.py [--quick] [--threads 1] [--only bert-sdpa,encoder] [--recipes ...]
 
 Models: BERT from transformers (4 layers, hidden 256, 4 heads, sequence 128, batch 4; sdpa attention, the default,
 and eager attention) and a 2-layer nn.TransformerEncoder classifier body (d=128, 4 heads, 4x64 tokens). Each is
@@ -105,10 +105,15 @@ def make(recipe: str, base: Path, out: Path, calibration: str) -> dict:
     return {**facts, "path": out}
 
 
+THREADS = 0  # 0: each runtime's default (every core); --threads sets torch's and onnxruntime's alike
+
+
 def session(path: Path, load_with: dict):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if THREADS:
+        so.intra_op_num_threads = THREADS
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, load_with["graph_optimization_level"])
     so.log_severity_level = 3
     kw = {"disabled_optimizers": load_with["disabled_optimizers"]} if load_with.get("disabled_optimizers") else {}
@@ -153,7 +158,7 @@ def measure(name: str, recipes: list[str], quick: bool) -> list[list[str]]:
     for fn in timers.values():  # warm up
         for _ in range(3):
             fn()
-    rounds, per = (3, 3) if quick else (15, 10)
+    rounds, per = (3, 3) if quick else (11, 5)
     times: dict = {k: [] for k in timers}
     for _ in range(rounds):
         for k, fn in timers.items():
@@ -176,9 +181,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small models, few rounds (checks the script runs)")
     ap.add_argument("--only", default="bert-sdpa,bert-eager,encoder", help="models: bert-sdpa, bert-eager, encoder")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="recipes to time: " + ", ".join(RECIPES))
+    ap.add_argument("--threads", type=int, default=0, help="threads for torch and onnxruntime alike (default: "
+                                                           "each runtime's own, every core)")
     args = ap.parse_args()
     import onnxruntime
     import torch
+
+    global THREADS
+    THREADS = args.threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at start")
