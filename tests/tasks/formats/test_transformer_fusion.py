@@ -167,3 +167,35 @@ def test_static_int8_keeps_the_fused_attention(exported, tmp_path: Path) -> None
     assert facts["fused_ops"].get("Attention") == LAYERS, facts["fused_ops"]
     assert facts["ops_changed"].get("QuantizeLinear", [0, 0])[1] > 0
     _assert_matches_eager(model, runner, inputs, 0.15, 0.15)
+
+
+@pytest.mark.slow  # a whole job with two variants and a reproduce run: about 40 s on 2 cores
+def test_a_job_reports_the_fused_operators_and_reproduces_them(tmp_path: Path) -> None:
+    """Through the job: a traced BERT with `--optimize ort-transformer,transformer-int8-dynamic --precision int8`;
+    each artifact's optimization facts count the fused operators, parity passes, and the fused artifact's reproduce
+    script (which carries the attention rewrite) makes it again and passes."""
+    from portq.tasks.core.contract import Format, InputSpec
+    from portq.tasks.execution.run import run_job
+    from portq.tasks.state.store import Store
+
+    from tests.jobs import prepare
+    from tests.tasks.formats.test_reproduce import _run_script
+
+    model = TextTuple("sdpa").eval()
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, _bert_inputs(0), strict=False), tmp_path / "bert.pt")
+    store = Store(str(tmp_path / "store"))
+    sub = prepare([str(tmp_path / "bert.pt")], store, batch="f", options={
+        "inputs": [InputSpec.parse("input_ids:int64[2,16]{0,100}"), InputSpec.parse("attention_mask:int64[2,16]{0,2}")],
+        "formats": [Format.onnx], "latency": {"warmup": 0, "runs": 1},
+        "optimize": {"candidates": ["ort-transformer", "transformer-int8-dynamic"], "precisions": ["int8"]}})
+    report = run_job(sub.specs[0], store)
+    arts = {a.id: a for a in report.artifacts}
+    fused, int8 = arts["onnx.ort-transformer"], arts["onnx.transformer-int8-dynamic"]
+    for art in (fused, int8):
+        assert art.status.value == "succeeded" and art.parity.passed, art.error
+    assert fused.optimization.facts["fused_ops"]["Attention"] == LAYERS
+    assert int8.optimization.facts["fused_ops"]["QAttention"] == LAYERS
+    res = _run_script(report.url(fused.reproduce))
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
+    assert '"Attention": 2' in res.stdout  # the script's own run fused the same
