@@ -50,7 +50,7 @@ class _Graph:
             if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         self.outputs = {o.name for o in g.output}
-        self.shapes: dict = {}
+        self.shapes: dict = {name: list(a.shape) for name, a in self.consts.items()}
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - shapes are a help, not a requirement

@@ -199,3 +199,42 @@ def test_a_job_reports_the_fused_operators_and_reproduces_them(tmp_path: Path) -
     res = _run_script(report.url(fused.reproduce))
     assert res.returncode == 0 and res.stdout.rstrip().endswith("parity passed"), res.stdout + res.stderr
     assert '"Attention": 2' in res.stdout  # the script's own run fused the same
+
+
+class BiasedAttention(nn.Module):
+    """Self-attention with a learned additive bias per head (as relative-position models have), and LayerNorm."""
+
+    def __init__(self, d: int = 32, heads: int = 4, seq: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.size = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(1, heads, seq, seq) * 3)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.heads, self.size).transpose(1, 2)
+
+        scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) / self.size ** 0.5 + self.bias
+        out = (scores.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(b, s, d)
+        return self.norm(x + self.o(out))
+
+
+def _biased_inputs(seed: int) -> tuple[torch.Tensor]:
+    return (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
+def test_an_attention_with_a_float_bias_stays_float_in_int8(tmp_path: Path) -> None:
+    """onnxruntime's quantizer drops attention_bias when it makes a QAttention: such an Attention is left fp32."""
+    model = BiasedAttention().eval()
+    base = _export(model, _biased_inputs(0), ["x"], "torchscript", tmp_path / "base")
+    facts, runner = _optimize("ort-transformer", base, tmp_path / "fused.onnx")
+    assert facts["attention_rewrite"] == {"attention": 1, "attention_bias": 1}
+    _assert_matches_eager(model, runner, _biased_inputs, ATOL, RTOL)
+    facts, runner = _optimize("transformer-int8-dynamic", base, tmp_path / "int8.onnx")
+    assert facts["fused_ops"].get("Attention") == 1 and "QAttention" not in facts["fused_ops"], facts["fused_ops"]
+    assert len(facts["attention_kept_float"]) == 1
+    _assert_matches_eager(model, runner, _biased_inputs, 0.15, 0.15)
