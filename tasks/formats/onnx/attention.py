@@ -12,8 +12,9 @@ exporter's spelling:
         -> Reshape[B,N,S,H]? -> Transpose(0,2,1,3) -> Reshape[B,S,N*H]
 
 and replaces it by one Attention(X, [Wq|Wk|Wv], [bq|bk|bv], mask) with the product of the scale constants. A mask
-made as Where(keep, 0, large negative) becomes Attention's integer `mask_index` (which its int8 form, QAttention,
-takes too) with that negative as `mask_filter_value`; any other additive mask is passed as `attention_bias`
+made as Where(keep, 0, large negative) (transformers 5) or (1 - keep) * large negative (transformers 4's eager
+attention) becomes Attention's integer `mask_index` (which its int8 form, QAttention, takes too) with that negative
+as `mask_filter_value`; any other additive mask is passed as `attention_bias`
 (which QAttention does not take: `quantizable` says which nodes int8 may turn into QAttention). Exact up to float
 rounding; the caller checks the result against its input on random feeds.
 
@@ -198,31 +199,40 @@ def _merged_output(g: _Graph, name: str, heads: int, head_size: int) -> str | No
 
 
 def _mask(g: _Graph, bias: str) -> dict:
-    """How Attention takes the additive mask `bias` [B,?,S,T]: as mask_index when it is Where(keep, 0, very
-    negative) over a keep-mask that is the same for every head ([B,1,S|1,T], maybe Expanded over the heads), else as
-    attention_bias (whose broadcasting Attention checks when it runs)."""
-    where = g.producer.get(bias)
+    """How Attention takes the additive mask `bias` [B,?,S|1,T]: as mask_index when it is made from a keep-mask that
+    is the same for every head ([B,1,S|1,T], maybe Expanded over the heads), as Where(keep, 0, very negative) or
+    (1 - keep) * very negative (older BERT); else as attention_bias (whose broadcasting Attention checks when it
+    runs)."""
     full = g.shapes.get(bias)
-    if where is not None and where.op_type == "Where" and full and len(full) == 4:
-        zero, fill = g.scalar(where.input[1]), g.scalar(where.input[2])
-        keep = where.input[0]
-        while True:
-            shape = g.shapes.get(keep)
-            if shape and len(shape) == 4 and shape[1] == 1:
+    if not full or len(full) != 4:
+        return {}
+    keep, fill = None, None
+    made = g.producer.get(bias)
+    if made is not None and made.op_type == "Where" and g.scalar(made.input[1]) == 0.0:
+        keep, fill = made.input[0], g.scalar(made.input[2])
+    elif made is not None and made.op_type == "Mul":
+        for s, c in ((0, 1), (1, 0)):
+            sub = g.producer.get(made.input[s])
+            if sub is not None and sub.op_type == "Sub" and g.scalar(sub.input[0]) == 1.0:
+                keep, fill = sub.input[1], g.scalar(made.input[c])
                 break
-            expand = g.producer.get(keep)
-            if expand is None or expand.op_type != "Expand":
-                shape = None
-                break
-            keep = expand.input[0]
-        if zero == 0.0 and fill is not None and fill <= MASK_FILL_AT_MOST and shape \
-                and None not in (shape[0], full[0], full[2], full[3]) and shape[0] == full[0] and shape[3] == full[3] \
-                and shape[2] in (1, full[2]):
+    if keep is not None and fill is not None and fill <= MASK_FILL_AT_MOST:
+        shape = _per_head_mask_shape(g, keep)
+        while shape is None and g.producer.get(keep) is not None and g.producer[keep].op_type == "Expand":
+            keep = g.producer[keep].input[0]
+            shape = _per_head_mask_shape(g, keep)
+        if shape and None not in (full[0], full[3]) and shape[0] == full[0] and shape[3] == full[3] \
+                and (shape[2] == 1 or (full[2] is not None and shape[2] == full[2])):
             return {"keep": keep, "squeeze": [1, 2] if shape[2] == 1 else [1],
                     "fill": fill if fill > float("-inf") else FLOAT_LOWEST}
-    if not full or len(full) != 4 or full[2] == 1:  # Attention's attention_bias does not broadcast over S
+    if full[2] == 1:  # Attention's attention_bias does not broadcast over S
         return {}
     return {"attention_bias": bias}
+
+
+def _per_head_mask_shape(g: _Graph, name: str) -> list | None:
+    shape = g.shapes.get(name)
+    return shape if shape and len(shape) == 4 and shape[1] == 1 else None
 
 
 def _match(g: _Graph, sm) -> dict | None:
