@@ -238,3 +238,26 @@ def test_an_attention_with_a_float_bias_stays_float_in_int8(tmp_path: Path) -> N
     assert facts["fused_ops"].get("Attention") == 1 and "QAttention" not in facts["fused_ops"], facts["fused_ops"]
     assert len(facts["attention_kept_float"]) == 1
     _assert_matches_eager(model, runner, _biased_inputs, 0.15, 0.15)
+
+
+def test_a_rewrite_that_does_not_check_out_falls_back_to_ort_alone(exported, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe checks each candidate on a padded row: a fused Attention that ignores its mask is refused, and
+    onnxruntime's own fusions are kept instead (exact, without Attention on these graphs)."""
+    from onnx import helper
+    from portq.tasks.formats.onnx import attention, transformer
+
+    def ignores_the_mask(model):
+        found = attention.fuse_attention(model)
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Attention" and attr.name == "mask_filter_value":
+                    attr.CopyFrom(helper.make_attribute("mask_filter_value", 0.0))
+        return found
+
+    monkeypatch.setattr(transformer, "fuse_attention", ignores_the_mask)
+    model, base = exported("bert-eager-traced")
+    facts, runner = _optimize("ort-transformer", base, tmp_path / "fused.onnx")
+    assert facts["attention_rewrite"]["fell_back"] is True
+    assert "Attention" not in facts["fused_ops"], facts["fused_ops"]
+    _assert_matches_eager(model, runner, CASES["bert-eager-traced"][1], ATOL, RTOL)
