@@ -265,19 +265,89 @@ def _match(g: _Graph, sm) -> dict | None:
         return None
     found = [_heads_tensor(g, qk.input[0], [0, 2, 1, 3]), _heads_tensor(g, qk.input[1], [0, 2, 3, 1]),
              _heads_tensor(g, pv.input[1], [0, 2, 1, 3])]
-    if any(f is None for f in found):
-        return None
+    seq_first = any(f is None for f in found)
+    if seq_first:  # nn.MultiheadAttention as the dynamo exporter writes it
+        found = [_packed_heads(g, qk.input[0], (1, 0, 2)), _packed_heads(g, qk.input[1], (1, 2, 0)),
+                 _packed_heads(g, pv.input[1], (1, 0, 2))]
+        if any(f is None for f in found) or [f[0]["index"] for f in found] != [0, 1, 2]:  # type: ignore[index]
+            return None
     (q, sq), (k, sk), (v, sv) = found  # type: ignore[misc]
     if sv != 1.0 or not (q["x"] == k["x"] == v["x"]) \
             or len({(p["heads"], p["head_size"], p["weight"].shape) for p in (q, k, v)}) != 1:
         return None
-    out = _merged_output(g, pv.output[0], q["heads"], q["head_size"])
+    out = (_seq_first_output(g, pv.output[0]) if seq_first
+           else _merged_output(g, pv.output[0], q["heads"], q["head_size"]))
     if out is None:
         return None
     mask = _mask(g, bias) if bias is not None else {}
     if bias is not None and not mask:
         return None
-    return {"x": q["x"], "q": q, "k": k, "v": v, "scale": scale * sq * sk, "out": out, "mask": mask}
+    return {"x": q["x"], "q": q, "k": k, "v": v, "scale": scale * sq * sk, "out": out, "mask": mask,
+            "seq_first": seq_first}
+
+
+def _packed_heads(g: _Graph, name: str, order: tuple[int, ...]) -> tuple[dict, float] | None:
+    """torch's multi_head_attention_forward as dynamo exports it (static shapes only): x [B,S,D] -> Transpose(1,0,2)
+    -> MatMul(W [D,3D]) + b -> Reshape[S,B,3,D] -> Unsqueeze(0) -> Transpose(3,1,2,0,4) -> Squeeze(-2) ->
+    Gather(i, axis 0) -> Reshape[S,B*N,H] -> 3-D transposes to `order` (of S, B*N, H) -> Reshape[B,N,.,.]; then
+    scalar scales. Returns ({x, weight, bias: the i-th third, heads, head_size, index: i}, scale)."""
+    import numpy as np
+
+    name, scale = _strip_scale(g, name)
+    split = g.made_by(name, "Reshape")
+    if split is None:
+        return None
+    name, perms = split.input[0], []
+    while (t := g.made_by(name, "Transpose")) is not None:
+        perms.append(list(g.attr(t, "perm", [])))
+        name = t.input[0]
+    axes = [0, 1, 2]
+    for p in reversed(perms):
+        if len(p) != 3:
+            return None
+        axes = [axes[i] for i in p]
+    heads3 = g.made_by(name, "Reshape")
+    gather = g.made_by(heads3.input[0], "Gather") if heads3 is not None and tuple(axes) == order else None
+    if gather is None or g.attr(gather, "axis", 0) != 0 or g.scalar(gather.input[1]) not in (0.0, 1.0, 2.0):
+        return None
+    squeeze = g.made_by(gather.input[0], "Squeeze", private=False)
+    t5 = g.made_by(squeeze.input[0], "Transpose") if squeeze is not None and len(squeeze.input) > 1 else None
+    unsq = g.made_by(t5.input[0], "Unsqueeze") if t5 is not None and list(g.attr(t5, "perm", [])) == [3, 1, 2, 0, 4] \
+        else None
+    packed = g.made_by(unsq.input[0], "Reshape") if unsq is not None else None
+    proj = _projection(g, packed.input[0]) if packed is not None else None
+    xt = g.made_by(proj["x"], "Transpose") if proj is not None else None
+    if xt is None or list(g.attr(xt, "perm", [])) != [1, 0, 2] or proj["bias"] is None:
+        return None
+    sbd, s3d, flat, four, x = (g.shapes.get(n) for n in (packed.output[0], squeeze.output[0], heads3.output[0],
+                                                           split.output[0], xt.input[0]))
+    sizes = (sbd, s3d, flat, four, x)
+    if not all(v and all(isinstance(d, int) and d > 0 for d in v) for v in sizes):
+        return None
+    d = proj["weight"].shape[1] // 3
+    seq, batch = sbd[0], sbd[1]
+    heads, size = four[1], four[3] if order == (1, 0, 2) else four[2]
+    if (list(np.asarray(g.consts.get(squeeze.input[1], [])).reshape(-1)) not in ([-2], [3])
+            or g.scalar(unsq.input[1]) != 0.0 or sbd != [seq, batch, 3, d] or s3d != [3, seq, batch, d]
+            or x != [batch, seq, d] or flat != [seq, batch * heads, size] or heads * size != d or four[0] != batch):
+        return None
+    i = int(g.scalar(gather.input[1]))  # type: ignore[arg-type]
+    cols = slice(i * d, (i + 1) * d)
+    return {"x": xt.input[0], "weight": proj["weight"][:, cols], "bias": proj["bias"][cols], "heads": heads,
+            "head_size": size, "index": i}, scale
+
+
+def _seq_first_output(g: _Graph, name: str) -> tuple[str, int] | None:
+    """[B,N,S,H] -> Transpose(2,0,1,3) -> Reshape[S*B, D] (the output projection's input): (that Reshape's name,
+    its data input's position), to be fed the Attention output made sequence-first."""
+    t = g.consumers.get(name, [])
+    if len(t) != 1 or t[0].op_type != "Transpose" or list(g.attr(t[0], "perm", [])) != [2, 0, 1, 3]:
+        return None
+    r = g.consumers.get(t[0].output[0], [])
+    target = g.consts.get(r[0].input[1]) if len(r) == 1 and r[0].op_type == "Reshape" else None
+    if target is None or target.size != 2 or t[0].output[0] in g.outputs or not r[0].name:
+        return None
+    return r[0].name, 0
 
 
 def fuse_attention(model) -> dict:
@@ -317,10 +387,17 @@ def fuse_attention(model) -> dict:
         elif "attention_bias" in mask:
             inputs += ["", "", mask["attention_bias"]]
             with_bias += 1
-        added.append(helper.make_node("Attention", inputs, [m["out"]], domain="com.microsoft", name=tag, **attrs))
-        # the old block's last node no longer writes the output: renamed, it is left dead and swept below
-        old = g.producer[m["out"]]
-        old.output[0] = f"{tag}_replaced"
+        if m["seq_first"]:  # the output projection reads [S*B, D]: feed it the Attention output, sequence first
+            reshape = next(n for n in graph.node if n.name == m["out"][0])
+            added += [helper.make_node("Attention", inputs, [f"{tag}_bsd"], domain="com.microsoft", name=tag,
+                                       **attrs),
+                      helper.make_node("Transpose", [f"{tag}_bsd"], [f"{tag}_sbd"], perm=[1, 0, 2], name=f"{tag}_t")]
+            reshape.input[m["out"][1]] = f"{tag}_sbd"
+        else:
+            added.append(helper.make_node("Attention", inputs, [m["out"]], domain="com.microsoft", name=tag, **attrs))
+            # the old block's last node no longer writes the output: renamed, it is left dead and swept below
+            old = g.producer[m["out"]]
+            old.output[0] = f"{tag}_replaced"
         fused += 1
     if fused:
         graph.node.extend(added)

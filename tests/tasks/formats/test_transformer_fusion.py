@@ -60,6 +60,8 @@ CASES = {
     "encoder-traced": (lambda: (torch.manual_seed(0), Encoder(d=64, heads=4, layers=LAYERS).eval())[1],
                        _encoder_inputs, ["x"], "torchscript"),
     "bert-sdpa-dynamo": (lambda: TextTuple("sdpa").eval(), _bert_inputs, ["input_ids", "attention_mask"], "dynamo"),
+    "encoder-dynamo": (lambda: (torch.manual_seed(0), Encoder(d=64, heads=4, layers=LAYERS).eval())[1],
+                       _encoder_inputs, ["x"], "dynamo"),
 }
 
 
@@ -143,7 +145,7 @@ def test_the_variant_fuses_attention_with_its_defaults(exported, tmp_path: Path)
     _assert_matches_eager(model, runner, inputs, ATOL, RTOL)
 
 
-@pytest.mark.parametrize("case", ["bert-sdpa-traced", "encoder-traced"])
+@pytest.mark.parametrize("case", ["bert-sdpa-traced", "encoder-traced", "encoder-dynamo"])
 def test_dynamic_int8_quantizes_the_fused_attention(case: str, exported, tmp_path: Path) -> None:
     inputs = CASES[case][1]
     model, base = exported(case)
