@@ -93,6 +93,12 @@ def fused_ops(before, after) -> dict:
     return {k: n for k, n in sorted(b.items()) if k not in a}
 
 
+def _fused_ops(model) -> dict:
+    """{op_type: count} of onnxruntime's contrib (com.microsoft) operators in the main graph, named as `fused_ops`
+    names them (`com.microsoft:Attention`): for a graph whose source graph is not at hand."""
+    return {k: n for k, n in sorted(_op_counts(model).items()) if k.startswith("com.microsoft:")}
+
+
 def _graph_facts(before, after) -> dict:
     """Node counts, the op types whose counts changed (the interesting part of a rewrite) and the fused operators
     (`fused_ops`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from portq.tasks.formats.onnx.attention import fuse_attention  # portq-only
 from portq.tasks.formats.onnx.optimize import (  # portq-only
     _avoid,
     _dummy_feeds,
@@ -246,16 +247,20 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     """onnxruntime.transformers fusions (Attention, LayerNorm, SkipLayerNorm, (Bias)Gelu),
     i.e. Optimum's O2 (O3 = opts['gelu_approximation']=True -> FastGelu, slightly lossy).
 
-    Steps: transformer_like check -> _canonicalize_for_fusion (makes Attention fusion fire
-    on dynamo exports) -> optimize_model(model_type, num_heads=0, hidden_size=0: inferred
-    from the q/k/v Reshape constants) for each candidate opt_level -> optional
-    _fuse_sdpa_to_mha when no Attention was fused -> keep the smallest candidate that
-    loads under ORT_ENABLE_ALL and matches the input model on random feeds.
+    Steps: _canonicalize_for_fusion -> transformer_like check -> attention.fuse_attention
+    (self-attention blocks -> com.microsoft.Attention; ORT's own Attention fusion matches
+    none of current transformers' or nn.TransformerEncoder's exports) -> optimize_model
+    (model_type, num_heads=0, hidden_size=0: inferred from the q/k/v Reshape constants) for
+    each candidate opt_level (SkipLayerNorm, Gelu, any Attention left to ORT) -> optional
+    _fuse_sdpa_to_mha -> keep the smallest candidate that loads under ORT_ENABLE_ALL and
+    matches the input model on random feeds; when none with the rewrite does, the same
+    without it (facts['attention_rewrite']['fell_back']).
 
     opts: model_type ('bert' covers BERT/RoBERTa/ViT-style encoders; 'gpt2' decoders),
     num_heads / hidden_size, opt_level (default: try 0 and 1; 2+ disables Attention fusion
     on these graphs because ORT's own MatMul/Transpose fusions run first), use_gpu,
-    force (skip the transformer_like check), embed_layer_norm (default False, as Optimum:
+    force (skip the transformer_like check), attention_rewrite (default True),
+    embed_layer_norm (default False, as Optimum:
     EmbedLayerNormalization breaks int8 quantization), skip_layer_norm (default: False for
     target cpu, see SLOW_CPU_FUSIONS; False keeps Add+LayerNormalization and tells the
     loader to disable SkipLayerNormFusion), target ('cpu'|'cuda'),
@@ -263,7 +268,6 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     a _fuse_sdpa_to_mha candidate, 'only' forces it)."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
     model = _load(in_path)
     canon = _canonicalize_for_fusion(model) if opts.get("canonicalize", True) else {}
@@ -279,35 +283,33 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     fo.enable_skip_layer_norm = fo.enable_bias_skip_layer_norm = keep_skip_ln
     levels = [int(opts["opt_level"])] if "opt_level" in opts else [0, 1]
     tol = 1e-2 if fo.enable_gelu_approximation else 1e-3
-    tried, best = [], None
+    tried, best, rewritten = [], None, {}
     with tempfile.TemporaryDirectory() as td:
-        srcs = {"plain": os.path.join(td, "canon.onnx")}
-        external = _save(model, srcs["plain"], _has_external_data(in_path) or None)
+        plain = os.path.join(td, "canon.onnx")
+        external = _save(model, plain, _has_external_data(in_path) or None)
+        srcs = {"plain": plain}
+        if opts.get("attention_rewrite", True):
+            # before ORT's fusions, which match only older exports' attention (and, once they fused LayerNorms,
+            # hide the shapes this one reads). Re-load: an external-data save pointed the proto at canon's file.
+            model = _load(plain)
+            rewritten = fuse_attention(model)
+            if rewritten["attention"]:
+                srcs = {"attention": os.path.join(td, "canon_attention.onnx")}
+                _save(model, srcs["attention"], external or None)
         if opts.get("sdpa_fusion", False):
             # before optimize_model: afterwards contrib ops hide the shapes it needs.
-            # Re-load: an external-data save has pointed the proto's tensors at canon's file.
-            model = _load(srcs["plain"])
+            model = _load(plain)
             n_mha = _fuse_sdpa_to_mha(model)
             if n_mha:
                 srcs["sdpa"] = os.path.join(td, "canon_sdpa.onnx")
                 _save(model, srcs["sdpa"], external or None)
                 if opts["sdpa_fusion"] == "only":
-                    del srcs["plain"]
+                    srcs.pop("plain", None)
         for kind, src in srcs.items():
-            for lvl in levels:
-                opt = optimize_model(src, model_type=model_type, num_heads=int(opts.get("num_heads", 0)),
-                                     hidden_size=int(opts.get("hidden_size", 0)), optimization_options=fo,
-                                     opt_level=lvl, use_gpu=bool(opts.get("use_gpu", False)))
-                fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-                if kind == "sdpa":
-                    fused["MultiHeadAttention(sdpa)"] = n_mha
-                cand = os.path.join(td, f"cand_{kind}{lvl}.onnx")
-                _save(opt.model, cand, external or None)
-                check = _check_equivalent(in_path, cand, tol)
-                n = len(opt.model.graph.node)
-                tried.append({"source": kind, "opt_level": lvl, "nodes": n, "fused": fused, **check})
-                if check["ok"] and (best is None or n < best[1]):
-                    best = (lvl, n, fused, cand)
+            best = _try_levels(kind, src, in_path, td, levels, opts, fo, tol, external, tried, best)
+        if best is None and "attention" in srcs:  # the rewrite did not match its input: ORT's fusions alone
+            rewritten["fell_back"] = True
+            best = _try_levels("plain", plain, in_path, td, levels, opts, fo, tol, external, tried, best)
         if best is None:
             raise RuntimeError(f"no fused candidate loads and matches: {tried}")
         # re-load: saving with external data rewrites the proto's tensors to point at cand's file
@@ -316,7 +318,8 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     facts = _graph_facts(onnx.load(in_path, load_external_data=False), after)
     heads = sorted({a.i for n in after.graph.node if n.op_type in ("Attention", "MultiHeadAttention")
                     for a in n.attribute if a.name == "num_heads"})
-    facts.update({"profile": prof, "canonicalize": canon, "fused": best[2], "opt_level": best[0],
+    facts.update({"profile": prof, "canonicalize": canon, "attention_rewrite": rewritten, "fused": best[2],
+                  "opt_level": best[0],
                   "candidates": tried, "model_type": model_type, "attention_num_heads": heads,
                   "lossy": fo.enable_gelu_approximation,
                   "load_with": _load_with(opts, disabled=() if keep_skip_ln else ("SkipLayerNormFusion",))})
@@ -326,9 +329,32 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
     return facts
 
 
+def _try_levels(kind: str, src: str, in_path: str, td: str, levels: list, opts: dict, fo, tol: float,
+                external: bool, tried: list, best):
+    """optimize_model on `src` at each level; each candidate checked against the input, the smallest that passes
+    kept: best = (level, nodes, fused, path)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    for lvl in levels:
+        opt = optimize_model(src, model_type=opts.get("model_type", "bert"), num_heads=int(opts.get("num_heads", 0)),
+                             hidden_size=int(opts.get("hidden_size", 0)), optimization_options=fo,
+                             opt_level=lvl, use_gpu=bool(opts.get("use_gpu", False)))
+        fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        cand = os.path.join(td, f"cand_{kind}{lvl}.onnx")
+        _save(opt.model, cand, external or None)
+        check = _check_equivalent(in_path, cand, tol)
+        n = len(opt.model.graph.node)
+        tried.append({"source": kind, "opt_level": lvl, "nodes": n, "fused": fused, **check})
+        if check["ok"] and (best is None or n < best[1]):
+            best = (lvl, n, fused, cand)
+    return best
+
+
 def _check_equivalent(ref_path: str, test_path: str, tol: float) -> dict:
     """Load `test_path` under ORT_ENABLE_ALL (what a consumer does) and compare with the
-    reference on two random feeds; guards against fusions that load but compute wrong."""
+    reference on two random feeds, the second with a padded row (a fused attention that
+    ignored its mask would pass on all-ones masks); guards against fusions that load but
+    compute wrong."""
     import numpy as np
 
     try:
@@ -336,6 +362,10 @@ def _check_equivalent(ref_path: str, test_path: str, tol: float) -> dict:
         err = 0.0
         for seed in (0, 1):
             feeds = _dummy_feeds(a, seed)
+            if seed:  # a padded row: zeros in the second half of the last row of integer inputs (ids, masks)
+                for x in feeds.values():
+                    if x.dtype.kind in "iub" and x.ndim == 2 and x.shape[1] > 1:
+                        x[-1, x.shape[1] // 2:] = 0
             for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
                 scale = max(1.0, float(np.abs(x).max()))
                 err = max(err, float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / scale)

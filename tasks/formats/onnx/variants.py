@@ -17,13 +17,13 @@ from typing import Any, ClassVar, Literal
 
 from portq.tasks.formats.base import Transform, Variant, VariantConfig
 from portq.tasks.formats.hardware import cpu_has_native_fp16
-from portq.tasks.formats.onnx import optimize, precision, transformer
+from portq.tasks.formats.onnx import attention, optimize, precision, transformer
 from portq.tasks.formats.onnx.handler import ONNX
 
 CPU, CUDA = frozenset({"cpu"}), frozenset({"cuda"})
 #: the recipe modules a reproduce script carries for a graph optimization and for a lossy one
 GRAPH: tuple[ModuleType, ...] = (optimize,)
-LOSSY: tuple[ModuleType, ...] = (optimize, transformer, precision)
+LOSSY: tuple[ModuleType, ...] = (optimize, attention, transformer, precision)
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,13 @@ class TransformerFusionConfig:
 
     model_type: str = "bert"
     canonicalize: bool = True  # rewrite dynamo idioms so that Attention fusion fires
+    attention_rewrite: bool = True  # self-attention blocks -> com.microsoft.Attention (`attention.fuse_attention`)
     embed_layer_norm: bool = False  # as Optimum: EmbedLayerNormalization breaks int8 quantization
     gelu_approximation: bool = False  # True: FastGelu (Optimum's O3), slightly lossy
     sdpa_fusion: bool | Literal["only"] = False
     force: bool = False  # skip the transformer-like check
     avoid_slow_cpu_fusions: bool = True
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: attention_rewrite
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ for _variant in (
             recipe_modules=GRAPH, candidate_for=CPU),
     Variant("ort-transformer", "onnxruntime's transformer fusions (Attention, LayerNorm, Gelu; Optimum's O2) on "
             "transformer-like graphs", TransformerFusionConfig(), base="default",
-            transform=transformer.ort_transformer, recipe_modules=(optimize, transformer),
+            transform=transformer.ort_transformer, recipe_modules=(optimize, attention, transformer),
             candidate_for=CPU | CUDA),
     Variant("slim", "onnxslim graph simplification", OnnxSlimConfig(), base="default", transform=optimize.onnxslim,
             recipe_modules=GRAPH),

@@ -49,6 +49,8 @@ VARIANT_CASES: dict[tuple[str, str], Callable[[], tuple[torch.nn.Module, tuple[i
     ("onnx", "fp16-mixed"): _mlp,
     ("onnx", "int8-dynamic"): _encoder,
     ("onnx", "int8-static"): _cnn,
+    ("onnx", "transformer-int8-dynamic"): _encoder,
+    ("onnx", "transformer-int8-static"): _encoder,
     ("torchscript", "frozen"): _cnn,
     ("aoti", "max-autotune"): _mlp,
     ("pt2", "fp16"): _mlp,
