@@ -318,11 +318,13 @@ def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, 
 
 
 def paired_options(opts: LatencyOptions) -> PairedOptions:
-    """A job's latency options as the paired comparison reads them: a block is half a window, the interval must
-    come within half the windows' stability of the estimate (±5% for the default 10%), and a third of the
-    measurement budget bounds it (10 s by default: it may run twice, at the job's threads and at one)."""
-    return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 2, 1.0),
-                         max_seconds=opts.max_seconds / 3, precision=opts.stability / 2)
+    """A job's latency options as the paired comparison reads them: a block is a quarter of a window (so the
+    minimum of 6 pairs costs what the windows' minimum did), the interval must come within the windows'
+    stability of the estimate (±10% by default), and a third of the measurement budget bounds it (10 s by
+    default: it may run twice, at the job's threads and at one). Measured against the windows it replaced
+    (`benchmarks/paired_cost.py`, docs/benchmarks.md): the quick start's batch takes no longer."""
+    return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 4, 1.0),
+                         max_seconds=opts.max_seconds / 3, precision=opts.stability)
 
 
 def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,
