@@ -16,6 +16,8 @@ not. Everything returned here is plain data (floats and lists), so it can cross 
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import time
 from collections.abc import Callable
@@ -324,7 +326,14 @@ def paired_options(opts: LatencyOptions) -> PairedOptions:
     default: it may run twice, at the job's threads and at one). Measured against the windows it replaced
     (`benchmarks/paired_cost.py`, docs/benchmarks.md): the quick start's batch takes no longer."""
     return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 4, 1.0),
-                         max_seconds=opts.max_seconds / 3, precision=opts.stability)
+                         max_seconds=opts.max_seconds / 3, precision=opts.stability, settle_ms=SETTLE_MS)
+
+
+#: idle time before each block on a CPU: onnxruntime's workers spin after a run and OpenMP's after a parallel region,
+#: and a pool spinning on the same cores slowed the next block up to 2x (a CNN's TorchScript source at 47 ms after an
+#: onnxruntime block against 24 ms alone: a 2.6x speedup reported for a true 1.34x). With 10 ms and one untimed call
+#: before each block the paired ratio came within 10% of the ratio of the two timed alone.
+SETTLE_MS = 10.0
 
 
 def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,
@@ -334,8 +343,8 @@ def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], o
     import torch
     from portq.tasks.checks import runtimes
 
-    popts = paired_options(opts)
     cpu = not device.startswith("cuda")
+    popts = paired_options(opts) if cpu else dataclasses.replace(paired_options(opts), settle_ms=0.0)
     threads = torch.get_num_threads() if cpu else 1
 
     def once(art: Runner, n: int) -> PairedTiming:

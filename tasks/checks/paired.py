@@ -57,6 +57,7 @@ class PairedOptions:
     wide: float = 0.25  # an interval reaching beyond ±25% of the estimate is inconclusive
     confidence: float = 0.95
     resamples: int = 2000
+    settle_ms: float = 0.0  # idle time before each block, for the other side's spinning threads to stop
 
 
 @dataclass
@@ -216,17 +217,29 @@ def measure_paired(
             count += 1
         return max(count, 1)
 
+    def settle(fn: Callable[[], object]) -> None:
+        """Before a block: let the other side's thread pool go idle (onnxruntime's workers spin after a run, and
+        OpenMP's after a parallel region; a spinning pool on the same cores slows the block after it), then one
+        untimed call."""
+        if opts.settle_ms > 0:
+            time.sleep(opts.settle_ms / 1000)
+            fn()
+
     per_block = {"source": calibrate(source), "artifact": calibrate(artifact)}
     sides = {"source": source, "artifact": artifact}
     blocks: dict[str, list[float]] = {"source": [], "artifact": []}
     runs: dict[str, list[float]] = {"source": [], "artifact": []}
     meter = _Meter(runnable)
+    last = "artifact"  # calibrate() ran the artifact last
     start = clock()
     estimate = low = high = 0.0
     stopped_by = ""
     while True:
         order = ("source", "artifact") if len(blocks["source"]) % 2 == 0 else ("artifact", "source")
         for side in order:
+            if side != last:  # the pairs run A B B A A B ...: a block after one of the same side needs no settling
+                settle(sides[side])
+            last = side
             block = [timed(sides[side]) for _ in range(per_block[side])]
             runs[side] += block
             blocks[side].append(float(np.median(block)))
