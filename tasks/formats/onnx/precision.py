@@ -113,16 +113,26 @@ def _preprocess_for_quant(in_path: str, out_path: str, opts: dict) -> dict:
     dynamo graphs)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import tempfile
+
+    in_path, out_path = os.path.abspath(in_path), os.path.abspath(out_path)
     ext = _has_external_data(in_path)
     kw = dict(save_as_external_data=ext, all_tensors_to_one_file=True,
               external_data_location=os.path.basename(out_path) + ".data" if ext else None)
     skip_opt = bool(opts.get("pre_skip_optimization", False))
-    try:
-        quant_pre_process(in_path, out_path, skip_optimization=skip_opt, **kw)
-        return {"preprocess": "quant_pre_process", "symbolic_shape": True}
-    except Exception as e:  # noqa: BLE001 - fall back, record why
-        quant_pre_process(in_path, out_path, skip_optimization=skip_opt, skip_symbolic_shape=True, **kw)
-        return {"preprocess": "quant_pre_process", "symbolic_shape": False, "symbolic_error": str(e)[:200]}
+    # onnxruntime's symbolic shape inference, when it cannot finish, saves its partial model into the working
+    # directory ("sym_shape_infer_temp.onnx" and a uuid-named .data file): run it in a scratch folder, not the user's
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="portq-shape-infer-") as scratch:
+        os.chdir(scratch)
+        try:
+            quant_pre_process(in_path, out_path, skip_optimization=skip_opt, **kw)
+            return {"preprocess": "quant_pre_process", "symbolic_shape": True}
+        except Exception as e:  # noqa: BLE001 - fall back, record why
+            quant_pre_process(in_path, out_path, skip_optimization=skip_opt, skip_symbolic_shape=True, **kw)
+            return {"preprocess": "quant_pre_process", "symbolic_shape": False, "symbolic_error": str(e)[:200]}
+        finally:
+            os.chdir(here)
 
 
 def _qtype(name: str):
