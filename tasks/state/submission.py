@@ -131,6 +131,12 @@ def select_models(paths: list[str], max_bytes: int, displays: dict[str, str] | N
     return models, notes
 
 
+def check_batch_name(batch: str) -> None:
+    if not SAFE_ID.match(batch):
+        raise ConfigError(f"batch name {batch!r} is not a valid id: letters, digits, '.', '_' and '-', starting with "
+                          "a letter or digit, at most 128 characters", step="submit", hint="e.g. nightly-2024-06-01")
+
+
 def claim_batch(store: Store, batch: str | None) -> list[str]:
     """Make `batch` free for a new submission: a batch of that name whose jobs have all finished is replaced
     (its records, specs and pages removed; its results stay in the store and serve as the cache); one with jobs
@@ -140,6 +146,7 @@ def claim_batch(store: Store, batch: str | None) -> list[str]:
 
     if batch is None:
         return []
+    check_batch_name(batch)
     records = list_records(store, batch)
     if not records:
         return []
@@ -177,9 +184,8 @@ def prepare(paths: list[str], store: Store, *, batch: str | None, options: dict[
     second; `calibration` files go to the optimize options;
     `displays` what to call a path in records and errors when it is not the user's own (an in-memory module
     saved to a temporary file)."""
-    if batch is not None and not SAFE_ID.match(batch):  # before anything is written under its name
-        raise ConfigError(f"batch name {batch!r} is not a valid id: letters, digits, '.', '_' and '-', starting with "
-                          "a letter or digit, at most 128 characters", step="submit", hint="e.g. nightly-2024-06-01")
+    if batch is not None:  # before anything is written under its name
+        check_batch_name(batch)
     sub = Submission(batch=batch or new_batch_id())
     hf = {k: v for k, v in (load or {}).items() if k in HF_LOAD_FIELDS}
     load = {k: v for k, v in (load or {}).items() if k not in HF_LOAD_FIELDS}

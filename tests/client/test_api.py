@@ -68,7 +68,7 @@ def test_errors_are_portqs(here: Path, example_models: dict[str, Path]) -> None:
     with pytest.raises(portq.InputError, match="needs example inputs") as missing:
         portq.submit([Tagger()], store=str(here))
     assert "example_inputs=(tensor, ...)" in missing.value.message
-    with pytest.raises(portq.InputError, match="no batch 'nosuch'"):
+    with pytest.raises(portq.ConfigError, match="no batch 'nosuch'"):
         portq.status("nosuch", store=str(here))
     with pytest.raises(portq.ConfigError, match=r"\[step settings\] broker_url: broker URL must be redis://"):
         portq.submit([example_models["mlp"]], broker="http://nope", store=str(here))
@@ -160,8 +160,8 @@ def test_a_hugging_face_folder_takes_its_options_as_keyword_arguments(here: Path
     folder.mkdir()
     (folder / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
     (folder / "model.safetensors").write_bytes(b"never read: the task is refused first")
-    report = portq.submit(folder, task="image-classification", batch="hf", store=str(here))
-    (job,) = report.jobs
-    assert job.status.value == "failed" and job.model == "my-bert"
-    assert job.error == (f"[step submit, file {folder}] BertForSequenceClassification does not support --task "
-                         "image-classification; it supports: text-classification, feature-extraction")
+    with pytest.raises(portq.ConfigError) as e:  # a path mistake: refused before anything is queued
+        portq.submit(folder, task="image-classification", batch="hf", store=str(here))
+    assert e.value.message == (f"[step submit, file {folder}] BertForSequenceClassification does not support --task "
+                               "image-classification; it supports: text-classification, feature-extraction")
+    assert not (here / "batches" / "hf").exists()
