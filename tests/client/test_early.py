@@ -68,7 +68,7 @@ def test_the_command_starts_the_forkserver_before_importing_its_command_line(tmp
                          timeout=120, cwd=tmp_path)
     # first: typer not imported yet, and the forkserver started (the command line's own call finds it started)
     assert "(False, True) True" in res.stdout, res.stdout + res.stderr[-2000:]
-    assert "missing.pt" in res.stdout + res.stderr and res.returncode == 1  # and the command ran: the job failed
+    assert "missing.pt" in res.stdout + res.stderr and res.returncode == 2  # and the command ran: it refused the path
 
 
 @pytest.mark.parametrize("env", [
