@@ -86,7 +86,7 @@ def _op_counts(model) -> dict:
     return out
 
 
-def fused_ops(before, after) -> dict:
+def _new_ops(before, after) -> dict:
     """{op_type: count} of the ops in `after` that `before` lacks: the fused operators an optimizer made
     (FusedConv, LayerNormalization, com.microsoft:Attention, ...), by the domain-prefixed names of `_op_counts`."""
     a, b = _op_counts(before), _op_counts(after)
@@ -105,7 +105,7 @@ def _graph_facts(before, after) -> dict:
     a, b = _op_counts(before), _op_counts(after)
     changed = {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)}
     return {"nodes_before": len(before.graph.node), "nodes_after": len(after.graph.node), "ops_changed": changed,
-            "fused_ops": fused_ops(before, after)}
+            "fused_ops": _new_ops(before, after)}
 
 
 def _ensure_node_names(model) -> int:
