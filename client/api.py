@@ -114,7 +114,7 @@ def submit(
     with tempfile.TemporaryDirectory(prefix="portq-modules-") as tmp:
         paths, displays = _files(sources, example_inputs, Path(tmp), list(req.dynamic))
         paths, notes = select_models(paths, resolved.max_model_bytes, displays, load)
-        notes += claim_batch(st, req.batch)
+        notes += claim_batch(st, req.batch, [displays.get(p, str(Path(p))) for p in paths])
         sub = prepare(paths, st, batch=req.batch, options=job, load=load, force=req.force,
                       calibration=calibration_files(req.calibration), max_bytes=resolved.max_model_bytes,
                       max_sample_bytes=resolved.max_sample_bytes, displays=displays)

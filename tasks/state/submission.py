@@ -137,27 +137,35 @@ def check_batch_name(batch: str) -> None:
                           "a letter or digit, at most 128 characters", step="submit", hint="e.g. nightly-2024-06-01")
 
 
-def claim_batch(store: Store, batch: str | None) -> list[str]:
-    """Make `batch` free for a new submission: a batch of that name whose jobs have all finished is replaced
-    (its records, specs and pages removed; its results stay in the store and serve as the cache); one with jobs
-    still queued or running is refused (ConfigError). Returns what to tell the user."""
-    from portq.tasks.state.keys import batch_key
+def claim_batch(store: Store, batch: str | None, sources: list[str] | None = None) -> list[str]:
+    """Make room in `batch` for a new submission of `sources` (the model paths as records name them; None: every
+    job of the batch). A job of the batch for the same source is replaced when it has finished (its record, spec
+    and versions removed; its result stays in the store and serves the new job from the cache), so submitting the
+    same files to the same batch again gives one row per file, not two; one still queued or running is refused
+    (ConfigError). Jobs for other files stay: a batch can be built over several submissions. Returns what to tell
+    the user."""
+    from portq.tasks.state import keys
     from portq.tasks.state.records import list_records
 
     if batch is None:
         return []
     check_batch_name(batch)
-    records = list_records(store, batch)
+    records = [r for r in list_records(store, batch) if sources is None or r.source in sources]
     if not records:
         return []
     unfinished = [r for r in records if not r.status.finished]
     if unfinished:
-        raise ConfigError(f"batch {batch!r} has {len(unfinished)} of {len(records)} job(s) still queued or running",
-                          step="submit", hint=f"follow it (`portq wait {batch}`), cancel it (`portq cancel {batch}`), "
-                                              "or choose another --batch")
-    store.delete(batch_key(batch))
-    return [f"batch {batch}: replaced its {len(records)} finished job(s) (their results stay in the store and serve "
-            "as the cache)"]
+        names = ", ".join(sorted({r.source for r in unfinished})[:3])
+        raise ConfigError(f"batch {batch!r} has {len(unfinished)} job(s) for these models still queued or running "
+                          f"({names})", step="submit",
+                          hint=f"follow it (`portq wait {batch}`), cancel it (`portq cancel {batch}`), or choose "
+                               "another --batch")
+    for r in records:
+        for key in (keys.record_key(batch, r.job_id), keys.spec_key(batch, r.job_id),
+                    keys.dead_letter_key(batch, r.job_id), f"{keys.BATCHES}/{batch}/versions/{r.job_id}"):
+            store.delete(key)
+    return [f"batch {batch}: replaced {len(records)} finished job(s) of the same model file(s) (their results stay in "
+            "the store and serve as the cache)"]
 
 
 def _folder_source(store: Store, path: Path, display: str, hf: dict[str, Any], max_bytes: int) -> HuggingFaceSource:
