@@ -336,18 +336,26 @@ def add_task_vectors(base_sd: StateDict, sds: list[StateDict], weights: list[flo
     """base + scale * sum_i weights[i] * transform(member_i - base), per floating tensor, in float64 (`transform`:
     what a method does to each task vector first, e.g. breadcrumbs' mask; None keeps it whole). Non-float
     tensors are the base's; their keys are returned beside the merged state."""
+    def merge(k: str, b64: torch.Tensor) -> torch.Tensor:
+        delta = torch.zeros_like(b64)
+        for wi, sd in zip(weights, sds):
+            vector = sd[k].to(torch.float64) - b64
+            delta = delta + (transform(vector) if transform is not None else vector) * wi
+        return b64 + delta * scale
+
+    return merge_floats(base_sd, merge)
+
+
+def merge_floats(base_sd: StateDict, merge: Any) -> tuple[StateDict, list[str]]:
+    """Each floating tensor of the base replaced by `merge(key, base tensor in float64)`, cast back to its dtype;
+    non-float tensors are the base's, and their keys are returned beside the merged state."""
     merged, non_float = {}, []
     for k, b in base_sd.items():
         if not b.is_floating_point():
             merged[k] = b.clone()
             non_float.append(k)
             continue
-        b64 = b.to(torch.float64)
-        delta = torch.zeros_like(b64)
-        for wi, sd in zip(weights, sds):
-            vector = sd[k].to(torch.float64) - b64
-            delta = delta + (transform(vector) if transform is not None else vector) * wi
-        merged[k] = (b64 + delta * scale).to(b.dtype)
+        merged[k] = merge(k, b.to(torch.float64)).to(b.dtype)
     return merged, non_float
 
 
@@ -401,13 +409,7 @@ def ties(members: Any, *, base: Any = None, density: float, weights: Any = None,
     template = _template("ties", template if template is not None else
                          (base if isinstance(base, nn.Module) else None), items, calibration_inputs is not None,
                          "to recompute BatchNorm stats")
-    merged, non_float = {}, []
-    for k, b in base_sd.items():
-        if not b.is_floating_point():
-            merged[k] = b.clone()
-            non_float.append(k)
-            continue
-        b64 = b.to(torch.float64)
+    def merge(k: str, b64: torch.Tensor) -> torch.Tensor:
         weighted = [trim_magnitude(sd[k].to(torch.float64) - b64, density) * wi for wi, sd in zip(w, sds)]
         total = weighted[0]
         for x in weighted[1:]:
@@ -420,7 +422,9 @@ def ties(members: Any, *, base: Any = None, density: float, weights: Any = None,
             num = num + x * agree
             den = den + agree * wi
         den = torch.where(den == 0, torch.ones_like(den), den)
-        merged[k] = (b64 + (num / den) * scale).to(b.dtype)
+        return b64 + (num / den) * scale
+
+    merged, non_float = merge_floats(base_sd, merge)
     facts: dict[str, Any] = {"method": "ties", "names": names, "base": base_name, "weights": w,
                              "density": density, "scale": scale, "notes": []}
     _non_float_note(facts, non_float, "the base")
