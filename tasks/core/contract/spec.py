@@ -179,14 +179,18 @@ def _key_material(data: Any) -> Any:
     return data
 
 
-class OneFileSource:
-    """What a source of one uploaded file (`model`) answers: a model file, or a model folder packed into one tar."""
+class ConvertSource(StrictModel):
+    """Source description of a `convert` job: one model file, and how to load it."""
 
+    kind: Literal["convert"] = "convert"
     model: SourceRef
+    arch: str | None = Field(None, description="package.module:Class for state dicts and safetensors files")
+    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_pickle: bool = Field(False, description="allow full unpickling of torch.save files (runs their code)")
 
     @property
     def display(self) -> str:
-        """The name errors and reports use for this source: the file (or folder) the user gave."""
+        """The name errors and reports use for this source: the file the user gave."""
         return self.model.name
 
     def files(self) -> list[SourceRef]:
@@ -200,21 +204,10 @@ class OneFileSource:
         return []
 
     def key_material(self) -> Any:
-        return _key_material(self.model_dump(mode="json"))  # type: ignore[attr-defined]
+        return _key_material(self.model_dump(mode="json"))
 
 
-class ConvertSource(OneFileSource, StrictModel):
-    """Source description of a `convert` job: one model file, and how to load it."""
-
-    kind: Literal["convert"] = "convert"
-    model: SourceRef
-    arch: str | None = Field(None, description="package.module:Class for state dicts and safetensors files")
-    arch_kwargs: dict[str, Any] = Field(default_factory=dict)
-    trust_pickle: bool = Field(False, description="allow full unpickling of torch.save files (runs their code)")
-
-
-
-class HuggingFaceSource(OneFileSource, StrictModel):
+class HuggingFaceSource(StrictModel):
     """Source description of a `huggingface` job: a Hugging Face model folder, packed by the client into one tar of
     its files (`portq.tasks.state.model_folders`), loaded on the worker by the task's Auto class from those files
     only, with example inputs built from its config.json."""
@@ -228,8 +221,25 @@ class HuggingFaceSource(OneFileSource, StrictModel):
     batch_size: int = Field(2, ge=1, le=4096, description="the example inputs' batch size")
 
     @property
+    def display(self) -> str:
+        """The name errors and reports use for this source: the folder the user gave."""
+        return self.model.name
+
+    @property
     def trust_pickle(self) -> bool:
         return False  # transformers reads a pytorch_model.bin with weights_only
+
+    def files(self) -> list[SourceRef]:
+        return [self.model]
+
+    def model_files(self) -> list[SourceRef]:
+        return [self.model]
+
+    def data_files(self) -> list[SourceRef]:
+        return []
+
+    def key_material(self) -> Any:
+        return _key_material(self.model_dump(mode="json"))
 
 
 class FuseMember(StrictModel):
