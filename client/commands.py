@@ -32,7 +32,8 @@ def command() -> typer.core.TyperGroup:
     """The app as the click command the CLI runs: a switch shows no `<bool>` in help (it takes no value)."""
     group = typer.main.get_command(app)
     for sub in [group, *getattr(group, "commands", {}).values()]:
-        help_option = sub.get_help_option(typer.Context(sub, **group.context_settings))  # made on demand, then kept by the command
+        # made on demand, then kept by the command
+        help_option = sub.get_help_option(typer.Context(sub, **group.context_settings))
         for param in [*sub.params, *([help_option] if help_option is not None else [])]:
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""

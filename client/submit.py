@@ -8,11 +8,10 @@ request models' fields (`portq.tasks.core.requests`), made into flags by `portq.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from portq.client import api

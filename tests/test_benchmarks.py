@@ -48,3 +48,12 @@ def test_the_first_run_benchmark_runs_in_quick_mode():
         line = next((x for x in out.splitlines() if row in x), "")
         assert line.rstrip().endswith(" s") and "exit" not in line, out
     assert "not measured: no optimum-cli" in out and "not measured: no interpreter with model_navigator" in out, out
+
+
+def test_the_heap_benchmark_runs_briefly():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap.py"), "--processes", "1", "--seconds", "0.05"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [r.split("|")[2].strip() for r in rows] == [
+        "eager, glibc's thresholds as they start", "eager, heap held steady", "onnxruntime (its own arena)"], res.stdout

@@ -25,14 +25,15 @@ class SourceEvidence:
     device: str
     samples: list[Sample]
     reference: list[NamedArrays]  # the source's outputs, per sample
-    latency: LatencyStats  # the source timed on samples[0]
+    latency: LatencyStats | None  # the source timed alone on samples[0]; None: each comparison times it (a job)
     input_names: list[str]
     output_names: list[str]
     dynamic: dict[int, dict[int, str]]  # input position -> {axis: dim name}
     precision: str = "fp32"  # inferred from the source's parameters
     user_samples: int = 0  # how many of `samples` are the user's own (the rest are seeded random draws)
     batch_size: int | None = None  # the size of the dynamic `batch` dim in samples[0], if there is one
-    sweep: dict[int, tuple[Sample, LatencyStats]] = field(default_factory=dict)  # batch size -> (inputs, source)
+    # batch size -> (inputs, the source timed there; None at samples[0]'s size: each comparison times it)
+    sweep: dict[int, tuple[Sample, LatencyStats | None]] = field(default_factory=dict)
     memory: Memory | None = None  # while timing the source
     environment: dict[str, Any] = field(default_factory=dict)
     export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)

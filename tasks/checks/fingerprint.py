@@ -109,6 +109,9 @@ def environment(device: str) -> dict[str, Any]:
         env["cpu"] = {**env["cpu"], "affinity": len(os.sched_getaffinity(0))}
     except (AttributeError, OSError):
         pass
+    from portq.tasks.checks.heap import state
+
+    env["heap"] = state()
     try:
         env["load_average_1m"] = round(os.getloadavg()[0], 2)
     except OSError:

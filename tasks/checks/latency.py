@@ -17,7 +17,6 @@ not. Everything returned here is plain data (floats and lists), so it can cross 
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from portq.tasks.checks import heap
 from portq.tasks.checks.paired import PairedOptions, PairedTiming, measure_paired, spread
 from portq.tasks.checks.runners import Runner
 from portq.tasks.core.contract import (
@@ -259,27 +259,40 @@ def sweep_sizes(opts: LatencyOptions, sample_batch: int | None) -> list[int]:
 
 def time_source(
     runner: Runner, sig: Any, samples: list[list[np.ndarray]], opts: LatencyOptions, *, seed: int
-) -> tuple[int | None, LatencyStats, dict[int, tuple[list[np.ndarray], LatencyStats]]]:
-    """Time the source on the first sample, then at each sweep batch size when the `batch` dim is dynamic.
+) -> tuple[int | None, dict[int, tuple[list[np.ndarray], LatencyStats | None]]]:
+    """Time the source at each sweep batch size but the sample's, when the `batch` dim is dynamic.
 
-    Returns (the sample's batch size or None, the headline measurement, {batch size: (inputs, measurement)}).
-    The sweep inputs are drawn from their own seeded stream, so the parity draws stay as they were.
+    The source is not timed on its own on the sample: each artifact's paired comparison times it there, beside
+    the artifact (`time_artifact`), and reports those numbers as the source's; timed here as well it cost a job as
+    much again and its numbers were another moment's. Returns (the sample's batch size or None, {batch size:
+    (inputs, measurement)}), where the sample's own batch size maps to (samples[0], None): the comparison's.
+    The sweep inputs are drawn from their own seeded stream, so the parity draws stay as they were. The C heap
+    is held steady meanwhile (`portq.tasks.checks.heap`).
     """
+    with heap.steady():
+        return _time_source(runner, sig, samples, opts, seed=seed)
+
+
+def _time_source(
+    runner: Runner, sig: Any, samples: list[list[np.ndarray]], opts: LatencyOptions, *, seed: int
+) -> tuple[int | None, dict[int, tuple[list[np.ndarray], LatencyStats | None]]]:
     from portq.tasks.sources.inputs import random_sample
 
     axes = [(i, axis) for i, s in enumerate(sig.specs) for axis, name in s.dynamic.items() if name == "batch"]
     batch = int(samples[0][axes[0][0]].shape[axes[0][1]]) if axes else None
-    headline = measure_with(runner, samples[0], opts, batch_size=batch)
-    sweep: dict[int, tuple[list[np.ndarray], LatencyStats]] = {}
+    sweep: dict[int, tuple[list[np.ndarray], LatencyStats | None]] = {}
     rng = np.random.default_rng(seed + 7919)
     for size in sweep_sizes(opts, batch):
-        inputs = samples[0] if size == batch else random_sample(sig, rng, {"batch": size})
+        if size == batch:
+            sweep[size] = (samples[0], None)
+            continue
+        inputs = random_sample(sig, rng, {"batch": size})
         try:
-            stats = headline if size == batch else measure_with(runner, inputs, opts, batch_size=size)
+            stats = measure_with(runner, inputs, opts, batch_size=size)
         except Exception:  # a model that only takes its example batch size: no sweep point, not a failure
             continue
         sweep[size] = (inputs, stats)
-    return batch, headline, sweep
+    return batch, sweep
 
 
 def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
@@ -290,28 +303,41 @@ def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, 
     With the `source` model's runner at hand, the headline speedup is a paired comparison (`compare_paired`):
     source and artifact in alternating blocks, with an interval and a verdict. Without it (no source in this
     process), the artifact is timed on its own as the source was, and the speedup is the ratio of the two p50s.
-    `reopen` opens the artifact again, for a comparison re-timed with one thread."""
+    `reopen` opens the artifact again, for a comparison re-timed with one thread. The C heap is held steady
+    meanwhile (`portq.tasks.checks.heap`), as it was when the source was timed."""
+    with heap.steady():
+        return _time_artifact(runner, ev, opts, probe=probe, load_ms=load_ms, host_copies=host_copies,
+                              source=source, reopen=reopen, seed=seed)
+
+
+def _time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
+                   host_copies: bool, source: Runner | None, reopen: Callable[[], Runner] | None,
+                   seed: int) -> LatencyReport:
     paired = None
     if source is not None:
         paired = compare_paired(source, runner, ev.samples[0], opts, device=ev.device, reopen=reopen, seed=seed)
         stats = paired_stats(paired, opts, batch_size=ev.batch_size)
-    else:
+        source_stats = paired_stats(paired, opts, batch_size=ev.batch_size, side="source")
+    elif ev.latency is not None:
         stats = measure_with(runner, ev.samples[0], opts, batch_size=ev.batch_size)
+        source_stats = ev.latency
+    else:
+        raise ValueError("an artifact is timed against its source: give the source's runner, or its timing")
     probe.warm()
     sweep, notes = [], []
-    for size, (inputs, source_stats) in sorted(ev.sweep.items()):
+    for size, (inputs, source_point) in sorted(ev.sweep.items()):
         try:
             point = stats if size == ev.batch_size else measure_with(runner, inputs, opts, batch_size=size)
         except Exception as e:  # an artifact specialised to one batch size: say so, keep the rest
             notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
             continue
-        sweep.append((size, point, source_stats))
+        sweep.append((size, point, source_point if source_point is not None else source_stats))
     if paired is None:
-        notes += interference_notes({"artifact": stats, "source": ev.latency}, ev.environment)
+        notes += interference_notes({"artifact": stats, "source": source_stats}, ev.environment)
     if host_copies and ev.device.startswith("cuda"):
         notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
                      "the source's inputs are already on the GPU")
-    report = build_report(device=ev.device, opts=opts, artifact=stats, source=ev.latency, sweep=sweep,
+    report = build_report(device=ev.device, opts=opts, artifact=stats, source=source_stats, sweep=sweep,
                           load_ms=load_ms, memory=probe.stop(), source_memory=ev.memory,
                           providers=getattr(runner, "providers", None), notes=notes)
     if paired is not None:
@@ -323,25 +349,34 @@ def paired_options(opts: LatencyOptions) -> PairedOptions:
     """A job's latency options as the paired comparison reads them: a block is a quarter of a window (so the
     minimum of 6 pairs costs what the windows' minimum did), the interval must come within the windows'
     stability of the estimate (±10% by default), and a third of the measurement budget bounds it (10 s by
-    default: it may run twice, at the job's threads and at one). Measured against the windows it replaced
-    (`benchmarks/paired_cost.py`, docs/benchmarks.md): the quick start's batch takes no longer."""
+    default: it may run twice, at the job's threads and at one), at most `MAX_PAIRS` pairs. What it costs against
+    the windows it replaced is measured by `benchmarks/paired_cost.py` (docs/benchmarks.md): the settling between
+    blocks, which makes the number right, is most of the difference."""
     return PairedOptions(warmup=max(opts.warmup, 1), block_ms=max(opts.min_window_ms / 4, 1.0),
-                         max_seconds=opts.max_seconds / 3, precision=opts.stability, settle_ms=SETTLE_MS)
+                         max_pairs=MAX_PAIRS, max_seconds=opts.max_seconds / 3, precision=opts.stability,
+                         settle_ms=SETTLE_MS)
 
 
-#: idle time before each block on a CPU: onnxruntime's workers spin after a run and OpenMP's after a parallel region,
-#: and a pool spinning on the same cores slowed the next block up to 2x (a CNN's TorchScript source at 47 ms after an
-#: onnxruntime block against 24 ms alone: a 2.6x speedup reported for a true 1.34x). With 10 ms and one untimed call
-#: before each block the paired ratio came within 10% of the ratio of the two timed alone.
+#: a job's comparison stops here if its interval has not come within the precision by then: past 12 pairs the
+#: quick start's comparisons that had not (a tiny CNN on a noisy host) ran on to 24 without coming within it,
+#: tripling their cost; the verdict (`wide`: ±25%) says what such an interval is worth
+MAX_PAIRS = 12
+
+
+#: the longest idle wait before a block that follows the other side's, on a CPU: onnxruntime's workers spin after a run
+#: and OpenMP's after a parallel region, and a pool spinning on the same cores slowed the next block up to 2x (a CNN's
+#: TorchScript source at 37-47 ms after an onnxruntime block against 16-24 ms alone: 3.3x reported for a true 1.5x).
+#: Waiting until the process's other threads are idle (at most this long; OpenMP's were after about 3 ms,
+#: onnxruntime's ran past 20 ms) and one untimed call brought the paired ratio within 10% of the two timed alone.
 SETTLE_MS = 10.0
 
 
 def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,
                    device: str, reopen: Callable[[], Runner] | None = None, seed: int = 0) -> PairedTiming:
     """The paired comparison of the source and an artifact on one sample; on an oversubscribed CPU, once more
-    with one thread on both sides (torch's pool, and the artifact opened again by `reopen`)."""
+    with one thread on both sides (torch's pool, and the artifact opened again by `reopen`). The C heap is held
+    steady meanwhile (`portq.tasks.checks.heap`)."""
     import torch
-    from portq.tasks.checks import runtimes
 
     cpu = not device.startswith("cuda")
     popts = paired_options(opts) if cpu else dataclasses.replace(paired_options(opts), settle_ms=0.0)
@@ -351,6 +386,15 @@ def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], o
         src_in, art_in = source.prepare(sample), art.prepare(sample)
         return measure_paired(lambda: source.run(src_in), lambda: art.run(art_in), popts, threads=n,
                               cpu_bound=cpu, seed=seed)
+
+    with heap.steady():
+        return _compare_paired(once, artifact, threads, cpu, reopen)
+
+
+def _compare_paired(once: Callable[[Runner, int], PairedTiming], artifact: Runner, threads: int, cpu: bool,
+                    reopen: Callable[[], Runner] | None) -> PairedTiming:
+    import torch
+    from portq.tasks.checks import runtimes
 
     first = once(artifact, threads)
     if not (cpu and threads > 1 and first.load.oversubscribed):
@@ -367,16 +411,20 @@ def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], o
     return single
 
 
-def paired_stats(paired: PairedTiming, opts: LatencyOptions, *, batch_size: int | None) -> LatencyStats:
-    """The artifact's own numbers from the comparison's artifact blocks (its timing section and p50)."""
-    blocks = paired.artifact_blocks_ms
+def paired_stats(paired: PairedTiming, opts: LatencyOptions, *, batch_size: int | None,
+                 side: str = "artifact") -> LatencyStats:
+    """One side's own numbers from the comparison's blocks of that side (its timing section and p50): the
+    artifact's, or the source's (`side="source"`), timed beside it."""
+    source = side == "source"
+    blocks = paired.source_blocks_ms if source else paired.artifact_blocks_ms
+    runs = paired.source_runs_ms if source else paired.artifact_runs_ms
     last = blocks[-opts.windows:]
     spread_ = spread(last) if len(last) >= 2 else math.inf
-    return LatencyStats(warmup=max(opts.warmup, 1), runs=len(paired.artifact_runs_ms),
-                        samples_ms=paired.artifact_runs_ms, window_medians_ms=blocks,
-                        window_runs=paired.artifact_block_runs, stable=spread_ <= opts.stability, spread=spread_,
-                        batch_size=batch_size, first_run_ms=paired.artifact_first_ms,
-                        timed_runs=len(paired.artifact_runs_ms))
+    return LatencyStats(warmup=max(opts.warmup, 1), runs=len(runs), samples_ms=runs, window_medians_ms=blocks,
+                        window_runs=paired.source_block_runs if source else paired.artifact_block_runs,
+                        stable=spread_ <= opts.stability, spread=spread_, batch_size=batch_size,
+                        first_run_ms=paired.source_first_ms if source else paired.artifact_first_ms,
+                        timed_runs=len(runs))
 
 
 def apply_paired(report: LatencyReport, paired: PairedTiming) -> None:

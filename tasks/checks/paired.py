@@ -42,6 +42,9 @@ import numpy as np
 
 #: A block never holds more runs than this, however fast the model.
 MAX_BLOCK_RUNS = 10_000
+#: settling waits at least this long, and looks again at this interval while the other side's pool still runs
+SETTLE_MIN_MS = 1.0
+SETTLE_POLL_MS = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class PairedTiming:
     artifact_runs_ms: list[float] = field(default_factory=list)
     artifact_block_runs: int = 0
     artifact_first_ms: float | None = None
+    source_block_runs: int = 0
+    source_first_ms: float | None = None
     inconclusive: bool = False
     reason: str | None = None
     retimed_from: PairedTiming | None = None  # the first comparison, when this one re-timed it with one thread
@@ -155,6 +160,28 @@ def other_runnable() -> int | None:
     return max(host - own, 0)
 
 
+def own_threads_running() -> bool:
+    """Whether another thread of this process is running or runnable now (a thread pool still spinning); True
+    where /proc cannot tell, so that settling waits its whole time."""
+    import threading
+
+    me = str(threading.get_native_id())
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return True
+    for task in tasks:
+        if task == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 def host_cores() -> int:
     """Cores the host runs threads on (runnable threads beyond them wait)."""
     return os.cpu_count() or 1
@@ -191,6 +218,7 @@ def measure_paired(
     cores: int | None = None,
     clock: Callable[[], int] = time.perf_counter_ns,
     runnable: Callable[[], int | None] = other_runnable,
+    pool_busy: Callable[[], bool] = own_threads_running,
     seed: int = 0,
 ) -> PairedTiming:
     """Time `source()` and `artifact()` in alternating blocks until the speedup's interval is tight enough.
@@ -205,7 +233,8 @@ def measure_paired(
         return (clock() - start) / 1e6
 
     first = timed(artifact)
-    for _ in range(max(opts.warmup, 1)):
+    source_first = timed(source)
+    for _ in range(max(opts.warmup, 1) - 1):
         timed(source)
     for _ in range(max(opts.warmup, 1) - 1):
         timed(artifact)
@@ -220,9 +249,13 @@ def measure_paired(
     def settle(fn: Callable[[], object]) -> None:
         """Before a block: let the other side's thread pool go idle (onnxruntime's workers spin after a run, and
         OpenMP's after a parallel region; a spinning pool on the same cores slows the block after it), then one
-        untimed call."""
+        untimed call. It waits until none of this process's other threads runs, at least `SETTLE_MIN_MS` and at
+        most `settle_ms` (OpenMP's pool was idle after about 3 ms here, onnxruntime's ran on past 20 ms)."""
         if opts.settle_ms > 0:
-            time.sleep(opts.settle_ms / 1000)
+            deadline = time.perf_counter() + opts.settle_ms / 1000
+            time.sleep(min(SETTLE_MIN_MS, opts.settle_ms) / 1000)
+            while time.perf_counter() < deadline and pool_busy():
+                time.sleep(SETTLE_POLL_MS / 1000)
             fn()
 
     per_block = {"source": calibrate(source), "artifact": calibrate(artifact)}
@@ -267,7 +300,8 @@ def measure_paired(
                         stopped_by=stopped_by, load=load, source_blocks_ms=blocks["source"],
                         artifact_blocks_ms=blocks["artifact"], source_runs_ms=runs["source"],
                         artifact_runs_ms=runs["artifact"], artifact_block_runs=per_block["artifact"],
-                        artifact_first_ms=first, inconclusive=reason is not None, reason=reason)
+                        artifact_first_ms=first, source_block_runs=per_block["source"],
+                        source_first_ms=source_first, inconclusive=reason is not None, reason=reason)
 
 
 def spread(medians: list[float]) -> float:

@@ -276,8 +276,8 @@ def _convert(spec: JobSpec, store: Store, workdir: Path, report: JobReport, isol
              on_step: Callable[[str], None]) -> None:
     from portq.tasks.execution.timings import Stopwatch
     from portq.tasks.formats.reproduce import write_inputs
-    from portq.tasks.formats.selection import plan
     from portq.tasks.formats.search import prune_reason
+    from portq.tasks.formats.selection import plan
     from portq.tasks.reports.content import mark_best, no_pick_note
 
     clock = Stopwatch()

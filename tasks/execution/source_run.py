@@ -106,11 +106,11 @@ def gather_evidence(spec: JobSpec, model: LoadedModel, sig: InputSignature, devi
                              step="inputs", file=spec.display,
                              hint="check the sidecar .npz or --input specs against the model's forward()") from e
     env = environment(device)
-    batch, latency, sweep = time_source(runner, sig, samples, spec.options.latency, seed=parity.seed)
+    batch, sweep = time_source(runner, sig, samples, spec.options.latency, seed=parity.seed)
     probe.warm()
     memory = probe.stop()
     dynamic = {i: dict(s.dynamic) for i, s in enumerate(sig.specs) if s.dynamic}
-    return SourceEvidence(device=device, samples=samples, reference=reference, latency=latency,
+    return SourceEvidence(device=device, samples=samples, reference=reference, latency=None,
                           input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
                           precision=infer_precision(model.module).value, user_samples=len(sig.samples),
                           batch_size=batch, sweep=sweep, memory=memory, environment=env,

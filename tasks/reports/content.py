@@ -6,8 +6,6 @@ rendered twice: as Markdown below and as HTML in `portq.tasks.reports.html`, so 
 
 from __future__ import annotations
 
-import math
-
 from portq.tasks.core.contract import (
     ArtifactReport,
     BatchReport,
@@ -38,6 +36,9 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
+#: files within this fraction of the smallest tied one count as the same size when a tie is broken
+SAME_SIZE = 0.10
+
 #: how `JobReport.best_note` begins when no artifact beats the source
 NO_FASTER = "no faster artifact than the source"
 
@@ -54,8 +55,9 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
 
     Artifacts whose speedup intervals overlap the fastest one's are tied with it: none is shown to be faster.
     The tie is broken by a stated rule: lossless before lossy (an optimization that changes the numbers), then
-    the smaller file, then the job's order. The pick's `best_note` says when it was a tie, and when its speedup
-    is inconclusive.
+    the smaller file where the files differ by more than `SAME_SIZE` (a fused graph a few kilobytes larger is
+    not a reason to ship a slower one), then the higher estimate, then the job's order. The pick's `best_note`
+    says when it was a tie, and when its speedup is inconclusive.
     """
     eligible = [a for a in artifacts if a.good and a.latency is not None and beats_source(a)]
     for a in artifacts:
@@ -64,13 +66,16 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
         return None
     fastest = max(eligible, key=lambda a: a.latency.speedup if a.latency else 0.0)
     tied = [a for a in eligible if overlap(speedup_interval(a), speedup_interval(fastest))]
-    best = min(tied, key=lambda a: (not lossless(a), a.size_bytes if a.size_bytes is not None else math.inf,
-                                    eligible.index(a)))
+    kept = [a for a in tied if lossless(a)] or tied
+    sizes = [a.size_bytes for a in kept if a.size_bytes is not None]
+    if sizes:
+        kept = [a for a in kept if a.size_bytes is not None and a.size_bytes <= min(sizes) * (1 + SAME_SIZE)]
+    best = min(kept, key=lambda a: (-(a.latency.speedup if a.latency else 0.0), eligible.index(a)))
     notes = []
     if len(tied) > 1:
         others = ", ".join(a.id for a in tied if a is not best)
         notes.append(f"tied with {others} (speedup intervals overlap): picked by the rule lossless first, then "
-                     "the smaller file, then the job's order")
+                     f"the smaller file (by more than {SAME_SIZE:.0%}), then the higher estimate")
     assert best.latency is not None
     if best.latency.inconclusive:
         notes.append(f"its speedup is inconclusive: {best.latency.inconclusive_reason}")

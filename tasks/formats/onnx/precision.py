@@ -111,9 +111,9 @@ def _preprocess_for_quant(in_path: str, out_path: str, opts: dict) -> dict:
     the optimisation folds e.g. Transpose(weight) so weights become plain initializers.
     Falls back to skipping symbolic shape inference when it fails (it does on some
     dynamo graphs)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     import tempfile
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     in_path, out_path = os.path.abspath(in_path), os.path.abspath(out_path)
     ext = _has_external_data(in_path)

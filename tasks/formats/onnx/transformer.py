@@ -310,8 +310,12 @@ def ort_transformer(in_path: str, out_path: str, opts: dict) -> dict:
         if best is None and "attention" in srcs:  # the rewrite did not match its input: ORT's fusions alone
             rewritten["fell_back"] = True
             best = _try_levels("plain", plain, in_path, td, levels, opts, fo, tol, external, tried, best)
-        if best is None:
-            raise RuntimeError(f"no fused candidate loads and matches: {tried}")
+        if best is None:  # the optimizer's limit on this graph, not a fault of the model: skipped, with why
+            why = "; ".join(f"{t['source']} at opt level {t['opt_level']}: "
+                            + (str(t.get("error") or "outputs differ").strip().splitlines() or [""])[0][:160]
+                            for t in tried)
+            raise NotApplicable(f"onnxruntime's transformer optimizer made no graph that loads and matches the "
+                                f"model ({why})")
         # re-load: saving with external data rewrites the proto's tensors to point at cand's file
         _save(_load(best[3]), out_path, external or None)
     after = onnx.load(out_path, load_external_data=False)

@@ -48,4 +48,4 @@ FORMATS.add(Format.torchscript.value, TORCHSCRIPT)
 TORCHSCRIPT.variants.add("frozen", Variant(
     "frozen", "torch.jit.freeze, opened with optimize_for_inference (Conv+BN folding, MKLDNN on CPU)", FreezeConfig(),
     fixed={"optimize_for_inference": True}, base="default", transform=export.torchscript_frozen,
-    candidate_for=frozenset({"cpu"}), headroom=2.0))
+    candidate_for=frozenset({"cpu"}), headroom=3.0))

@@ -93,8 +93,9 @@ def test_verdict():
 def test_a_spinning_pool_left_by_one_side_does_not_slow_the_other_sides_block():
     """onnxruntime's workers spin after a run (OpenMP's after a region): the block after one of the other side ran
     slower while the spinning lasted (a CNN's source at 2x its own time, a 2.6x speedup reported for a true 1.34x).
-    Simulated here: the source takes twice its time within 5 ms of an artifact call. Settling before a block keeps
-    the estimate at the true ratio (2x); without it the estimate is inflated."""
+    Simulated here: the source takes twice its time within 5 ms of an artifact call, while the artifact's pool is
+    seen running. Settling before a block keeps the estimate at the true ratio (2x); without it the estimate is
+    inflated."""
     import time as _time
 
     last_artifact = [0.0]
@@ -112,8 +113,38 @@ def test_a_spinning_pool_left_by_one_side_does_not_slow_the_other_sides_block():
         last_artifact[0] = _time.perf_counter()
 
     base = dict(warmup=1, block_ms=2.0, min_pairs=6, max_pairs=12, precision=0.05, resamples=500)
+    def pool_busy() -> bool:
+        return _time.perf_counter() - last_artifact[0] < 0.005
+
     settled = measure_paired(source, artifact, PairedOptions(**base, settle_ms=10.0), threads=1,
-                             runnable=lambda: 0)
+                             runnable=lambda: 0, pool_busy=pool_busy)
     assert 1.7 < settled.speedup < 2.4, settled
     unsettled = measure_paired(source, artifact, PairedOptions(**base, settle_ms=0.0), threads=1, runnable=lambda: 0)
     assert unsettled.speedup > 2.6, unsettled  # what the method measured before settling: the spinning counted
+
+
+def test_settling_waits_while_the_other_sides_pool_runs_and_no_longer(monkeypatch):
+    """Settling looks at the process's other threads: it waits its minimum when they are idle, and up to its limit
+    while one still runs."""
+    from portq.tasks.checks import paired
+
+    slept: list[float] = []
+    real_sleep = paired.time.sleep
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(paired.time, "sleep", sleep)
+    opts = PairedOptions(warmup=1, block_ms=0.5, min_pairs=6, max_pairs=6, settle_ms=10.0, resamples=100)
+
+    def per_switch(busy: bool) -> float:
+        slept.clear()
+        result = measure_paired(lambda: None, lambda: None, opts, threads=1, runnable=lambda: 0,
+                                pool_busy=lambda: busy)
+        switches = result.pairs + 1  # A B | B A | A B ...: one switch a pair, and one after the calibration
+        return sum(slept) * 1000 / switches
+
+    idle, running = per_switch(False), per_switch(True)
+    assert idle == pytest.approx(paired.SETTLE_MIN_MS)
+    assert 8.0 <= running <= 11.0  # polled until its limit (10 ms), less the last poll's remainder

@@ -164,9 +164,9 @@ def test_a_candidate_auto_added_that_fails_does_not_fail_the_job(tmp_path):
     """auto's own candidates are data points of its search; a requested artifact, or a named candidate, that fails
     still fails the job."""
     from portq.tasks.execution.run import _searched
+    from portq.tasks.state.store import Store
 
     from tests.jobs import prepare
-    from portq.tasks.state.store import Store
 
     path = tmp_path / "m.pt"
     with torch.no_grad():

@@ -47,7 +47,8 @@ def test_a_segfault_during_export_costs_only_that_format(tmp_path):
     assert report.result == str(folder)
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == [
         "job.log", "report.html", "report.json", "report.md", "reproduce_inputs.npz", "torchscript",
-        "torchscript/model.torchscript.pt", "torchscript/provenance.intoto.json", "torchscript/reproduce_torchscript.py"]
+        "torchscript/model.torchscript.pt", "torchscript/provenance.intoto.json",
+        "torchscript/reproduce_torchscript.py"]
     assert ts.path == "torchscript/model.torchscript.pt" and report.url(ts.path) == str(folder / ts.path)
     log = (folder / "job.log").read_text()
     assert "Fatal Python error: Segmentation fault" in log and "hostile.py" in log  # the stack at the crash

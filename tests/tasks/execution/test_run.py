@@ -30,6 +30,9 @@ def test_examples_convert_to_onnx_with_passing_parity(example_models, tmp_path):
         assert art.format is Format.onnx and art.status is StepStatus.succeeded
         assert art.parity.passed and art.parity.samples >= 3
         assert art.latency.p50_ms > 0 and art.latency.source_p50_ms > 0
+        # the source's numbers beside the artifact are those its comparison timed, not another moment's
+        assert art.latency.source.window_medians_ms == art.latency.comparison.source_blocks_ms
+        assert art.latency.source.first_run_ms is not None and art.latency.source.runs >= art.latency.comparison.pairs
         # the artifact is where the report says, loads in onnxruntime and runs on the recorded inputs
         assert art.path == "onnx/model.onnx" and report.result == store.url(f"results/{report.job_key}")
         session = ort.InferenceSession(report.url(art.path), providers=["CPUExecutionProvider"])

@@ -237,7 +237,8 @@ def test_an_attention_with_a_float_bias_stays_float_in_int8(tmp_path: Path) -> N
     assert facts["attention_rewrite"] == {"attention": 1, "attention_bias": 1}
     _assert_matches_eager(model, runner, _biased_inputs, ATOL, RTOL)
     facts, runner = _optimize("transformer-int8-dynamic", base, tmp_path / "int8.onnx")
-    assert facts["fused_ops"].get("com.microsoft:Attention") == 1 and "com.microsoft:QAttention" not in facts["fused_ops"], facts["fused_ops"]
+    fused = facts["fused_ops"]
+    assert fused.get("com.microsoft:Attention") == 1 and "com.microsoft:QAttention" not in fused, fused
     assert len(facts["attention_kept_float"]) == 1
     _assert_matches_eager(model, runner, _biased_inputs, 0.15, 0.15)
 
@@ -263,3 +264,25 @@ def test_a_rewrite_that_does_not_check_out_falls_back_to_ort_alone(exported, tmp
     assert facts["attention_rewrite"]["fell_back"] is True
     assert "com.microsoft:Attention" not in facts["fused_ops"], facts["fused_ops"]
     _assert_matches_eager(model, runner, CASES["bert-eager-traced"][1], ATOL, RTOL)
+
+
+def test_no_fused_graph_that_runs_is_a_skip_with_each_tries_error(exported, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's optimizer made graphs that fail at run time on a ts2ep export of nn.TransformerEncoder (MatMul
+    dimension mismatch at every level): that is the optimizer's limit on the graph, so the variant does not apply
+    (skipped, each try named), rather than a failed artifact in a search that has working ones."""
+    from portq.tasks.formats.onnx import transformer
+    from portq.tasks.formats.recipes import NotApplicable
+
+    def none_runs(kind, src, in_path, td, levels, opts, fo, tol, external, tried, best):
+        tried += [{"source": kind, "opt_level": level, "ok": False,
+                   "error": "[ONNXRuntimeError] : 1 : FAIL : MatMul dimension mismatch\nmore"} for level in levels]
+        return best
+
+    monkeypatch.setattr(transformer, "_try_levels", none_runs)
+    _, base = exported("bert-eager-traced")
+    with pytest.raises(NotApplicable) as e:
+        _optimize("ort-transformer", base, tmp_path / "fused.onnx")
+    assert "made no graph that loads and matches" in str(e.value)
+    assert "at opt level 0: [ONNXRuntimeError] : 1 : FAIL : MatMul dimension mismatch;" in str(e.value)
+    assert "more" not in str(e.value)

@@ -51,6 +51,29 @@ def test_best_is_the_fastest_that_passed():
     assert mark_best(variants) == "onnx.opset17"  # a variant is an artifact of its own
 
 
+def test_a_tie_is_broken_by_lossless_then_a_clearly_smaller_file_then_the_estimate():
+    from portq.tasks.core.contract import OptimizationReport
+
+    def tied(variant, p50, size, lossy=False):
+        a = art(Format.onnx, p50, variant=variant)
+        a.latency.speedup_interval = [a.latency.speedup * 0.9, a.latency.speedup * 1.1]
+        a.size_bytes = size
+        if lossy:
+            a.optimization = OptimizationReport(transform="t", base="onnx", lossless=False)
+        return a
+
+    # the files differ by 2%: the higher estimate wins (a fused graph a little larger is still the faster one)
+    arts = [tied("ort-all", 1.0, 1_000_000), tied("ort-transformer", 0.92, 1_020_000)]
+    assert mark_best(arts) == "onnx.ort-transformer"
+    assert "tied with onnx.ort-all" in arts[1].best_note and "higher estimate" in arts[1].best_note
+    # half the size: the smaller file wins the tie
+    arts = [tied("ort-all", 1.0, 500_000), tied("ort-transformer", 0.92, 1_000_000)]
+    assert mark_best(arts) == "onnx.ort-all"
+    # lossless before lossy, whatever the size and estimate
+    arts = [tied("ort-all", 1.0, 1_000_000), tied("int8-dynamic", 0.92, 250_000, lossy=True)]
+    assert mark_best(arts) == "onnx.ort-all"
+
+
 def _job():
     arts = [art(Format.onnx, 1.0), art(Format.pt2, 1.6)]
     best = mark_best(arts)
