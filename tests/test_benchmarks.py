@@ -51,8 +51,8 @@ def test_the_first_run_benchmark_runs_in_quick_mode():
 
 
 def test_the_heap_benchmark_runs_briefly():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap.py"), "--processes", "1", "--seconds", "0.05"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heap.py"), "--processes", "1",
+                          "--seconds", "0.05"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |")]
     assert [r.split("|")[2].strip() for r in rows] == [
