@@ -67,8 +67,8 @@ def test_auto_tries_the_targets_candidates_and_picks_the_fastest_that_passes(tmp
     if not passing:  # nothing beat the source (a busy machine): no pick, and the report says so
         assert report.best is None and report.best_note.startswith("no faster artifact than the source")
         return
-    # the best is the fastest by its paired speedup, or one tied with it (intervals overlap), picked by the rule
-    fastest = max(passing, key=lambda a: a.latency.speedup)
+    # the best is the most surely fast (the highest lower bound), or one tied with it (intervals overlap), by the rule
+    fastest = max(passing, key=lambda a: (a.latency.speedup_interval[0], a.latency.speedup))
     low, high = fastest.latency.speedup_interval
     tied = {a.id for a in passing if a.latency.speedup_interval[0] <= high and low <= a.latency.speedup_interval[1]}
     assert report.best in tied and arts[report.best].best

@@ -72,6 +72,25 @@ def test_a_tie_is_broken_by_lossless_then_a_clearly_smaller_file_then_the_estima
     # lossless before lossy, whatever the size and estimate
     arts = [tied("ort-all", 1.0, 1_000_000), tied("int8-dynamic", 0.92, 250_000, lossy=True)]
     assert mark_best(arts) == "onnx.ort-all"
+    # a conclusive speedup before an inconclusive one with a higher estimate
+    arts = [tied("ort-all", 1.0, 1_000_000), tied("ort-transformer", 0.92, 1_000_000)]
+    arts[1].latency.inconclusive = True
+    assert mark_best(arts) == "onnx.ort-all"
+
+
+def test_the_anchor_of_a_tie_is_the_most_surely_fast_not_the_widest():
+    """A wide interval with a high estimate (2.0x, 0.95-2.33) overlaps everything; anchored on it, a precise 1.36x
+    (1.25-1.45) would tie with a 1.05x (1.00-1.10) and lose to the smaller file. Anchored on the highest lower
+    bound, the 1.05x is shown slower and out of the tie."""
+    def timed(variant, speedup, low, high, size):
+        a = art(Format.onnx, 2.0 / speedup, variant=variant)
+        a.latency.speedup_interval, a.size_bytes = [low, high], size
+        return a
+
+    arts = [timed("default", 2.0, 0.95, 2.33, 1_000_000), timed("ort-transformer", 1.36, 1.25, 1.45, 1_000_000),
+            timed("frozen", 1.05, 1.00, 1.10, 600_000)]
+    assert mark_best(arts) == "onnx"  # tied with the precise 1.36x; same size; the higher estimate
+    assert "onnx.ort-transformer" in arts[0].best_note and "onnx.frozen" not in arts[0].best_note
 
 
 def _job():
