@@ -234,17 +234,19 @@ def measure_paired(
 
     first = timed(artifact)
     source_first = timed(source)
-    for _ in range(max(opts.warmup, 1) - 1):
-        timed(source)
-    for _ in range(max(opts.warmup, 1) - 1):
-        timed(artifact)
+    warm = {"source": [timed(source) for _ in range(max(opts.warmup, 1) - 1)],
+            "artifact": [timed(artifact) for _ in range(max(opts.warmup, 1) - 1)]}
 
-    def calibrate(fn: Callable[[], object]) -> int:
-        start, count = clock(), 0
-        while (clock() - start) / 1e6 < opts.block_ms and count < MAX_BLOCK_RUNS:
-            timed(fn)
-            count += 1
-        return max(count, 1)
+    def calibrate(side: str, fn: Callable[[], object]) -> int:
+        """Runs a block holds: `block_ms` over the median run of the warm-up after the first and a block's worth of
+        calibration runs. (Counting the runs that fit in one block let one slow run, a 17 ms stall of a 1.5 ms
+        model, make every block a single run, and each block's value that run's stalls; a lower quantile made
+        the blocks twice as long as asked, since runs inside blocks were slower than the fastest quarter.)"""
+        start, times = clock(), list(warm[side])
+        while (clock() - start) / 1e6 < opts.block_ms and len(times) < MAX_BLOCK_RUNS:
+            times.append(timed(fn))
+        typical = float(np.median(times))
+        return min(max(math.ceil(opts.block_ms / typical), 1) if typical > 0 else MAX_BLOCK_RUNS, MAX_BLOCK_RUNS)
 
     def settle(fn: Callable[[], object]) -> None:
         """Before a block: let the other side's thread pool go idle (onnxruntime's workers spin after a run, and
@@ -258,7 +260,7 @@ def measure_paired(
                 time.sleep(SETTLE_POLL_MS / 1000)
             fn()
 
-    per_block = {"source": calibrate(source), "artifact": calibrate(artifact)}
+    per_block = {"source": calibrate("source", source), "artifact": calibrate("artifact", artifact)}
     sides = {"source": source, "artifact": artifact}
     blocks: dict[str, list[float]] = {"source": [], "artifact": []}
     runs: dict[str, list[float]] = {"source": [], "artifact": []}
