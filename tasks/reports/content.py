@@ -55,11 +55,12 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
 
     The fastest is the one most surely fast: the highest lower bound of its interval (a wide interval's high
     estimate does not make it the anchor). Artifacts whose intervals overlap its are tied with it: none is shown
-    to be faster. The tie is broken by a stated rule: lossless before lossy (an optimization that changes the
-    numbers), then the smaller file where the files differ by more than `SAME_SIZE` (a fused graph a few
-    kilobytes larger is not a reason to ship a slower one), then a conclusive comparison before an inconclusive
-    one, then the higher estimate, then the job's order. The pick's `best_note` says when it was a tie, and when
-    its speedup is inconclusive.
+    to be faster. The tie is broken by a stated rule: a conclusive comparison before an inconclusive one (an
+    interval too wide to tell ties with everything near it, and must not outrank a measured speedup), then
+    lossless before lossy (an optimization that changes the numbers), then the smaller file where the files
+    differ by more than `SAME_SIZE` (a fused graph a few kilobytes larger is not a reason to ship a slower one),
+    then the higher estimate, then the job's order. The pick's `best_note` says when it was a tie, and when its
+    speedup is inconclusive.
     """
     eligible = [a for a in artifacts if a.good and a.latency is not None and beats_source(a)]
     for a in artifacts:
@@ -68,18 +69,18 @@ def mark_best(artifacts: list[ArtifactReport]) -> str | None:
         return None
     fastest = max(eligible, key=lambda a: (speedup_interval(a)[0], a.latency.speedup if a.latency else 0.0))
     tied = [a for a in eligible if overlap(speedup_interval(a), speedup_interval(fastest))]
-    kept = [a for a in tied if lossless(a)] or tied
+    kept = [a for a in tied if a.latency is not None and not a.latency.inconclusive] or tied
+    kept = [a for a in kept if lossless(a)] or kept
     sizes = [a.size_bytes for a in kept if a.size_bytes is not None]
     if sizes:
         kept = [a for a in kept if a.size_bytes is not None and a.size_bytes <= min(sizes) * (1 + SAME_SIZE)]
-    best = min(kept, key=lambda a: (bool(a.latency and a.latency.inconclusive),
-                                    -(a.latency.speedup if a.latency else 0.0), eligible.index(a)))
+    best = min(kept, key=lambda a: (-(a.latency.speedup if a.latency else 0.0), eligible.index(a)))
     notes = []
     if len(tied) > 1:
         others = ", ".join(a.id for a in tied if a is not best)
-        notes.append(f"tied with {others} (speedup intervals overlap): picked by the rule lossless first, then "
-                     f"the smaller file (by more than {SAME_SIZE:.0%}), then a conclusive speedup, then the "
-                     "higher estimate")
+        notes.append(f"tied with {others} (speedup intervals overlap): picked by the rule a conclusive speedup "
+                     f"first, then lossless, then the smaller file (by more than {SAME_SIZE:.0%}), then the higher "
+                     "estimate")
     assert best.latency is not None
     if best.latency.inconclusive:
         notes.append(f"its speedup is inconclusive: {best.latency.inconclusive_reason}")

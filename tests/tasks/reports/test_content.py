@@ -51,7 +51,7 @@ def test_best_is_the_fastest_that_passed():
     assert mark_best(variants) == "onnx.opset17"  # a variant is an artifact of its own
 
 
-def test_a_tie_is_broken_by_lossless_then_a_clearly_smaller_file_then_the_estimate():
+def test_a_tie_is_broken_by_conclusive_then_lossless_then_a_clearly_smaller_file_then_the_estimate():
     from portq.tasks.core.contract import OptimizationReport
 
     def tied(variant, p50, size, lossy=False):
@@ -76,6 +76,10 @@ def test_a_tie_is_broken_by_lossless_then_a_clearly_smaller_file_then_the_estima
     arts = [tied("ort-all", 1.0, 1_000_000), tied("ort-transformer", 0.92, 1_000_000)]
     arts[1].latency.inconclusive = True
     assert mark_best(arts) == "onnx.ort-all"
+    # ... and before lossless: a wide lossless interval (1.08-4.22) must not outrank a measured int8 1.74x
+    arts = [tied("ort-all", 1.6, 1_000_000), tied("transformer-int8-dynamic", 1.15, 300_000, lossy=True)]
+    arts[0].latency.speedup_interval, arts[0].latency.inconclusive = [1.08, 4.22], True
+    assert mark_best(arts) == "onnx.transformer-int8-dynamic"
 
 
 def test_the_anchor_of_a_tie_is_the_most_surely_fast_not_the_widest():
