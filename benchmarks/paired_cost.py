@@ -1,11 +1,12 @@
 """What paired latency costs a job: the quick start's batch timed with this tree's portq and with an older one,
 alternating, on the same machine.
 
-    python benchmarks/paired_cost.py OLD_COMMIT [--runs 3]
+    python benchmarks/paired_cost.py OLD_COMMIT [--runs 3] [--cnn]
 
 OLD_COMMIT is checked out (`git worktree`) into a temporary folder and laid out as an installed package (portq,
 portq.client, portq.worker, portq.tasks, as pyproject's package-dir maps them), then imported through
-PYTHONPATH ahead of this tree's editable install. Each run converts the three example models (`portq examples`)
+PYTHONPATH ahead of this tree's editable install. Each run converts the three example models (`portq examples`;
+with `--cnn`, one larger model instead)
 on the embedded default with `--force` (no cache hits), old then new, then new then old on the next run (ABBA),
 each into a store of its own. Printed: each batch's wall time, its jobs' own time (each report's `duration_s`)
 and its timing stages (each job's `source` stage, where the source was timed alone, plus each artifact's
@@ -65,18 +66,40 @@ def run_batch(label: str, env: dict[str, str], cwd: Path) -> tuple[float, float,
     return took, timing, jobs
 
 
+def write_cnn(into: Path) -> None:
+    """The optimization benchmark's CNN as a user submits it: a TorchScript trace and its sample."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests.models_optimize import ResidualCNN, randomize_batchnorm
+
+    into.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = randomize_batchnorm(ResidualCNN(width=32, blocks=3)).eval()
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, (x,)), into / "cnn.pt")
+    np.savez(into / "cnn.npz", x=x.numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", help="the commit to compare against (e.g. the one before paired latency)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cnn", action="store_true", help="instead of the example models, one larger model: the "
+                        "optimization benchmark's ResNet-style CNN (3 blocks, width 32, 8x3x64x64), traced")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         site = lay_out(args.old, base)
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith("PORTQ_")}
-            subprocess.run([sys.executable, "-m", "portq.client", "examples", str(base / "models")], env=env,
-                           check=True, capture_output=True)
+            if args.cnn:
+                write_cnn(base / "models")
+            else:
+                subprocess.run([sys.executable, "-m", "portq.client", "examples", str(base / "models")], env=env,
+                               check=True, capture_output=True)
             sides = {"old": {**env, "PYTHONPATH": str(site), "PORTQ_STORE": str(base / "store-old")},
                      "new": {**env, "PORTQ_STORE": str(base / "store-new")}}
             times: dict[str, list[tuple[float, float, float]]] = {"old": [], "new": []}
