@@ -13,7 +13,8 @@ import sys
 import pytest
 from portq.tasks.checks import heap
 
-pytestmark = pytest.mark.skipif(heap._libc() is None, reason="glibc only")
+pytestmark = pytest.mark.skipif(heap._libc() is None or not hasattr(heap._libc(), "mallinfo2"),
+                                reason="glibc 2.33 or later only (mallinfo2)")
 
 PROBE = r"""
 import ctypes, json
