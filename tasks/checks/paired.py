@@ -142,22 +142,35 @@ def verdict(estimate: float, low: float, high: float, load: Load, opts: PairedOp
     return None
 
 
+def own_running(skip: str | None = None) -> int | None:
+    """This process's threads that are running or runnable now (their state in /proc/self/task/*/stat), less
+    the thread `skip` (a native thread id); None where /proc cannot tell."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    running = 0
+    for task in tasks:
+        if task == skip:
+            continue
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue
+    return running
+
+
 def other_runnable() -> int | None:
     """Runnable threads of other processes now: the host's (the fourth field of /proc/loadavg) less this
     process's own threads that are running or runnable. None where /proc cannot tell."""
     try:
         with open("/proc/loadavg") as f:
             host = int(f.read().split()[3].split("/")[0])
-        own = 0
-        for task in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{task}/stat") as f:
-                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
-            except (OSError, IndexError):
-                continue
     except (OSError, ValueError, IndexError):
         return None
-    return max(host - own, 0)
+    own = own_running()
+    return None if own is None else max(host - own, 0)
 
 
 def own_threads_running() -> bool:
@@ -165,21 +178,8 @@ def own_threads_running() -> bool:
     where /proc cannot tell, so that settling waits its whole time."""
     import threading
 
-    me = str(threading.get_native_id())
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return True
-    for task in tasks:
-        if task == me:
-            continue
-        try:
-            with open(f"/proc/self/task/{task}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "R":
-                    return True
-        except (OSError, IndexError):
-            continue
-    return False
+    others = own_running(skip=str(threading.get_native_id()))
+    return others is None or others > 0
 
 
 def host_cores() -> int:
