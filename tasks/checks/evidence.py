@@ -25,7 +25,6 @@ class SourceEvidence:
     device: str
     samples: list[Sample]
     reference: list[NamedArrays]  # the source's outputs, per sample
-    latency: LatencyStats | None  # the source timed alone on samples[0]; None: each comparison times it (a job)
     input_names: list[str]
     output_names: list[str]
     dynamic: dict[int, dict[int, str]]  # input position -> {axis: dim name}
@@ -34,7 +33,7 @@ class SourceEvidence:
     batch_size: int | None = None  # the size of the dynamic `batch` dim in samples[0], if there is one
     # batch size -> (inputs, the source timed there; None at samples[0]'s size: each comparison times it)
     sweep: dict[int, tuple[Sample, LatencyStats | None]] = field(default_factory=dict)
-    memory: Memory | None = None  # while timing the source
+    memory: Memory | None = None  # while the source ran (its parity samples and the sweep)
     environment: dict[str, Any] = field(default_factory=dict)
     export_index: int = 0  # the sample exporters trace with (dynamic dims at size 2 or more)
     input_specs: list[InputSpec] = field(default_factory=list)  # each input's dtype, shape and dynamic dims

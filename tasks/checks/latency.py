@@ -257,6 +257,7 @@ def sweep_sizes(opts: LatencyOptions, sample_batch: int | None) -> list[int]:
 # ------------------------------------------------------------------------------------ the job's two halves
 
 
+@heap.steady()
 def time_source(
     runner: Runner, sig: Any, samples: list[list[np.ndarray]], opts: LatencyOptions, *, seed: int
 ) -> tuple[int | None, dict[int, tuple[list[np.ndarray], LatencyStats | None]]]:
@@ -269,13 +270,6 @@ def time_source(
     The sweep inputs are drawn from their own seeded stream, so the parity draws stay as they were. The C heap
     is held steady meanwhile (`portq.tasks.checks.heap`).
     """
-    with heap.steady():
-        return _time_source(runner, sig, samples, opts, seed=seed)
-
-
-def _time_source(
-    runner: Runner, sig: Any, samples: list[list[np.ndarray]], opts: LatencyOptions, *, seed: int
-) -> tuple[int | None, dict[int, tuple[list[np.ndarray], LatencyStats | None]]]:
     from portq.tasks.sources.inputs import random_sample
 
     axes = [(i, axis) for i, s in enumerate(sig.specs) for axis, name in s.dynamic.items() if name == "batch"]
@@ -295,34 +289,20 @@ def _time_source(
     return batch, sweep
 
 
-def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
-                  host_copies: bool = False, source: Runner | None = None,
-                  reopen: Callable[[], Runner] | None = None, seed: int = 0) -> LatencyReport:
-    """Time an artifact against the source (`ev`: the job's SourceEvidence) and report both.
+@heap.steady()
+def time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float, source: Runner,
+                  host_copies: bool = False, reopen: Callable[[], Runner] | None = None,
+                  seed: int = 0) -> LatencyReport:
+    """Time an artifact against the source (`ev`: the job's SourceEvidence; `source`: the source model's runner)
+    and report both.
 
-    With the `source` model's runner at hand, the headline speedup is a paired comparison (`compare_paired`):
-    source and artifact in alternating blocks, with an interval and a verdict. Without it (no source in this
-    process), the artifact is timed on its own as the source was, and the speedup is the ratio of the two p50s.
-    `reopen` opens the artifact again, for a comparison re-timed with one thread. The C heap is held steady
-    meanwhile (`portq.tasks.checks.heap`), as it was when the source was timed."""
-    with heap.steady():
-        return _time_artifact(runner, ev, opts, probe=probe, load_ms=load_ms, host_copies=host_copies,
-                              source=source, reopen=reopen, seed=seed)
-
-
-def _time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any, load_ms: float,
-                   host_copies: bool, source: Runner | None, reopen: Callable[[], Runner] | None,
-                   seed: int) -> LatencyReport:
-    paired = None
-    if source is not None:
-        paired = compare_paired(source, runner, ev.samples[0], opts, device=ev.device, reopen=reopen, seed=seed)
-        stats = paired_stats(paired, opts, batch_size=ev.batch_size)
-        source_stats = paired_stats(paired, opts, batch_size=ev.batch_size, side="source")
-    elif ev.latency is not None:
-        stats = measure_with(runner, ev.samples[0], opts, batch_size=ev.batch_size)
-        source_stats = ev.latency
-    else:
-        raise ValueError("an artifact is timed against its source: give the source's runner, or its timing")
+    The headline speedup is a paired comparison (`compare_paired`): source and artifact in alternating blocks,
+    with an interval and a verdict; each side's own numbers are its blocks'. At the sweep's other batch sizes each
+    is timed on its own. `reopen` opens the artifact again, for a comparison re-timed with one thread. The C heap
+    is held steady meanwhile (`portq.tasks.checks.heap`), as it was when the source was timed."""
+    paired = compare_paired(source, runner, ev.samples[0], opts, device=ev.device, reopen=reopen, seed=seed)
+    stats = paired_stats(paired, opts, batch_size=ev.batch_size)
+    source_stats = paired_stats(paired, opts, batch_size=ev.batch_size, side="source")
     probe.warm()
     sweep, notes = [], []
     for size, (inputs, source_point) in sorted(ev.sweep.items()):
@@ -332,16 +312,13 @@ def _time_artifact(runner: Runner, ev: Any, opts: LatencyOptions, *, probe: Any,
             notes.append(f"batch size {size}: {type(e).__name__}: {first_line(e)}")
             continue
         sweep.append((size, point, source_point if source_point is not None else source_stats))
-    if paired is None:
-        notes += interference_notes({"artifact": stats, "source": source_stats}, ev.environment)
     if host_copies and ev.device.startswith("cuda"):
         notes.append("onnxruntime timings include copying inputs to and outputs from the GPU (no I/O binding); "
                      "the source's inputs are already on the GPU")
     report = build_report(device=ev.device, opts=opts, artifact=stats, source=source_stats, sweep=sweep,
                           load_ms=load_ms, memory=probe.stop(), source_memory=ev.memory,
                           providers=getattr(runner, "providers", None), notes=notes)
-    if paired is not None:
-        apply_paired(report, paired)
+    apply_paired(report, paired)
     return report
 
 
@@ -371,12 +348,14 @@ MAX_PAIRS = 12
 SETTLE_MS = 10.0
 
 
+@heap.steady()
 def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], opts: LatencyOptions, *,
                    device: str, reopen: Callable[[], Runner] | None = None, seed: int = 0) -> PairedTiming:
     """The paired comparison of the source and an artifact on one sample; on an oversubscribed CPU, once more
     with one thread on both sides (torch's pool, and the artifact opened again by `reopen`). The C heap is held
     steady meanwhile (`portq.tasks.checks.heap`)."""
     import torch
+    from portq.tasks.checks import runtimes
 
     cpu = not device.startswith("cuda")
     popts = paired_options(opts) if cpu else dataclasses.replace(paired_options(opts), settle_ms=0.0)
@@ -386,15 +365,6 @@ def compare_paired(source: Runner, artifact: Runner, sample: list[np.ndarray], o
         src_in, art_in = source.prepare(sample), art.prepare(sample)
         return measure_paired(lambda: source.run(src_in), lambda: art.run(art_in), popts, threads=n,
                               cpu_bound=cpu, seed=seed)
-
-    with heap.steady():
-        return _compare_paired(once, artifact, threads, cpu, reopen)
-
-
-def _compare_paired(once: Callable[[Runner, int], PairedTiming], artifact: Runner, threads: int, cpu: bool,
-                    reopen: Callable[[], Runner] | None) -> PairedTiming:
-    import torch
-    from portq.tasks.checks import runtimes
 
     first = once(artifact, threads)
     if not (cpu and threads > 1 and first.load.oversubscribed):

@@ -110,7 +110,7 @@ def gather_evidence(spec: JobSpec, model: LoadedModel, sig: InputSignature, devi
     probe.warm()
     memory = probe.stop()
     dynamic = {i: dict(s.dynamic) for i, s in enumerate(sig.specs) if s.dynamic}
-    return SourceEvidence(device=device, samples=samples, reference=reference, latency=None,
+    return SourceEvidence(device=device, samples=samples, reference=reference,
                           input_names=sig.names, output_names=[n for n, _ in reference[0]], dynamic=dynamic,
                           precision=infer_precision(model.module).value, user_samples=len(sig.samples),
                           batch_size=batch, sweep=sweep, memory=memory, environment=env,
