@@ -24,12 +24,10 @@ import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from portq.tasks.checks import heap
-from tests.models_optimize import ResidualCNN, randomize_batchnorm
+from tests.models_optimize import benchmark_cnn
 
 mode, onnx_path, seconds = sys.argv[2], sys.argv[3], float(sys.argv[4])
-torch.manual_seed(0)
-model = randomize_batchnorm(ResidualCNN(width=32, blocks=3)).eval()
-x = torch.randn(8, 3, 64, 64)
+model, x = benchmark_cnn()
 
 def stretch(fn):
     for _ in range(3):
@@ -57,6 +55,11 @@ print(json.dumps(out))
 """
 
 
+#: what each child process times (its mode) and how the table names it
+SIDES = {"default": "eager, glibc's thresholds as they start", "steady": "eager, heap held steady",
+         "ort": "onnxruntime (its own arena)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--processes", type=int, default=3)
@@ -66,22 +69,18 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tests.models_optimize import ResidualCNN, randomize_batchnorm
+    from tests.models_optimize import benchmark_cnn
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = str(Path(tmp) / "cnn.onnx")
-        torch.manual_seed(0)
-        model = randomize_batchnorm(ResidualCNN(width=32, blocks=3)).eval()
-        torch.onnx.export(model, (torch.randn(8, 3, 64, 64),), onnx_path, dynamo=False)
+        model, x = benchmark_cnn()
+        torch.onnx.export(model, (x,), onnx_path, dynamo=False)
         rows = []
         for i in range(args.processes):
-            for mode in ("glibc as it starts", "steady", "ort"):
-                key = mode.split()[0] if mode != "glibc as it starts" else "default"
-                done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), key, onnx_path, str(args.seconds)],
+            for mode, label in SIDES.items():
+                done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), mode, onnx_path, str(args.seconds)],
                                       capture_output=True, text=True, check=True)
                 ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
-                label = {"default": "eager, glibc's thresholds as they start", "steady": "eager, heap held steady",
-                         "ort": "onnxruntime (its own arena)"}[key]
                 rows.append((i + 1, label, ms))
                 print(f"process {i + 1}: {label}: " + ", ".join(f"{m:.2f}" for m in ms) + " ms", flush=True)
     print("\n| process | side | four stretches, median ms each |\n|---|---|---|")

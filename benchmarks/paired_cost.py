@@ -72,12 +72,10 @@ def write_cnn(into: Path) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from tests.models_optimize import ResidualCNN, randomize_batchnorm
+    from tests.models_optimize import benchmark_cnn
 
     into.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = randomize_batchnorm(ResidualCNN(width=32, blocks=3)).eval()
-    x = torch.randn(8, 3, 64, 64)
+    model, x = benchmark_cnn()
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, (x,)), into / "cnn.pt")
     np.savez(into / "cnn.npz", x=x.numpy())

@@ -70,3 +70,10 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+def benchmark_cnn(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """The ResNet-style CNN the latency benchmarks time (3 blocks, width 32, as `benchmarks/optimize.py`'s), with
+    trained-like BatchNorm statistics, and its 8x3x64x64 input, both drawn after seeding torch with `seed`."""
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ResidualCNN(width=32, blocks=3)), torch.randn(8, 3, 64, 64)
