@@ -9,8 +9,8 @@ PYTHONPATH ahead of this tree's editable install. Each run converts the three ex
 with `--cnn`, one larger model instead)
 on the embedded default with `--force` (no cache hits), old then new, then new then old on the next run (ABBA),
 each into a store of its own. Printed: each batch's wall time, its jobs' own time (each report's `duration_s`)
-and its timing stages (each job's `source` stage, where the source was timed alone, plus each artifact's
-`latency` stage), and the medians. Nothing is asserted: the claim it measures is "paired measurement does not make
+and its timing stages (each job's `source` stage, its parity runs and, before this tree, its timing alone, plus
+each artifact's `latency` stage), and the medians. Nothing is asserted: the claim it measures is "paired measurement does not make
 jobs slower than before".
 """
 
@@ -46,7 +46,7 @@ def lay_out(commit: str, into: Path) -> Path:
 
 def run_batch(label: str, env: dict[str, str], cwd: Path) -> tuple[float, float, float]:
     """(the batch's wall time, its jobs' timing stages, its jobs' own time): the timing stages are the source stage
-    (where the source was timed alone, and its parity runs) and each artifact's latency stage."""
+    (its parity runs and, before this tree, its timing alone) and each artifact's latency stage."""
     models = sorted(str(p) for p in (cwd / "models").glob("*.pt*"))
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "portq.client", "submit", *models, "--batch", label, "--force"],
