@@ -6,12 +6,11 @@ alternating, on the same machine.
 OLD_COMMIT is checked out (`git worktree`) into a temporary folder and laid out as an installed package (portq,
 portq.client, portq.worker, portq.tasks, as pyproject's package-dir maps them), then imported through
 PYTHONPATH ahead of this tree's editable install. Each run converts the three example models (`portq examples`;
-with `--cnn`, one larger model instead)
-on the embedded default with `--force` (no cache hits), old then new, then new then old on the next run (ABBA),
-each into a store of its own. Printed: each batch's wall time, its jobs' own time (each report's `duration_s`)
-and its timing stages (each job's `source` stage, its parity runs and, before this tree, its timing alone, plus
-each artifact's `latency` stage), and the medians. Nothing is asserted: the claim it measures is "paired measurement does not make
-jobs slower than before".
+with `--cnn`, one larger model instead) on the embedded default with `--force` (no cache hits), old then new,
+then new then old on the next run (ABBA), each into a store of its own. Printed: each batch's wall time, its
+jobs' own time (each report's `duration_s`) and its timing stages (each job's `source` stage, its parity runs and,
+before this tree, its timing alone, plus each artifact's `latency` stage), and the medians. Nothing is asserted:
+the claim it measures is "paired measurement does not make jobs slower than before".
 """
 
 from __future__ import annotations
